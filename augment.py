@@ -1,0 +1,143 @@
+"""
+Pre-training augmentations (SPEC 5), batched on the device, on normalised log-mel (B, F, T).
+Every random draw comes from an explicit torch.Generator, so a step is reproducible from its
+seed; the only state is the Mixup bank, which the training script saves with its checkpoint.
+Nothing here runs in DataLoader workers.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _uniform(shape, lo, hi, g, device):
+    return lo + (hi - lo) * torch.rand(shape, generator=g, device=device)
+
+
+def _randint_upto(high, g):
+    """Per-row integer in [0, high] (high: (B,) long tensor)."""
+    return (torch.rand(high.shape, generator=g, device=high.device) * (high + 1)).floor().long()
+
+
+def resample_boxes(x, top, height, left, width):
+    """Crop the box (top, left, height, width) from x (B, F, T) and resize it back to (F, T)
+    with bicubic, align_corners=True interpolation: one box per clip, one grid_sample call.
+    Boxes are float (B,) tensors in input coordinates; outside the input reads zeros."""
+    B, Fm, T = x.shape
+    dev = x.device
+    u = torch.linspace(0, 1, Fm, device=dev)                        # output rows
+    v = torch.linspace(0, 1, T, device=dev)                         # output columns
+    rows = top[:, None] + u[None] * (height[:, None] - 1)           # (B, F) input rows
+    cols = left[:, None] + v[None] * (width[:, None] - 1)           # (B, T) input columns
+    gy = rows / max(Fm - 1, 1) * 2 - 1                              # to [-1, 1], align_corners
+    gx = cols / max(T - 1, 1) * 2 - 1
+    grid = torch.stack([gx[:, None, :].expand(B, Fm, T), gy[:, :, None].expand(B, Fm, T)], -1)
+    out = F.grid_sample(x.unsqueeze(1), grid, mode="bicubic", padding_mode="zeros",
+                        align_corners=True)                          # (B, 1, F, T)
+    return out.squeeze(1)
+
+
+class RandomResizedCrop(nn.Module):
+    """BYOL-A RRC: x centred on a zero canvas of (F*1.0, T*1.5); a box of h = U(0.6,1.5)*F,
+    w = U(0.6,1.5)*T (clipped to the canvas) at a random offset, resized back to (F, T)."""
+
+    def __init__(self, virtual_scale=(1.0, 1.5), freq_scale=(0.6, 1.5), time_scale=(0.6, 1.5)):
+        super().__init__()
+        self.virtual_scale, self.freq_scale, self.time_scale = virtual_scale, freq_scale, time_scale
+
+    def forward(self, x, g=None):
+        B, Fm, T = x.shape
+        dev = x.device
+        cF, cT = int(Fm * self.virtual_scale[0]), int(T * self.virtual_scale[1])
+        h = (_uniform(B, *self.freq_scale, g, dev) * Fm).long().clamp(1, cF)
+        w = (_uniform(B, *self.time_scale, g, dev) * T).long().clamp(1, cT)
+        i, j = _randint_upto(cF - h, g), _randint_upto(cT - w, g)
+        # box offsets are on the canvas; x sits at ((cF - F) // 2, (cT - T) // 2) on it
+        return resample_boxes(x, (i - (cF - Fm) // 2).float(), h.float(),
+                              (j - (cT - T) // 2).float(), w.float())
+
+    def extra_repr(self):
+        return f"virtual={self.virtual_scale}, freq={self.freq_scale}, time={self.time_scale}"
+
+
+class FreqWarp(nn.Module):
+    """ATST-Frame frequency warping: crop mel bins [i, i+h) and resize them to F, time untouched.
+    rule='code' draws h = clip(int(U(0.6,1.5)*F), 1, F) like the reference (56% of draws leave
+    the input unchanged); rule='paper' draws h uniformly from the integers [0.6F, F]."""
+
+    def __init__(self, rule="code", scale=(0.6, 1.5)):
+        super().__init__()
+        assert rule in ("code", "paper"), rule
+        self.rule, self.scale = rule, scale
+
+    def forward(self, x, g=None):
+        B, Fm, T = x.shape
+        dev = x.device
+        if self.rule == "code":
+            h = (_uniform(B, *self.scale, g, dev) * Fm).long().clamp(1, Fm)
+        else:
+            lo = int(round(self.scale[0] * Fm))
+            h = lo + _randint_upto(torch.full((B,), Fm - lo, device=dev), g)
+        i = _randint_upto(Fm - h, g)
+        zeros, full = torch.zeros(B, device=dev), torch.full((B,), float(T), device=dev)
+        return resample_boxes(x, i.float(), h.float(), zeros, full)
+
+    def extra_repr(self):
+        return f"rule={self.rule}, scale={self.scale}"
+
+
+class Mixup(nn.Module):
+    """BYOL-A log-mixup-exp with a FIFO bank of the last `bank_size` un-mixed clips (per rank):
+    x' = log((1 - a) exp(x) + a exp(z) + eps), a = ratio * U(0,1), z a random bank clip.
+    The bank is read before the batch is pushed (the first batch is left unmixed); it is held
+    in bf16 to halve its memory (values are in [-1, 1]; the error is far below the mixing)."""
+
+    def __init__(self, bank_size=2000, ratio=0.4):
+        super().__init__()
+        self.bank_size, self.ratio = bank_size, ratio
+        self.register_buffer("bank", torch.zeros(0), persistent=True)
+        self.register_buffer("count", torch.zeros((), dtype=torch.long), persistent=True)
+
+    def forward(self, x, g=None):
+        n = min(int(self.count), self.bank_size)
+        if n == 0:
+            return x
+        B = x.shape[0]
+        idx = (torch.rand(B, generator=g, device=x.device) * n).long()
+        z = self.bank[idx].to(x.dtype)
+        if z.shape[-1] != x.shape[-1]:
+            raise ValueError(f"Mixup bank holds clips of {z.shape[-1]} frames, got {x.shape[-1]}")
+        a = (self.ratio * torch.rand(B, 1, 1, generator=g, device=x.device)).to(x.dtype)
+        eps = torch.finfo(x.dtype).eps
+        return torch.log((1 - a) * x.exp() + a * z.exp() + eps)
+
+    @torch.no_grad()
+    def push(self, x):
+        """Add un-mixed clips (B, F, T) to the FIFO (a ring buffer on the device)."""
+        if self.bank.numel() == 0:
+            self.bank = torch.zeros(self.bank_size, *x.shape[1:], dtype=torch.bfloat16,
+                                    device=x.device)
+        B = min(x.shape[0], self.bank_size)
+        pos = (int(self.count) + torch.arange(B, device=x.device)) % self.bank_size
+        self.bank[pos] = x[-B:].to(self.bank.dtype)
+        self.count += x.shape[0]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the bank is allocated lazily, so take the saved shape before the strict copy
+        key = prefix + "bank"
+        if key in state_dict:
+            self.bank = torch.empty_like(state_dict[key], device=self.count.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self):
+        return f"bank_size={self.bank_size}, ratio={self.ratio}"
+
+
+def random_crops(x, n_frames, g=None):
+    """One random crop of n_frames per clip from x (B, F, T) (ATST-Clip segments), by gather.
+    Clips shorter than the crop were zero-padded upstream, as in the reference."""
+    B, Fm, T = x.shape
+    if T < n_frames:
+        raise ValueError(f"crop of {n_frames} frames from {T}-frame input")
+    start = _randint_upto(torch.full((B,), T - n_frames, device=x.device), g)
+    idx = start[:, None] + torch.arange(n_frames, device=x.device)  # (B, n_frames)
+    return x.gather(2, idx[:, None, :].expand(B, Fm, n_frames))
