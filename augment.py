@@ -18,20 +18,22 @@ def _randint_upto(high, g):
     return (torch.rand(high.shape, generator=g, device=high.device) * (high + 1)).floor().long()
 
 
-def resample_boxes(x, top, height, left, width):
-    """Crop the box (top, left, height, width) from x (B, F, T) and resize it back to (F, T)
-    with bicubic, align_corners=True interpolation: one box per clip, one grid_sample call.
-    Boxes are float (B,) tensors in input coordinates; outside the input reads zeros."""
-    B, Fm, T = x.shape
+def resample_boxes(x, top, height, left, width, size=None):
+    """Crop the box (top, left, height, width) from x (B, F, T) and resize it to (F, T) with
+    bicubic, align_corners=True interpolation: one box per clip, one grid_sample call. Boxes
+    are float (B,) tensors in x's coordinates; taps past x's edges repeat the edge, as
+    F.interpolate does at the edges of a cropped tensor."""
+    B, Fm, T = size or x.shape
     dev = x.device
+    Hx, Wx = x.shape[1:]
     u = torch.linspace(0, 1, Fm, device=dev)                        # output rows
     v = torch.linspace(0, 1, T, device=dev)                         # output columns
     rows = top[:, None] + u[None] * (height[:, None] - 1)           # (B, F) input rows
     cols = left[:, None] + v[None] * (width[:, None] - 1)           # (B, T) input columns
-    gy = rows / max(Fm - 1, 1) * 2 - 1                              # to [-1, 1], align_corners
-    gx = cols / max(T - 1, 1) * 2 - 1
+    gy = rows / max(Hx - 1, 1) * 2 - 1                              # to [-1, 1], align_corners
+    gx = cols / max(Wx - 1, 1) * 2 - 1
     grid = torch.stack([gx[:, None, :].expand(B, Fm, T), gy[:, :, None].expand(B, Fm, T)], -1)
-    out = F.grid_sample(x.unsqueeze(1), grid, mode="bicubic", padding_mode="zeros",
+    out = F.grid_sample(x.unsqueeze(1), grid, mode="bicubic", padding_mode="border",
                         align_corners=True)                          # (B, 1, F, T)
     return out.squeeze(1)
 
@@ -51,9 +53,9 @@ class RandomResizedCrop(nn.Module):
         h = (_uniform(B, *self.freq_scale, g, dev) * Fm).long().clamp(1, cF)
         w = (_uniform(B, *self.time_scale, g, dev) * T).long().clamp(1, cT)
         i, j = _randint_upto(cF - h, g), _randint_upto(cT - w, g)
-        # box offsets are on the canvas; x sits at ((cF - F) // 2, (cT - T) // 2) on it
-        return resample_boxes(x, (i - (cF - Fm) // 2).float(), h.float(),
-                              (j - (cT - T) // 2).float(), w.float())
+        pf, pt = (cF - Fm) // 2, (cT - T) // 2
+        canvas = F.pad(x, (pt, cT - T - pt, pf, cF - Fm - pf))      # x centred on zeros
+        return resample_boxes(canvas, i.float(), h.float(), j.float(), w.float(), (B, Fm, T))
 
     def extra_repr(self):
         return f"virtual={self.virtual_scale}, freq={self.freq_scale}, time={self.time_scale}"

@@ -184,7 +184,7 @@ def read_manifest(csv_path, label_col=None):
         for i, r in enumerate(reader, start=2):  # line 1 is the header
             if not r["path"]:
                 raise ValueError(f"{csv_path} line {i}: empty path")
-            r["path"] = os.path.join(root, r["path"])
+            r["path"] = os.path.normpath(os.path.join(root, r["path"]))
             r["_where"] = f"{csv_path} line {i}"
             rows.append(r)
     if not rows:
@@ -257,6 +257,8 @@ def load_audio(path, seconds=None, rng=None, where=""):
     if x.shape[0] == 0:
         raise AudioError(f"{tag}audio file has zero length: {path}")
     wav = torch.from_numpy(x.mean(1))
+    if not torch.isfinite(wav).all():
+        raise AudioError(f"{tag}audio file has NaN or infinite samples: {path}")
     if sr != SAMPLE_RATE:
         wav = torchaudio.functional.resample(wav, sr, SAMPLE_RATE)
     if seconds is None:

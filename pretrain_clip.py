@@ -10,6 +10,8 @@ of the other, symmetric. The loop (DDP, bf16, schedules, resume, logs) is pretra
 Ablations (Table II): --segments single|two, --crop_sec 1|6 (--crop_sec2 for a second segment
 of another length, e.g. 9 + 6 s as the small model's code).
 """
+from types import SimpleNamespace
+
 import torch
 
 from augment import Mixup, RandomResizedCrop, random_crops
@@ -60,24 +62,29 @@ PRESETS = {
                  num_workers=2, log_every=20, ckpt_every=100),
 }
 
-if __name__ == "__main__":
-    cfg = configure(globals(), PRESETS)
-    n1 = frames_for(int(crop_sec * SAMPLE_RATE))  # mel frames of a segment (6 s -> 601)
-    n2 = frames_for(int((crop_sec2 or crop_sec) * SAMPLE_RATE))
-    assert segments in ("two", "single"), segments
-    assert segments == "two" or n1 == n2, "a single segment gives two views of one length"
-    mixups = torch.nn.ModuleDict({str(n): Mixup(mixup_bank, mixup_ratio) for n in {n1, n2}})
+def clip_views(c):
+    """ATST-Clip views from config `c`: two segments (or one, twice), each Mixup -> RRC. No
+    mask and no padding mask: RRC rescales time, and short clips were zero-padded to the
+    segment as in the reference. Returns (make_views, stateful augmentations)."""
+    n1 = frames_for(int(c.crop_sec * SAMPLE_RATE))  # mel frames of a segment (6 s -> 601)
+    n2 = frames_for(int((c.crop_sec2 or c.crop_sec) * SAMPLE_RATE))
+    assert c.segments in ("two", "single"), c.segments
+    assert c.segments == "two" or n1 == n2, "a single segment gives two views of one length"
+    mixups = torch.nn.ModuleDict({str(n): Mixup(c.mixup_bank, c.mixup_ratio) for n in {n1, n2}})
     rrc = RandomResizedCrop()
 
     def make_views(mel, n_valid, g):
-        """Two segments (or one, twice), each Mixup -> RRC. No mask, no padding mask: RRC
-        rescales time, and short clips were zero-padded to the segment as in the reference."""
         a = random_crops(mel, n1, g)
-        b = random_crops(mel, n2, g) if segments == "two" else a
+        b = random_crops(mel, n2, g) if c.segments == "two" else a
         v1, v2 = rrc(mixups[str(n1)](a, g), g), rrc(mixups[str(n2)](b, g), g)
         mixups[str(n1)].push(a)
-        if segments == "two":
+        if c.segments == "two":
             mixups[str(n2)].push(b)
         return v1, v2, None, None
 
-    train(cfg, "clip", make_views, mixups)
+    return make_views, mixups
+
+
+if __name__ == "__main__":
+    cfg = configure(globals(), PRESETS)
+    train(cfg, "clip", *clip_views(SimpleNamespace(**cfg)))

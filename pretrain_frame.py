@@ -13,6 +13,7 @@ A rerun with the same --out_dir resumes from its last checkpoint. Ablations (Tab
 --aug_views 0|1|2, --mask_teacher true, --mask_mode random.
 """
 import contextlib
+import math
 import os
 import signal
 import time
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from augment import FreqWarp, Mixup
 from data import (Log, all_mean, cleanup_distributed, configure, load_checkpoint, read_manifest,
                   resolve_manifest, save_atomic, setup_distributed, stream_loader)
-from model import (ATST, PRESETS as MODEL_PRESETS, MelFrontEnd, collapse_std, cosine_schedule,
+from model import (ATST, FRAMES_PER_TOKEN, PRESETS as MODEL_PRESETS, MelFrontEnd, collapse_std, cosine_schedule,
                    ema_schedule, group_mask, param_groups, tokens_for)
 
 # -------------------------------------------------------------------------------- config
@@ -107,6 +108,7 @@ def train(cfg, method, make_views, augs):
     margs = dict(method=method, drop_path=c.drop_path, **MODEL_PRESETS[c.preset])
     if method == "frame":
         margs["mask_teacher"] = c.mask_teacher
+    torch.manual_seed(c.seed)  # same initial weights on every rank and every launch
     model = ATST(**margs).to(d.device)
     if d.world > 1 and d.device.type == "cuda":  # SyncBatchNorm raises on CPU
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -168,29 +170,13 @@ def train(cfg, method, make_views, augs):
         for g in opt.param_groups:
             g["lr"] = lr_s[step].item()
             g["weight_decay"] = wd_s[step].item() if g["decay"] else 0.0
-        loss_sum = torch.zeros((), device=d.device)
-        for k in range(accum):
-            wav, valid = next(batches)
-            wav = wav.to(d.device, non_blocking=True)
-            with torch.no_grad():
-                mel = front(wav)                                    # (B, F, T)
-                v1, v2, mask, n_valid = make_views(mel, tokens_for(valid).to(d.device), gen)
-            sync = ddp.no_sync() if d.world > 1 and k < accum - 1 else contextlib.nullcontext()
-            with sync:
-                with d.ctx:
-                    loss, s_rows, t_rows = ddp(v1, v2, mask, n_valid)
-                (loss / accum).backward()
-            loss_sum += loss.detach()
-        loss_val = all_mean(loss_sum / accum, d).item()
-        if not torch.isfinite(torch.tensor(loss_val)):
-            raise SystemExit(f"non-finite loss ({loss_val}) at step {step}: stopping; the last "
-                             f"good checkpoint is {ckpt_path}")
         log_now = (step + 1) % c.log_every == 0 or step + 1 == total
-        if log_now:
-            gnorm = torch.nn.utils.get_total_norm(
-                [p.grad for p in model.parameters() if p.grad is not None]).item()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss_val, gnorm, s_rows, t_rows = run_step(model, ddp, opt, front, make_views, batches,
+                                                   accum, d, gen, log_now)
+        if not math.isfinite(loss_val):
+            last_good = ckpt_path if os.path.exists(ckpt_path) else "none written yet"
+            raise SystemExit(f"non-finite loss ({loss_val}) at step {step}: stopping without "
+                             f"an optimizer step; last good checkpoint: {last_good}")
         model.update_teacher(m_s[step].item())
         step += 1
         steps_log += 1
@@ -213,6 +199,35 @@ def train(cfg, method, make_views, augs):
     return model
 
 
+def run_step(model, ddp, opt, front, make_views, batches, accum, d, gen, want_gnorm=False):
+    """One optimizer step over `accum` micro-batches: mel -> views -> forward/backward on the
+    device, then AdamW (the caller updates the teacher). Returns (loss averaged over ranks,
+    grad norm or None, student rows, teacher rows of the last micro-batch). The optimizer does
+    not step when the loss is not finite."""
+    loss_sum = torch.zeros((), device=d.device)
+    for k in range(accum):
+        wav, valid = next(batches)
+        wav = wav.to(d.device, non_blocking=True)
+        with torch.no_grad():
+            mel = front(wav)                                        # (B, F, T)
+            v1, v2, mask, n_valid = make_views(mel, tokens_for(valid).to(d.device), gen)
+        sync = ddp.no_sync() if d.world > 1 and k < accum - 1 else contextlib.nullcontext()
+        with sync:
+            with d.ctx:
+                loss, s_rows, t_rows = ddp(v1, v2, mask, n_valid)
+            (loss / accum).backward()
+        loss_sum += loss.detach()
+    loss_val = all_mean(loss_sum / accum, d).item()
+    gnorm = None
+    if math.isfinite(loss_val):
+        if want_gnorm:
+            gnorm = torch.nn.utils.get_total_norm(
+                [p.grad for p in model.parameters() if p.grad is not None]).item()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_val, gnorm, s_rows, t_rows
+
+
 @torch.no_grad()
 def check_replicas(model, d):
     """All ranks must end with bit-identical student and teacher weights."""
@@ -229,20 +244,23 @@ def check_replicas(model, d):
     d.print(f"replica check: weights identical on {d.world} ranks")
 
 
-if __name__ == "__main__":
-    cfg = configure(globals(), PRESETS)
-    mixup = Mixup(mixup_bank, mixup_ratio)
-    warp = FreqWarp(freq_warp)
+def frame_views(c):
+    """ATST-Frame views from config `c`: view 1 clean, view 2 Mixup -> frequency warp (both
+    with aug_views=2); one mask per clip. Returns (make_views, stateful augmentations)."""
+    mixup, warp = Mixup(c.mixup_bank, c.mixup_ratio), FreqWarp(c.freq_warp)
+    span, prob = (c.mask_span, c.mask_prob) if c.mask_mode == "group" else (1, 0.5)
+    assert c.mask_mode in ("group", "random"), c.mask_mode  # random: Table III config B
 
     def make_views(mel, n_valid, g):
-        """View 1 clean, view 2 Mixup -> frequency warp (both with aug_views=2); one mask."""
-        if mask_mode == "group":
-            mask = group_mask(n_valid, mel.shape[-1] // 4, mask_span, mask_prob, g)
-        else:  # random masking at the same ~50% ratio (Table III config B)
-            mask = group_mask(n_valid, mel.shape[-1] // 4, 1, 0.5, g)
-        v1 = warp(mixup(mel, g), g) if aug_views == 2 else mel
-        v2 = warp(mixup(mel, g), g) if aug_views >= 1 else mel
+        mask = group_mask(n_valid, mel.shape[-1] // FRAMES_PER_TOKEN, span, prob, g)
+        v1 = warp(mixup(mel, g), g) if c.aug_views == 2 else mel
+        v2 = warp(mixup(mel, g), g) if c.aug_views >= 1 else mel
         mixup.push(mel)
         return v1, v2, mask, n_valid
 
-    train(cfg, "frame", make_views, torch.nn.ModuleDict(dict(mixup=mixup)))
+    return make_views, torch.nn.ModuleDict(dict(mixup=mixup))
+
+
+if __name__ == "__main__":
+    cfg = configure(globals(), PRESETS)
+    train(cfg, "frame", *frame_views(SimpleNamespace(**cfg)))

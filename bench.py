@@ -1,0 +1,161 @@
+"""
+Benchmark: one full pre-training step (mel, augment, mask, 2 teacher forwards, 2 student
+forward/backward, AdamW, EMA) for a preset and batch on this device, next to the same step
+done the way the reference code did it (fp32, hand-written attention, mel and augmentation per
+sample on the CPU); then the data path (clips/s of one DataLoader worker reading 10 s files).
+Prints numbers; asserts nothing. Compare numbers as ratios within one run.
+
+    python bench.py --preset tiny --batch 32
+    python bench.py --preset small --batch 64 --method clip
+    python bench.py --preset base --batch 108          # one GPU's share of the paper's 864
+"""
+import contextlib
+import dataclasses
+import math
+import os
+import resource
+import tempfile
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import soundfile as sf
+import torch
+
+import model as M
+import pretrain_clip
+import pretrain_frame
+from data import configure, setup_distributed, stream_loader
+
+# -------------------------------------------------------------------------------- config
+preset = "tiny"      # tiny | small | base
+method = "frame"     # frame | clip
+batch = 32           # clips per step (one device)
+steps = 5            # timed steps (after warmup_steps untimed ones)
+warmup_steps = 2
+reference = True     # also time the reference-style step
+device = "auto"      # auto | cpu
+data_files = 48      # 10 s files written for the data-path benchmark (0 = skip it)
+data_batches = 6     # batches timed per format
+seed = 0
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+
+
+def manual_attention(self, x, attn_mask=None):
+    """Attention the way the reference wrote it: explicit scores, softmax, fp32."""
+    B, N, D = x.shape
+    q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+    a = (q @ k.transpose(-2, -1)) / math.sqrt(D // self.heads)
+    if attn_mask is not None:
+        a = a.masked_fill(~attn_mask, float("-inf"))
+    x = a.softmax(-1) @ v
+    return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+def step_flops(c, model_args, n_tokens, batch):
+    """Matmul FLOPs of one step: per token per block 24 D^2 + 4 N D; the student runs two
+    views forward and backward (x3), the teacher two views forward."""
+    D, L = model_args["dim"], model_args["depth"]
+    per_view = batch * n_tokens * L * (24 * D * D + 4 * n_tokens * D)
+    return per_view * (2 * 3 + 2)
+
+
+def time_step(c, d, style):
+    torch.manual_seed(c.seed)
+    margs = M.PRESETS[c.preset]
+    m = M.ATST(c.method, **margs).to(d.device)
+    opt = torch.optim.AdamW(M.param_groups(m, 0.05), lr=1e-4, eps=1e-6,
+                            fused=d.device.type == "cuda")
+    mod = pretrain_frame if c.method == "frame" else pretrain_clip
+    defaults = SimpleNamespace(**{k: getattr(mod, k) for k in dir(mod) if not k.startswith("_")})
+    make_views, augs = (pretrain_frame.frame_views if c.method == "frame"
+                        else pretrain_clip.clip_views)(defaults)
+    front = M.MelFrontEnd()
+    wav = torch.randn(c.batch, 160000) * 0.1
+    valid = torch.full((c.batch,), 160000)
+    dd = d
+    if style == "reference":  # per clip on the CPU, then to the device; fp32; hand attention
+        for aug in augs.values():  # one push so that Mixup mixes from the first step
+            aug.push(torch.zeros(1, 64, 601 if c.method == "clip" else 1001))
+        views, mel_of = make_views, front
+
+        def front(w):
+            return torch.cat([mel_of(x[None]) for x in w.cpu()]).to(d.device)
+
+        def make_views(mel, n_valid, g):
+            outs = [views(mel[i:i + 1].cpu(), n_valid[i:i + 1].cpu(), None)
+                    for i in range(mel.shape[0])]
+            return tuple(None if o[0] is None else torch.cat(o).to(d.device) for o in zip(*outs))
+
+        M.Attention.forward, saved = manual_attention, M.Attention.forward
+        dd = dataclasses.replace(d, ctx=contextlib.nullcontext())
+    else:
+        front, augs = front.to(d.device), augs.to(d.device)
+    batches = iter(lambda: (wav, valid), None)
+    gen = torch.Generator(device=d.device).manual_seed(0)
+    cuda = d.device.type == "cuda"
+    try:
+        for i in range(c.warmup_steps + c.steps):
+            if i == c.warmup_steps:
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.time()
+            pretrain_frame.run_step(m, m, opt, front, make_views, batches, 1, dd, gen)
+            m.update_teacher(0.999)
+        if cuda:
+            torch.cuda.synchronize()
+    finally:
+        if style == "reference":
+            M.Attention.forward = saved
+    dt = (time.time() - t0) / c.steps
+    mem = (torch.cuda.max_memory_allocated() if cuda else
+           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    n_tokens = M.MAX_TOKENS if c.method == "frame" else M.tokens_for(6 * M.SAMPLE_RATE)
+    mfu = ""
+    if cuda:
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        if peak:
+            mfu = f" | MFU {step_flops(c, M.PRESETS[c.preset], n_tokens, c.batch) / dt / peak:.1%}"
+    mem_kind = "peak CUDA memory" if cuda else "peak RSS (process)"
+    print(f"{style:9s} step: {dt * 1000:8.1f} ms/step | {c.batch / dt:7.1f} clips/s | "
+          f"{mem_kind} {mem:.2f} GiB{mfu}", flush=True)
+    return dt
+
+
+def time_data(c, d):
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        for ext in ("wav", "flac"):
+            rows = []
+            for i in range(c.data_files):
+                p = os.path.join(tmp, f"{i}.{ext}")
+                sf.write(p, (rng.standard_normal(160000) * 0.1).astype(np.float32), 16000)
+                rows.append(dict(path=p, _where=p))
+            one = SimpleNamespace(rank=0, world=1, device=torch.device("cpu"))
+            loader = stream_loader(rows, 10.0, 8, one, 0, 0, workers=1)
+            it = iter(loader)
+            next(it)  # worker start-up
+            t0 = time.time()
+            for _ in range(c.data_batches):
+                next(it)
+            dt = time.time() - t0
+            print(f"data: {ext:4s} 10 s clips, 1 worker: {8 * c.data_batches / dt:7.1f} clips/s",
+                  flush=True)
+            del it, loader
+
+
+if __name__ == "__main__":
+    cfg = configure(globals())
+    c = SimpleNamespace(**cfg)
+    d = setup_distributed(c.device)
+    print(f"device {d.device} ({torch.cuda.get_device_name() if d.device.type == 'cuda' else 'cpu'}"
+          f", {torch.get_num_threads()} threads) | preset {c.preset} | method {c.method} | "
+          f"batch {c.batch} | torch {torch.__version__}", flush=True)
+    ours = time_step(c, d, "ours")
+    if c.reference:
+        ref = time_step(c, d, "reference")
+        print(f"speed-up over the reference-style step: {ref / ours:.2f}x")
+    if c.data_files:
+        time_data(c, d)

@@ -1,0 +1,422 @@
+"""
+Tests: the pure pieces (front-end, tokens, masking, schedules, EMA, augmentations, checkpoints,
+bad input) and the real scripts end to end on the demo data with the tiny preset, on CPU,
+including a 2-process torchrun on gloo and a kill-and-resume run.
+
+    python -m pytest -q test_smoke.py
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+import torchaudio
+
+import data as D
+import model as M
+from augment import FreqWarp, Mixup, RandomResizedCrop, random_crops, resample_boxes
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    """The demo data, generated once per test session (the real generator, real WAV files)."""
+    root = os.environ.get("ATST_TEST_DATA") or str(tmp_path_factory.mktemp("data"))
+    D.make_demo(root)
+    return root
+
+
+def run(script, *args, data_root, nproc=0, check=True):
+    """Run a stage script as a user would; returns the completed process."""
+    env = dict(os.environ, ATST_DATA=data_root, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, script, *args]
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--standalone", script, *args]
+    p = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
+                             f"{p.stderr[-3000:]}")
+    return p
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+TINY = ["--data", "demo", "--preset", "tiny", "--num_workers", "1"]
+
+# ---------------------------------------------------------------------------------- front-end
+
+
+def test_front_end_matches_spec_parameters():
+    """Same as an independent STFT -> HTK mel (60-7800 Hz) -> dB -> fixed min-max pipeline."""
+    torch.manual_seed(0)
+    wav = torch.randn(2, 16000) * 0.1
+    spec = torch.stft(wav, 1024, 160, 1024, torch.hann_window(1024), center=True,
+                      pad_mode="reflect", return_complex=True).abs() ** 2      # (B, 513, T)
+    fb = torchaudio.functional.melscale_fbanks(513, 60.0, 7800.0, 64, 16000, mel_scale="htk")
+    db = 10 * torch.log10((fb.T @ spec).clamp(min=1e-10))
+    db = torch.maximum(db, db.amax(dim=(1, 2), keepdim=True) - 80)             # per clip
+    ref = (db + 79.6482) / (50.6842 + 79.6482) * 2 - 1
+    out = M.MelFrontEnd()(wav)
+    assert out.shape == (2, 64, 101)
+    assert torch.allclose(out, ref, atol=1e-4)
+
+
+def test_front_end_gain_and_per_clip_cutoff():
+    """x10 in amplitude is +20 dB everywhere (the top_db floor moves with the clip's maximum),
+    i.e. +40/130.3324 in the normalised domain; a quiet clip batched with a loud one gets the
+    same output as alone (one cut-off per clip, not per batch)."""
+    torch.manual_seed(0)
+    w = torch.randn(1, 32000) * 0.01
+    fe = M.MelFrontEnd()
+    shift = fe(w * 10) - fe(w)
+    assert torch.allclose(shift, torch.full_like(shift, 40 / (50.6842 + 79.6482)), atol=1e-4)
+    batch = fe(torch.cat([w * 100, w]))
+    assert torch.allclose(batch[1], fe(w)[0], atol=1e-5)
+
+
+def test_ten_seconds_is_1001_frames_and_250_tokens():
+    wav = torch.zeros(1, 10 * M.SAMPLE_RATE).uniform_(-0.1, 0.1)
+    mel = M.MelFrontEnd()(wav)
+    assert mel.shape == (1, 64, 1001) and M.frames_for(160000) == 1001
+    assert M.tokens_for(160000) == 250 and M.tokens_for(6 * 16000) == 150
+    enc = M.Encoder(dim=32, depth=2, heads=2, mask_token=True)
+    assert enc(mel).shape == (1, 250, 32)
+    clip = M.Encoder(dim=32, depth=2, heads=2, cls_token=True)
+    assert clip(mel[..., :601]).shape == (1, 151, 32)
+    with pytest.raises(ValueError, match="positional table"):
+        enc(torch.zeros(1, 64, 1005))
+
+
+def test_tokens_are_mel_major_four_frame_stacks():
+    """Token n holds frames 4n..4n+3 of every mel bin at index mel*4 + offset (SPEC 2)."""
+    enc = M.Encoder(dim=8, depth=1, heads=1)
+    seen = {}
+    enc.patch_embed.register_forward_hook(lambda m, i, o: seen.update(x=i[0]))
+    mel = torch.arange(64 * 9, dtype=torch.float32).view(1, 64, 9)  # value = mel * 9 + frame
+    enc(mel)
+    x = seen["x"]
+    assert x.shape == (1, 2, 256)  # trailing 9 mod 4 = 1 frame dropped
+    assert x[0, 1, 5 * 4 + 2] == 5 * 9 + (4 + 2)
+
+
+def test_padding_mask_gives_same_tokens_as_unpadded():
+    torch.manual_seed(0)
+    enc = M.Encoder(dim=32, depth=2, heads=4, cls_token=True).eval()
+    mel = torch.randn(1, 64, 400)
+    padded = F.pad(mel, (0, 600), value=0.3)
+    alone = enc(mel)
+    both = enc(torch.cat([padded, torch.randn(1, 64, 1000)]), n_valid=torch.tensor([100, 250]))
+    assert torch.allclose(both[0, :101], alone[0], atol=1e-5)
+
+# ---------------------------------------------------------------------------------- masking
+
+
+def _runs(row):
+    runs, r = [], 0
+    for v in row.tolist() + [False]:
+        if v:
+            r += 1
+        elif r:
+            runs.append(r)
+            r = 0
+    return runs
+
+
+def test_group_mask_statistics():
+    """Over many draws at N=250: masked fraction 0.50 +- 0.02 (SPEC: mean 50.3%), every
+    masked run at least 5 tokens, and per-clip fractions in the expected ~38-61% band."""
+    g = torch.Generator().manual_seed(0)
+    m = M.group_mask(torch.full((4000,), 250), 250, span=5, prob=0.65, generator=g)
+    frac = m.float().mean(1)
+    assert abs(frac.mean().item() - 0.50) < 0.02
+    assert 0.30 < frac.min().item() and frac.max().item() < 0.70
+    assert min(r for row in m[:300] for r in _runs(row)) >= 5
+    assert not m[:, -1].any()  # starts are drawn from [0, N - 5): the last token never masks
+
+
+def test_group_mask_respects_valid_lengths_and_random_mode():
+    g = torch.Generator().manual_seed(1)
+    n_valid = torch.tensor([250, 100, 30])
+    m = M.group_mask(n_valid, 250, generator=g)
+    for i, n in enumerate(n_valid.tolist()):
+        assert not m[i, n:].any() and m[i, :n].any()
+    r = M.group_mask(torch.full((2000,), 250), 250, span=1, prob=0.5, generator=g)
+    assert abs(r.float().mean().item() - 0.5) < 0.02
+    assert sum(x == 1 for row in r[:50] for x in _runs(row)) > 100  # isolated tokens occur
+
+# ---------------------------------------------------------------------------------- schedules, EMA
+
+
+def test_schedules_hit_end_points():
+    lr = M.cosine_schedule(1e-3, 1e-6, 1000, warmup_steps=100)
+    assert len(lr) == 1001 and lr[0] == 0 and math.isclose(lr[100].item(), 1e-3)
+    assert math.isclose(lr[-1].item(), 1e-6) and (lr[:101].diff() > 0).all()
+    assert (lr[100:].diff() <= 0).all()
+    wd = M.cosine_schedule(0.04, 0.4, 500)
+    assert math.isclose(wd[0].item(), 0.04) and math.isclose(wd[-1].item(), 0.4)
+    m = M.ema_schedule(0.996, 500)
+    assert math.isclose(m[0].item(), 0.996) and m[-1].item() == 1.0 and (m.diff() >= 0).all()
+    assert math.isclose(m[250].item(), 1 - 0.004 / 2, rel_tol=1e-9)  # half way: cos = 0
+
+
+def test_ema_update():
+    torch.manual_seed(0)
+    model = M.ATST("frame", **M.PRESETS["tiny"])
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in model.teacher.parameters()]
+    model.update_teacher(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.teacher.parameters()))
+    model.update_teacher(0.5)
+    mid = [(a + s) / 2 for a, s in zip(before, model.student.parameters())]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(mid, model.teacher.parameters()))
+    model.update_teacher(0.0)
+    assert all(torch.equal(t, s) for t, s in
+               zip(model.teacher.parameters(), model.student.parameters()))
+
+
+def test_weight_decay_groups_and_collapse_std():
+    groups = M.param_groups(M.Encoder(dim=32, depth=2, heads=2))
+    assert all(p.ndim >= 2 for p in groups[0]["params"])
+    assert all(p.ndim == 1 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0
+    torch.manual_seed(0)
+    spread = F.normalize(torch.randn(20000, 256), dim=-1)
+    assert abs(M.collapse_std(spread) - 1 / 16) < 0.002
+    assert M.collapse_std(spread[:1].expand(100, -1)) < 1e-6
+
+# ---------------------------------------------------------------------------------- augmentations
+
+
+def _mel(B=4, T=301, seed=0):
+    return torch.rand(B, 64, T, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_augmentations_keep_shape_and_change_content():
+    x = _mel()
+    g = torch.Generator().manual_seed(0)
+    mix = Mixup(bank_size=8)
+    assert torch.equal(mix(x, g), x)  # empty bank: nothing to mix yet
+    mix.push(_mel(seed=1))
+    for aug in (mix, RandomResizedCrop(), FreqWarp("paper")):
+        y = aug(x, g)
+        assert y.shape == x.shape and torch.isfinite(y).all()
+        assert (y - x).abs().mean() > 1e-3, aug
+    # the 'code' rule leaves about 56% of clips unchanged (h >= F), the rest are warped
+    y = FreqWarp("code")(_mel(B=400), torch.Generator().manual_seed(0))
+    same = ((y - _mel(B=400)).abs().amax((1, 2)) < 1e-4).float().mean().item()
+    assert 0.45 < same < 0.67
+
+
+def test_augmentations_are_reproducible_from_the_generator():
+    x = _mel()
+    for aug in (RandomResizedCrop(), FreqWarp()):
+        a = aug(x, torch.Generator().manual_seed(5))
+        b = aug(x, torch.Generator().manual_seed(5))
+        assert torch.equal(a, b)
+
+
+def test_resample_box_identity_and_interpolate_equivalence():
+    """The identity box returns the input; an interior box equals BYOL-A's crop followed by
+    F.interpolate(bicubic, align_corners=True) away from the crop border."""
+    x = _mel(B=2, T=101)
+    B = x.shape[0]
+    full = lambda v: torch.full((B,), float(v))
+    assert torch.allclose(resample_boxes(x, full(0), full(64), full(0), full(101)), x, atol=1e-4)
+    ref = F.interpolate(x[:, None, 5:45, 10:70], size=(64, 101), mode="bicubic",
+                        align_corners=True)[:, 0]
+    y = resample_boxes(x, full(5), full(40), full(10), full(60))
+    assert torch.allclose(y[:, 3:-3, 3:-3], ref[:, 3:-3, 3:-3], atol=1e-4)
+
+
+def test_freq_warp_leaves_time_alone_and_mixup_stays_between():
+    t = torch.linspace(-1, 1, 200)
+    x = t.view(1, 1, -1).expand(16, 64, -1).contiguous()  # depends on time only
+    assert torch.allclose(FreqWarp("paper")(x, torch.Generator().manual_seed(0)), x, atol=1e-4)
+    a, z = _mel(B=64), _mel(B=1, seed=3).bfloat16().float()  # the bank holds bf16
+    mix = Mixup(bank_size=4)
+    mix.push(z)
+    y = mix(a, torch.Generator().manual_seed(0))  # log-mean-exp lies between its inputs
+    assert (y >= torch.minimum(a, z) - 1e-5).all() and (y <= torch.maximum(a, z) + 1e-5).all()
+    assert (y - a).abs().amax((1, 2)).max() > 0.05
+
+
+def test_mixup_bank_is_a_fifo_and_round_trips():
+    mix = Mixup(bank_size=3)
+    for v in range(5):
+        mix.push(torch.full((1, 2, 4), float(v) / 10))
+    assert sorted(round(x, 2) for x in mix.bank[:, 0, 0].float().tolist()) == [0.2, 0.3, 0.4]
+    other = Mixup(bank_size=3)
+    other.load_state_dict(mix.state_dict())
+    assert torch.equal(other.bank, mix.bank) and int(other.count) == 5
+
+
+def test_random_crops():
+    x = torch.arange(20.0).view(1, 1, 20).expand(3, 2, 20)
+    y = random_crops(x, 6, torch.Generator().manual_seed(0))
+    assert y.shape == (3, 2, 6)
+    assert (y.diff(dim=-1) == 1).all()  # contiguous segments
+
+# ---------------------------------------------------------------------------------- I/O
+
+
+def test_checkpoint_round_trip_is_strict(tmp_path):
+    torch.manual_seed(0)
+    a = M.ATST("clip", **M.PRESETS["tiny"])
+    path = str(tmp_path / "ck.pt")
+    D.save_atomic(dict(model=a.state_dict(), model_args=dict(method="clip")), path,
+                  summary=dict(step=0))
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt", "ck.pt.json"]  # no temporary left
+    ck = D.load_checkpoint(path)
+    torch.manual_seed(1)
+    b = M.ATST("clip", **M.PRESETS["tiny"])
+    b.load_state_dict(ck["model"])
+    x = _mel(B=2, T=601)
+    a.eval(), b.eval()
+    assert torch.equal(a.teacher.encoder(x), b.teacher.encoder(x))
+    del ck["model"]["predictor.0.weight"]
+    with pytest.raises(RuntimeError, match="predictor.0.weight"):
+        b.load_state_dict(ck["model"])
+
+
+def test_stream_sampler_resumes_and_splits_ranks():
+    full = iter(D.StreamSampler(50, 4, rank=0, world=2, seed=3))
+    batches = [next(full) for _ in range(20)]
+    resumed = iter(D.StreamSampler(50, 4, rank=0, world=2, seed=3, start=13))
+    assert next(resumed) == batches[13]
+    other = next(iter(D.StreamSampler(50, 4, rank=1, world=2, seed=3)))
+    assert not {i for i, _ in batches[0]} & {i for i, _ in other}
+    epoch0 = [i for b in batches[:6] for i, _ in b]  # 6 batches per epoch of 50 // 8
+    assert len(set(epoch0)) == len(epoch0)
+
+
+def test_config_flags(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text("")
+    g = {"__file__": str(script), "__doc__": "x", "lr": 0.1, "flag": False, "name": "a",
+         "preset": "big"}
+    presets = {"big": dict(lr=1.0), "small": dict(lr=0.5, name="s")}
+    cfg = D.configure(g, presets, ["--preset", "small", "--flag", "false", "--name", "b"])
+    assert cfg == {"lr": 0.5, "flag": False, "name": "b", "preset": "small"}
+    assert D.configure(dict(g, flag=False), None, ["--flag", "true"])["flag"] is True
+
+
+def test_bad_input_errors_name_the_file(tmp_path):
+    good = tmp_path / "a.wav"
+    sf.write(good, np.zeros(1600, np.float32), 16000)
+    (tmp_path / "bad.wav").write_text("not audio")
+    sf.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
+    sf.write(tmp_path / "nan.wav", np.full(1600, np.nan, np.float32), 16000, subtype="FLOAT")
+    for name, msg in (("missing.wav", "not found"), ("bad.wav", "cannot read"),
+                      ("empty.wav", "zero length"), ("nan.wav", "NaN")):
+        with pytest.raises(D.AudioError, match=msg) as e:
+            D.load_audio(str(tmp_path / name), 1.0, np.random.default_rng(0), "m.csv line 3")
+        assert name in str(e.value) and "m.csv line 3" in str(e.value)
+    (tmp_path / "empty.csv").write_text("path\n")
+    with pytest.raises(ValueError, match="empty.csv: manifest is empty"):
+        D.read_manifest(str(tmp_path / "empty.csv"))
+    (tmp_path / "nopath.csv").write_text("file\na.wav\n")
+    with pytest.raises(ValueError, match="no 'path' column"):
+        D.read_manifest(str(tmp_path / "nopath.csv"))
+    with pytest.raises(FileNotFoundError, match="expected .*as20k"):
+        D.resolve_manifest("as20k", "train", str(tmp_path))
+
+
+def test_load_audio_crops_pads_resamples(tmp_path):
+    sr = 44100
+    t = np.arange(int(2.5 * sr)) / sr
+    stereo = np.stack([np.sin(2 * np.pi * 440 * t), np.zeros_like(t)], 1).astype(np.float32)
+    sf.write(tmp_path / "s.wav", stereo, sr)
+    wav, valid = D.load_audio(str(tmp_path / "s.wav"), 4.0)
+    assert wav.shape == (64000,) and abs(valid - 40000) <= 2 and wav[valid:].abs().max() == 0
+    assert abs(wav[:valid].abs().max().item() - 0.5) < 0.02  # mono = mean of the channels
+    wav, valid = D.load_audio(str(tmp_path / "s.wav"), 1.0, np.random.default_rng(0))
+    assert wav.shape == (16000,) and valid == 16000
+    assert D.write_manifest(str(tmp_path), str(tmp_path / "m" / "all.csv")) == 1
+    assert D.read_manifest(str(tmp_path / "m" / "all.csv"))[0]["path"] == str(tmp_path / "s.wav")
+
+
+def test_demo_data_is_real_audio_with_labels(data_root):
+    rows = D.read_manifest(D.resolve_manifest("demo_events", "test", data_root), "label")
+    assert len({r["label"] for r in rows}) == 8
+    info = sf.info(rows[0]["path"])
+    assert info.samplerate == 22050 and info.channels == 2
+    tags = D.read_manifest(D.resolve_manifest("demo_tags", "train", data_root), "labels")
+    assert any(";" in r["labels"] for r in tags)
+    wav, valid = D.load_audio(D.read_manifest(D.resolve_manifest("demo", "train", data_root))[0]
+                              ["path"], 10.0)
+    assert valid == 160000 and wav.abs().max() > 0.05
+
+# ---------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("script", ["pretrain_frame.py", "pretrain_clip.py"])
+def test_pretrain_demo_loss_falls_and_no_collapse(script, data_root, tmp_path):
+    out = str(tmp_path / "run")
+    run(script, *TINY, "--max_steps", "24", "--warmup_epochs", "1", "--log_every", "4",
+        "--out_dir", out, data_root=data_root)
+    log = read_log(out)
+    assert [r["step"] for r in log] == [4, 8, 12, 16, 20, 24]
+    assert log[-1]["loss"] < 0.8 * log[0]["loss"]
+    assert min(r["std_t"] for r in log) > 0.03 and min(r["std_s"] for r in log) > 0.01
+    ck = D.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ck["step"] == 24 and ck["model_args"]["method"] == script[9:-3]
+    model = M.ATST(**ck["model_args"])
+    model.load_state_dict(ck["model"])  # strict
+
+
+def test_torchrun_two_ranks_gloo_identical_weights(data_root, tmp_path):
+    out = str(tmp_path / "ddp")
+    p = run("pretrain_frame.py", *TINY, "--max_steps", "4", "--log_every", "2", "--out_dir",
+            out, data_root=data_root, nproc=2)
+    assert "weights identical on 2 ranks" in p.stdout
+    assert "= 16 x 2 ranks x 1 accum" in p.stdout
+    assert D.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 4
+
+
+def test_killed_run_resumes_to_the_same_weights(data_root, tmp_path):
+    args = [*TINY, "--max_steps", "6", "--warmup_epochs", "0.25", "--ckpt_every", "2",
+            "--log_every", "2", "--micro_batch", "16"]  # 2 accumulation steps per step
+    run("pretrain_frame.py", *args, "--out_dir", str(tmp_path / "a"), data_root=data_root)
+    killed = run("pretrain_frame.py", *args, "--out_dir", str(tmp_path / "b"), "--die_at_step",
+                 "5", data_root=data_root, check=False)
+    assert killed.returncode == -9
+    assert D.load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))["step"] == 4
+    p = run("pretrain_frame.py", *args, "--out_dir", str(tmp_path / "b"), data_root=data_root)
+    assert "resumed from" in p.stdout and "at step 4" in p.stdout
+    a = D.load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))
+    b = D.load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
+    assert a["step"] == b["step"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(x, y) for x, y in zip(
+        a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
+
+
+def test_non_finite_loss_stops_with_a_message(data_root, tmp_path):
+    p = run("pretrain_frame.py", *TINY, "--max_steps", "4", "--warmup_epochs", "0",
+            "--base_lr", "1e30", "--out_dir", str(tmp_path / "nan"), data_root=data_root,
+            check=False)
+    assert p.returncode == 1 and "non-finite loss" in p.stderr
+
+
+def test_bad_manifest_row_is_reported(data_root, tmp_path):
+    rows = D.read_manifest(D.resolve_manifest("demo", "train", data_root))
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("path\n" + "".join(r["path"] + "\n" for r in rows[:40]) +
+                        str(tmp_path / "gone.wav") + "\n")
+    p = run("pretrain_clip.py", *TINY, "--data", str(csv_path), "--max_steps", "3",
+            "--batch_size", "41", "--out_dir", str(tmp_path / "o"), data_root=data_root,
+            check=False)
+    assert p.returncode != 0
+    assert "m.csv line 42" in p.stderr and "gone.wav" in p.stderr and "not found" in p.stderr
