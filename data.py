@@ -27,6 +27,7 @@ import soundfile as sf
 import torch
 import torch.distributed as dist
 import torchaudio
+from tqdm import tqdm
 
 from model import SAMPLE_RATE
 
@@ -158,7 +159,6 @@ class Log:
     def __call__(self, rec, line):
         if self.path is None:
             return
-        from tqdm import tqdm
         tqdm.write(line)
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")

@@ -12,7 +12,10 @@ How the Encoder differs from a vanilla ViT:
 - padded batches carry valid lengths, turned into a key-padding mask for attention;
 - the same final LayerNorm is applied to every block output that is read.
 """
+import contextlib
 import math
+import os
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -40,26 +43,45 @@ def tokens_for(samples):
 
 
 class MelFrontEnd(nn.Module):
-    """Waveform (B, S) at 16 kHz -> normalised log-mel (B, F=64, T), batched on the device.
+    """Waveform (B, S) at 16 kHz -> normalised log-mel (B, F=64, T = S // 160 + 1), batched on
+    the device, always in fp32 (outside autocast).
 
-    Padding is not replaced by a 'silence' value: callers carry valid lengths instead, and
-    the Encoder masks padded tokens out of attention. Always runs in fp32 (outside autocast).
+    Without `lengths` every clip is taken as S samples long (pre-training zero-pads, as the
+    reference did). With `lengths` (valid samples per clip of a padded batch) each clip's
+    padding starts with the reflection of its end, as center=True STFT pads an unpadded clip,
+    and the top-dB floor is taken over its valid frames only: the valid frames come out as
+    they would for the clip alone. Frames past a clip's valid length are not silence; the
+    Encoder masks them out of attention through n_valid.
     """
 
     def __init__(self):
         super().__init__()
+        self.n_fft = 1024
         self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=SAMPLE_RATE, n_fft=1024, win_length=1024, hop_length=HOP,
+            sample_rate=SAMPLE_RATE, n_fft=self.n_fft, win_length=1024, hop_length=HOP,
             f_min=60, f_max=7800, n_mels=N_MELS)  # Hann, power 2, center, HTK, no norm
-        self.to_db = torchaudio.transforms.AmplitudeToDB(stype="power", top_db=80)
 
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
-    def forward(self, wav):
-        x = self.mel(wav.float())                    # (B, F, T)
-        # AmplitudeToDB takes one top_db cut-off per 4-D item: (B, 1, F, T) gives one per clip,
-        # as the reference computed it clip by clip; a 3-D batch would share the batch maximum.
-        x = self.to_db(x.unsqueeze(1)).squeeze(1)    # (B, F, T)
+    def forward(self, wav, lengths=None):
+        wav = wav.float()
+        B, S = wav.shape
+        T = frames_for(S)
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, device=wav.device)
+            half = self.n_fft // 2
+            wav = F.pad(wav, (0, half))                              # room for every tail
+            idx = torch.arange(S + half, device=wav.device)
+            src = 2 * lengths[:, None] - 2 - idx                     # reflect about the end
+            tail = (idx >= lengths[:, None]) & (idx < lengths[:, None] + half)
+            wav = torch.where(tail & (src >= 0), wav.gather(1, src.clamp(0, S - 1)), wav * ~tail)
+        x = self.mel(wav)[..., :T]                                   # (B, F, T)
+        x = 10 * torch.log10(x.clamp(min=1e-10))                    # power -> dB
+        top = x if lengths is None else x.masked_fill(
+            torch.arange(T, device=x.device) >= frames_for(lengths)[:, None, None], -torch.inf)
+        # top_db=80 per clip, as the reference computed it clip by clip (torchaudio's
+        # AmplitudeToDB on a 3-D batch would share one floor across the batch)
+        x = torch.maximum(x, top.amax(dim=(1, 2), keepdim=True) - 80)
         return (x - DB_MIN) / (DB_MAX - DB_MIN) * 2 - 1
 
 # ----------------------------------------------------------------------------------------------
@@ -318,7 +340,6 @@ def ema_schedule(m0, total_steps):
     return cosine_schedule(m0, 1.0, total_steps)
 
 
-
 def collapse_std(rows, world=1):
     """Per-dimension std over rows (all ranks) of L2-normalised outputs, averaged over dims.
     About 1/sqrt(dim) when rows spread over the sphere; toward 0 on collapse."""
@@ -330,3 +351,169 @@ def collapse_std(rows, world=1):
     n, s, ss = stats[0], stats[1:1 + r.shape[1]], stats[1 + r.shape[1]:]
     var = (ss / n - (s / n) ** 2).clamp(min=0) * n / (n - 1).clamp(min=1)
     return var.sqrt().mean().item()
+
+# ----------------------------------------------------------------------------------------------
+# Inference: embeddings from audio of any length, and loading any ATST checkpoint (SPEC 6, 9)
+
+CHUNK_TOKENS = {"frame": 250, "clip": 150}  # 10 s / 6 s chunks, as pre-trained
+
+
+class Embeddings(NamedTuple):
+    frames: torch.Tensor      # (B, N, D * layers): one row per 40 ms token; zero past `lengths`
+    timestamps: torch.Tensor  # (N,) centre of each token in ms: 20, 60, 100, ...
+    clip: torch.Tensor        # (B, D * layers) Frame: mean of frames; Clip: [CLS, mean] per layer
+    lengths: torch.Tensor     # (B,) valid tokens per clip
+
+
+class AudioEncoder(nn.Module):
+    """Front-end + Encoder: the inference and embedding entry point (what load_encoder returns).
+
+    enc(audio, sample_rate) -> Embeddings. audio: (S,), (B, S) or (B, C, S) (channels are
+    averaged), any sample rate (resampled to 16 kHz on the device); `lengths` gives the valid
+    samples of a padded batch. Audio longer than one chunk (Frame 10 s, Clip 6 s) is cut into
+    consecutive chunks that are encoded separately and concatenated: every 40 ms token of the
+    clip is kept. The clip embedding averages per-chunk embeddings (a Clip chunk: its CLS and
+    its frame mean); a trailing chunk counts only when longer than half a chunk (SPEC 6).
+    `layers`: None (last block), "all", or block indices; their outputs are concatenated.
+    """
+
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, encoder, kind):
+        super().__init__()
+        assert kind in CHUNK_TOKENS, kind
+        self.front, self.encoder, self.kind = MelFrontEnd(), encoder, kind
+        self.chunk = min(CHUNK_TOKENS[kind], encoder.max_tokens)
+
+    def layer_list(self, layers):
+        if layers is None:
+            return [self.encoder.depth - 1]
+        return list(range(self.encoder.depth)) if layers == "all" else sorted(layers)
+
+    def dims(self, layers=None):
+        """(frame embedding size, clip embedding size) for a choice of layers."""
+        n = self.encoder.dim * len(self.layer_list(layers))
+        return n, n * (2 if self.kind == "clip" else 1)
+
+    @torch.no_grad()
+    def forward(self, audio, sample_rate=SAMPLE_RATE, lengths=None, layers=None, chunk_batch=64):
+        dev = next(self.parameters()).device
+        audio = torch.as_tensor(audio, dtype=torch.float32, device=dev)
+        if audio.dim() == 3:
+            audio = audio.mean(1)                                     # (B, C, S) -> (B, S)
+        audio = audio[None] if audio.dim() == 1 else audio           # (B, S)
+        B = audio.shape[0]
+        lengths = (torch.full((B,), audio.shape[-1]) if lengths is None else
+                   torch.as_tensor(lengths)).to(dev).long()
+        if audio.shape[-1] == 0 or (lengths <= 0).any():
+            raise ValueError("empty audio: every clip needs at least one sample")
+        if sample_rate != SAMPLE_RATE:
+            audio = torchaudio.functional.resample(audio, sample_rate, SAMPLE_RATE)
+            lengths = (lengths * SAMPLE_RATE + sample_rate - 1) // sample_rate
+        mel = self.front(audio, lengths)                              # (B, F, T)
+        n_tok = tokens_for(lengths)                                   # (B,)
+        N, C = mel.shape[-1] // FRAMES_PER_TOKEN, self.chunk
+        K = max(1, -(-N // C))                                        # chunks per clip
+        mel = F.pad(mel[..., :N * FRAMES_PER_TOKEN], (0, (K * C - N) * FRAMES_PER_TOKEN))
+        chunks = mel.reshape(B, N_MELS, K, C * FRAMES_PER_TOKEN).transpose(1, 2)
+        chunks = chunks.reshape(B * K, N_MELS, C * FRAMES_PER_TOKEN)  # (B*K, F, 4C)
+        n_valid = (n_tok[:, None] - torch.arange(K, device=dev) * C).clamp(0, C).flatten()
+        keep = (n_valid > 0).nonzero().squeeze(1)                     # chunks holding audio
+        layers = self.layer_list(layers)
+        cls_tok = 1 if self.kind == "clip" else 0
+        D = self.encoder.dim * len(layers)
+        frames = torch.zeros(B * K, C, D, device=dev)
+        cls = torch.zeros(B * K, D, device=dev)
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else \
+            contextlib.nullcontext()
+        for i in range(0, len(keep), chunk_batch):
+            idx = keep[i:i + chunk_batch]
+            with ctx:
+                outs = self.encoder(chunks[idx], n_valid[idx], layers=layers)
+            out = torch.cat(outs, -1).float()                         # (b, [1+]C, D)
+            frames[idx] = out[:, cls_tok:]
+            if cls_tok:
+                cls[idx] = out[:, 0]
+        valid = torch.arange(C, device=dev) < n_valid[:, None]        # (B*K, C)
+        frames = frames * valid[..., None]
+        mean = frames.sum(1) / n_valid.clamp(min=1)[:, None]          # (B*K, D)
+        if cls_tok:  # per layer [CLS, mean]
+            L = len(layers)
+            mean = torch.stack([cls.view(-1, L, D // L), mean.view(-1, L, D // L)], 2)
+            mean = mean.reshape(B * K, 2 * D)
+        counts = ((n_valid > C // 2) | (torch.arange(B * K, device=dev) % K == 0)) & (n_valid > 0)
+        w = counts.float().view(B, K, 1)
+        clip = (mean.view(B, K, -1) * w).sum(1) / w.sum(1)
+        frames = frames.view(B, K * C, D)[:, :N]
+        stamps = torch.arange(N, device=dev) * 40.0 + 20.0
+        return Embeddings(frames, stamps, clip, n_tok)
+
+
+# released checkpoints (SPEC 9) -> our names; every other encoder key is named alike
+OFFICIAL_NAMES = {"patch_embed.patch_embed.weight": "patch_embed.weight",
+                  "patch_embed.patch_embed.bias": "patch_embed.bias",
+                  "mask_embed": "mask_token",
+                  "norm_frame.weight": "norm.weight", "norm_frame.bias": "norm.bias"}
+
+
+def _subtree(state, prefix):
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def encoder_state(ck, path="checkpoint"):
+    """(encoder state dict in our names, heads or None, description) from any supported file:
+    ours (pre-training: teacher.encoder; fine-tuning / SED: encoder + encoder_args), ATST-Frame
+    Lightning (model.teacher.encoder / fine-tuned encoder.encoder), ATST-Clip DINO-style
+    (teacher, with module. / backbone. prefixes)."""
+    if isinstance(ck, dict) and ck.get("kind") == "atst-pretrain":
+        return _subtree(ck["model"], "teacher.encoder."), ck["model_args"]["heads"], \
+            f"our {ck['model_args']['method']} pre-training checkpoint"
+    if isinstance(ck, dict) and "encoder_args" in ck:
+        return _subtree(ck["model"], "encoder."), ck["encoder_args"]["heads"], \
+            f"our {ck.get('kind', 'downstream')} checkpoint"
+    if isinstance(ck, dict) and "state_dict" in ck:  # PyTorch Lightning (ATST-Frame)
+        sd = ck["state_dict"]
+        for prefix, what in (("model.teacher.encoder.", "released ATST-Frame (teacher)"),
+                             ("encoder.encoder.", "released fine-tuned ATST")):
+            if any(k.startswith(prefix) for k in sd):
+                return _rename(_subtree(sd, prefix)), None, what
+    if isinstance(ck, dict) and "teacher" in ck:  # DINO-style (ATST-Clip)
+        sd = {k[len("module."):] if k.startswith("module.") else k: v
+              for k, v in ck["teacher"].items()}
+        if any(k.startswith("backbone.") for k in sd):
+            sd = _subtree(sd, "backbone.")
+        else:  # no backbone prefix: everything but the DINO projection head
+            sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        return _rename(sd), None, "released ATST-Clip (DINO-style teacher)"
+    keys = list(ck)[:8] if isinstance(ck, dict) else type(ck).__name__
+    raise ValueError(f"{path}: not a checkpoint layout load_encoder knows (top-level keys: "
+                     f"{keys}); see README 'Use a released checkpoint'")
+
+
+def _rename(sd):
+    return {OFFICIAL_NAMES.get(k, k): v for k, v in sd.items()}
+
+
+def load_encoder(path, device="cpu"):
+    """A ready AudioEncoder (front-end + encoder, eval mode) from any supported checkpoint.
+    Kind (Clip: has a CLS token) and size are read from the weights; loading is strict and a
+    missing or unexpected key is an error that lists them."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    state, heads, what = encoder_state(ck, path)
+    if "pos_embed" not in state or "blocks.0.attn.qkv.weight" not in state:
+        raise ValueError(f"{path} ({what}): no encoder weights found (keys: {list(state)[:8]})")
+    dim = state["pos_embed"].shape[-1]
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    kind = "clip" if "cls_token" in state else "frame"
+    enc = Encoder(dim=dim, depth=depth, heads=heads or dim // 64, drop_path=0.0,
+                  cls_token="cls_token" in state, mask_token="mask_token" in state,
+                  max_tokens=state["pos_embed"].shape[1] - 1)
+    expected, got = set(enc.state_dict()), set(state)
+    if expected != got:
+        raise KeyError(f"{path} ({what}): encoder keys do not match a {kind} encoder of dim "
+                       f"{dim}, depth {depth}; missing: {sorted(expected - got)}; unexpected: "
+                       f"{sorted(got - expected)}")
+    enc.load_state_dict(state, strict=True)
+    return AudioEncoder(enc, kind).to(device).eval()

@@ -420,3 +420,138 @@ def test_bad_manifest_row_is_reported(data_root, tmp_path):
             check=False)
     assert p.returncode != 0
     assert "m.csv line 42" in p.stderr and "gone.wav" in p.stderr and "not found" in p.stderr
+
+# ---------------------------------------------------------------------------------- inference API
+
+
+def _official(enc, kind):
+    """Our encoder's weights renamed to the released layout (SPEC 9)."""
+    inverse = {v: k for k, v in M.OFFICIAL_NAMES.items()}
+    if kind == "clip":  # ATST-Clip keeps `norm`
+        inverse = {k: v for k, v in inverse.items() if not k.startswith("norm")}
+    return {inverse.get(k, k): v.clone() for k, v in enc.state_dict().items()}
+
+
+def _layouts(enc, kind):
+    sd = _official(enc, kind)
+    noise = {"weight": torch.zeros(3, 3)}
+    if kind == "frame":
+        yield "lightning", {"state_dict": {
+            **{f"model.teacher.encoder.{k}": v for k, v in sd.items()},
+            **{f"model.student.encoder.{k}": v * 0 for k, v in sd.items()},
+            "model.teacher.projector.0.weight": noise["weight"]}}
+        yield "finetuned", {"state_dict": {**{f"encoder.encoder.{k}": v for k, v in sd.items()},
+                                           "head.weight": noise["weight"]}}
+    else:
+        yield "dino", {"teacher": {**{f"module.backbone.{k}": v for k, v in sd.items()},
+                                   "module.head.mlp.0.weight": noise["weight"]}, "epoch": 3}
+        yield "dino_nomodule", {"teacher": {**{f"backbone.{k}": v for k, v in sd.items()},
+                                            "head.last_layer.weight": noise["weight"]}}
+
+
+@pytest.mark.parametrize("kind", ["frame", "clip"])
+def test_load_encoder_reads_every_layout_identically(kind, tmp_path):
+    torch.manual_seed(0)
+    enc = M.Encoder(dim=128, depth=2, heads=2, drop_path=0.0, cls_token=kind == "clip",
+                    mask_token=kind == "frame")
+    ref = M.AudioEncoder(enc, kind).eval()
+    audio = torch.randn(2, 3 * 16000) * 0.1
+    want = ref(audio, layers="all")
+    for name, ck in _layouts(enc, kind):
+        path = str(tmp_path / f"{name}.ckpt")
+        torch.save(ck, path)
+        got = M.load_encoder(path)
+        assert got.kind == kind and got.encoder.depth == 2 and got.encoder.dim == 128, name
+        e = got(audio, layers="all")
+        assert torch.equal(e.frames, want.frames) and torch.equal(e.clip, want.clip), name
+    # ours: a pre-training checkpoint (teacher encoder), heads taken from model_args
+    torch.manual_seed(0)
+    atst = M.ATST(kind, **M.PRESETS["tiny"])
+    path = str(tmp_path / "ours.pt")
+    D.save_atomic(dict(model=atst.state_dict(), model_args=dict(method=kind, **M.PRESETS["tiny"]),
+                       kind="atst-pretrain"), path)
+    got = M.load_encoder(path)
+    assert got.encoder.blocks[0].attn.heads == 4
+    x = M.MelFrontEnd()(audio)[..., :600]
+    assert torch.equal(got.encoder(x), atst.teacher.encoder.eval()(x))
+
+
+def test_load_encoder_names_missing_and_unexpected_keys(tmp_path):
+    enc = M.Encoder(dim=128, depth=2, heads=2, mask_token=True)
+    _, ck = next(_layouts(enc, "frame"))
+    sd = ck["state_dict"]
+    del sd["model.teacher.encoder.blocks.1.mlp.fc2.bias"]
+    torch.save(ck, tmp_path / "missing.ckpt")
+    with pytest.raises(KeyError, match=r"missing: \['blocks.1.mlp.fc2.bias'\]"):
+        M.load_encoder(str(tmp_path / "missing.ckpt"))
+    _, ck = next(_layouts(enc, "frame"))
+    ck["state_dict"]["model.teacher.encoder.blocks.0.attn.qkv.bias"] = torch.zeros(384)
+    torch.save(ck, tmp_path / "extra.ckpt")
+    with pytest.raises(KeyError, match=r"unexpected: \['blocks.0.attn.qkv.bias'\]"):
+        M.load_encoder(str(tmp_path / "extra.ckpt"))
+    torch.save({"weights": 1}, tmp_path / "odd.ckpt")
+    with pytest.raises(ValueError, match="odd.ckpt: not a checkpoint layout"):
+        M.load_encoder(str(tmp_path / "odd.ckpt"))
+
+
+def _tiny_encoder(kind, seed=0):
+    torch.manual_seed(seed)
+    enc = M.Encoder(dim=64, depth=3, heads=4, drop_path=0.0, cls_token=kind == "clip",
+                    mask_token=kind == "frame")
+    return M.AudioEncoder(enc, kind).eval()
+
+
+@pytest.mark.parametrize("kind", ["frame", "clip"])
+def test_long_stereo_44k_audio_is_chunked_without_losing_frames(kind):
+    ae = _tiny_encoder(kind)
+    torch.manual_seed(1)
+    stereo = torch.randn(1, 2, int(25 * 44100)) * 0.1
+    e = ae(stereo, sample_rate=44100)
+    # 25 s -> 2501 frames -> 625 tokens of 40 ms, centred at 20, 60, 100, ... 24980 ms
+    assert e.frames.shape == (1, 625, 64) and e.lengths.tolist() == [625]
+    assert e.timestamps[:3].tolist() == [20.0, 60.0, 100.0] and e.timestamps[-1] == 24980.0
+    mono = torchaudio.functional.resample(stereo.mean(1), 44100, 16000)
+    mel = ae.front(mono)
+    C = 250 if kind == "frame" else 150           # chunk tokens (10 s / 6 s)
+    skip = 1 if kind == "clip" else 0
+    for k in range(625 // C + 1):                 # every chunk equals the encoder on its slice
+        part = mel[..., 4 * C * k: 4 * min(C * (k + 1), 625)]
+        assert torch.allclose(e.frames[:, C * k: C * (k + 1)], ae.encoder(part)[:, skip:],
+                              atol=1e-5)
+    assert e.clip.shape == (1, 64 * (2 if kind == "clip" else 1))
+
+
+@pytest.mark.parametrize("kind", ["frame", "clip"])
+def test_padded_batch_gives_the_embeddings_of_the_clip_alone(kind):
+    ae = _tiny_encoder(kind)
+    torch.manual_seed(2)
+    short, long = torch.randn(3 * 16000) * 0.1, torch.randn(10 * 16000) * 0.1
+    batch = torch.stack([F.pad(short, (0, 7 * 16000)), long])
+    both = ae(batch, lengths=[3 * 16000, 10 * 16000], layers="all")
+    alone = ae(short, layers="all")
+    assert both.lengths.tolist() == [75, 250] and alone.frames.shape[1] == 75
+    assert torch.allclose(both.frames[0, :75], alone.frames[0], atol=1e-5)
+    assert both.frames[0, 75:].abs().max() == 0
+    assert torch.allclose(both.clip[0], alone.clip[0], atol=1e-5)
+    # and the alone path is the plain encoder on the clip's mel (no mask, no chunk padding)
+    direct = torch.cat(ae.encoder(ae.front(short[None]), layers=[0, 1, 2]), -1)
+    assert torch.allclose(alone.frames, direct[:, 1 if kind == "clip" else 0:], atol=1e-5)
+
+
+def test_hear_api_as_the_runner_calls_it(tmp_path):
+    import hear
+    enc = M.Encoder(dim=128, depth=2, heads=2, mask_token=True)
+    _, ck = next(_layouts(enc, "frame"))
+    torch.save(ck, tmp_path / "frame.ckpt")
+    model = hear.load_model(str(tmp_path / "frame.ckpt"))
+    assert isinstance(model, torch.nn.Module) and model.sample_rate == 16000
+    assert model.timestamp_embedding_size == model.scene_embedding_size == 2 * 128
+    for seconds in (0.5, 2.0, 12.3):
+        audio = torch.rand(3, int(seconds * 16000)) * 2 - 1  # (n_sounds, n_samples)
+        emb, ts = hear.get_timestamp_embeddings(audio, model)
+        n = int(seconds * 100 + 1) // 4
+        assert emb.shape == (3, n, model.timestamp_embedding_size) and emb.dtype == torch.float32
+        assert ts.shape == (3, n) and (ts.diff(dim=1) == 40).all() and (ts[:, 0] == 20).all()
+        assert ts[0, -1] <= seconds * 1000
+        scene = hear.get_scene_embeddings(audio, model)
+        assert scene.shape == (3, model.scene_embedding_size) and torch.isfinite(scene).all()
