@@ -143,3 +143,14 @@ def random_crops(x, n_frames, g=None):
     start = _randint_upto(torch.full((B,), T - n_frames, device=x.device), g)
     idx = start[:, None] + torch.arange(n_frames, device=x.device)  # (B, n_frames)
     return x.gather(2, idx[:, None, :].expand(B, Fm, n_frames))
+
+
+def mixup_labels(x, y, alpha, rng):
+    """Mixup with labels for fine-tuning: per clip lambda ~ Beta(alpha, alpha) and a partner
+    from a permutation of the batch; x' = l x + (1 - l) x[perm], and the same for the soft
+    targets y (B, C). Draws come from the numpy Generator `rng` (a few numbers per batch)."""
+    B = x.shape[0]
+    perm = torch.from_numpy(rng.permutation(B)).to(x.device)
+    lam = torch.from_numpy(rng.beta(alpha, alpha, B)).float().to(x.device)
+    xl, yl = lam.view(B, *([1] * (x.dim() - 1))), lam.view(B, 1)
+    return xl * x + (1 - xl) * x[perm], yl * y + (1 - yl) * y[perm]

@@ -48,23 +48,32 @@ def str2bool(s):
     raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
 
 
-def configure(g, presets=None, argv=None):
+def config_keys(g):
+    """The config globals of a script: public int/float/bool/str values."""
+    return [k for k, v in g.items() if not k.startswith("_") and type(v) in (int, float, bool, str)]
+
+
+def configure(g, presets=None, argv=None, key="preset", help_files=()):
     """Expose every int/float/bool/str global defined so far in the script as --name (same type
-    as its default; help = the comment on its line). `--preset P` first applies presets[P] to
-    the globals, then explicit flags override. Updates the globals; returns the config dict."""
-    keys = [k for k, v in g.items() if not k.startswith("_") and type(v) in (int, float, bool, str)]
+    as its default; help = the comment on its line). `--<key> V` first applies presets[V] (when
+    there is one) to the globals, then explicit flags override. Updates the globals; returns
+    the config dict. help_files: more sources of comments (a script extending another's config)."""
+    keys = config_keys(g)
     helps = {}
-    with open(g["__file__"]) as f:
-        for line in f:
-            m = re.match(r"^(\w+)\s*=.*?#\s*(.*)$", line)
-            if m:
-                helps[m.group(1)] = m.group(2)
+    for path in (*help_files, g["__file__"]):
+        with open(path) as f:
+            for line in f:
+                m = re.match(r"^(\w+)\s*=.*?#\s*(.*)$", line)
+                if m:
+                    helps[m.group(1)] = m.group(2)
     argv = sys.argv[1:] if argv is None else argv
-    if presets and "preset" in keys:
+    if presets and key in keys:
         pre = argparse.ArgumentParser(add_help=False)
-        pre.add_argument("--preset", default=g["preset"], choices=sorted(presets))
-        g["preset"] = pre.parse_known_args(argv)[0].preset
-        g.update(presets[g["preset"]])
+        pre.add_argument(f"--{key}", default=g[key])
+        g[key] = pre.parse_known_args(argv)[0].__dict__[key]
+        if key == "preset" and g[key] not in presets:
+            raise SystemExit(f"--preset {g[key]!r}: choose one of {sorted(presets)}")
+        g.update(presets.get(g[key], {}))
     parser = argparse.ArgumentParser(description=g.get("__doc__", "").split("\n\n")[0].strip())
     for k in keys:
         typ = str2bool if type(g[k]) is bool else type(g[k])
@@ -235,10 +244,10 @@ class AudioError(RuntimeError):
     pass
 
 
-def load_audio(path, seconds=None, rng=None, where=""):
-    """Mono 16 kHz float32 waveform. With `seconds`, a random crop (rng) of that length, or the
-    whole clip zero-padded to it; returns (wav, valid_samples). Reads only the crop when the
-    file is already at 16 kHz."""
+def load_audio(path, seconds=None, rng=None, where="", pad=True):
+    """Mono 16 kHz float32 waveform and its valid samples. With `seconds`: a crop of that
+    length, random (rng) or centred (no rng), of longer clips; shorter ones are zero-padded
+    to it unless pad=False. Reads only the crop when the file is already at 16 kHz."""
     tag = f"{where}: " if where else ""
     if not os.path.isfile(path):
         raise AudioError(f"{tag}audio file not found: {path}")
@@ -249,7 +258,8 @@ def load_audio(path, seconds=None, rng=None, where=""):
         if seconds is not None:
             need = math.ceil(seconds * sr)
             if total > need:
-                start = int(rng.integers(0, total - need + 1)) if rng is not None else 0
+                start = int(rng.integers(0, total - need + 1)) if rng is not None else \
+                    (total - need) // 2
                 count = need
         x, _ = sf.read(path, start=start, frames=count, dtype="float32", always_2d=True)
     except (RuntimeError, sf.LibsndfileError) as e:  # LibsndfileError is a RuntimeError
@@ -265,7 +275,7 @@ def load_audio(path, seconds=None, rng=None, where=""):
         return wav, wav.shape[0]
     n = int(round(seconds * SAMPLE_RATE))
     valid = min(wav.shape[0], n)
-    return torch.nn.functional.pad(wav[:n], (0, n - valid)), valid
+    return torch.nn.functional.pad(wav[:n], (0, n - valid) if pad else (0, 0)), valid
 
 
 class ClipDataset(torch.utils.data.Dataset):
@@ -321,6 +331,112 @@ def stream_loader(rows, seconds, batch, d, seed, start, workers):
         ClipDataset(rows, seconds, seed), batch_sampler=sampler, num_workers=workers,
         pin_memory=d.device.type == "cuda", persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None)
+
+# ----------------------------------------------------------------------------------------------
+# Labelled clips (downstream): label sets, held-out validation, padded batches
+
+
+class Labels:
+    """Classes of a task, from the training rows (sorted) unless given. Column `label` is
+    single-label (targets: class index), `labels` multi-label (`;`-separated; multi-hot)."""
+
+    def __init__(self, rows, classes=None):
+        self.col = "labels" if "labels" in rows[0] else "label"
+        if self.col not in rows[0]:
+            raise ValueError(f"{rows[0]['_where'].split(' line')[0]}: no 'label' or 'labels' "
+                             "column; labelled manifests need one (README 'Data layout')")
+        self.multi = self.col == "labels"
+        self.classes = list(classes) if classes else sorted({c for r in rows for c in self.split(r)})
+        self.index = {c: i for i, c in enumerate(self.classes)}
+
+    def split(self, r):
+        v = r.get(self.col)
+        if v is None:
+            raise ValueError(f"{r['_where']}: no '{self.col}' value")
+        return [c for c in v.split(";") if c] if self.multi else [v]
+
+    def encode(self, rows):
+        """Targets for rows: (N,) long or (N, C) float. An unknown label is an error."""
+        out = torch.zeros(len(rows), len(self.classes)) if self.multi else \
+            torch.zeros(len(rows), dtype=torch.long)
+        for i, r in enumerate(rows):
+            for c in self.split(r):
+                if c not in self.index:
+                    raise ValueError(f"{r['_where']}: label {c!r} is not one of the "
+                                     f"{len(self.classes)} training classes")
+                if self.multi:
+                    out[i, self.index[c]] = 1
+                else:
+                    out[i] = self.index[c]
+        return out
+
+
+def task_splits(data, data_root=None, test_csv="", valid_csv="", folds=0, fold=0,
+                valid_frac=0.1, seed=0):
+    """(train, valid, test) rows of a labelled task: a named dataset (DATA_ROOT/NAME/
+    {train,valid,test}.csv; valid optional) or a train CSV with test_csv (and valid_csv).
+    Without a valid split, a fixed valid_frac of train is held out: the test set is never used
+    for choices. With folds > 0 (US8K), train rows carry a `fold` column; fold `fold` is the
+    test set."""
+    csv_given = data.endswith(".csv")
+    train = read_manifest(resolve_manifest(data, "train", data_root))
+    valid, test = [], []
+    if folds:
+        if "fold" not in train[0]:
+            raise ValueError(f"{train[0]['_where'].split(' line')[0]}: --folds needs a 'fold' "
+                             "column")
+        test = [r for r in train if int(r["fold"]) == fold]
+        train = [r for r in train if int(r["fold"]) != fold]
+        if not test:
+            raise ValueError(f"no rows of fold {fold} in {data}")
+    else:
+        if csv_given and not test_csv:
+            raise ValueError(f"--data {data} is a CSV: give its test split with --test_csv")
+        test = read_manifest(test_csv or resolve_manifest(data, "test", data_root))
+        vpath = valid_csv or ("" if csv_given else
+                              os.path.join(os.path.dirname(resolve_manifest(data, "train",
+                                                                            data_root)),
+                                           "valid.csv"))
+        valid = read_manifest(vpath) if vpath and os.path.isfile(vpath) else []
+    if not valid:
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+        n = max(1, int(len(train) * valid_frac))
+        valid = [train[i] for i in perm[:n]]
+        train = [train[i] for i in sorted(perm[n:])]
+    return train, valid, test
+
+
+class LabelledClips(torch.utils.data.Dataset):
+    """(wav, valid samples, target) of manifest rows. Training: a random `seconds` crop (RNG
+    from (seed, epoch, index); call set_epoch), zero-padded. Evaluation: the centre
+    `seconds` of longer clips, unpadded (pad_collate pads the batch)."""
+
+    def __init__(self, rows, targets, seconds, train=False, seed=0):
+        self.rows, self.targets, self.seconds, self.train, self.seed = rows, targets, seconds, \
+            train, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        r = self.rows[i]
+        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.train else None
+        wav, valid = load_audio(r["path"], self.seconds, rng, r["_where"], pad=self.train)
+        return wav, valid, self.targets[i]
+
+
+def pad_collate(batch):
+    """Zero-pad a list of (wav, valid, target) to the longest clip: (B, S), (B,), targets."""
+    wavs, valid, targets = zip(*batch)
+    out = torch.zeros(len(wavs), max(w.shape[0] for w in wavs))
+    for i, w in enumerate(wavs):
+        out[i, :w.shape[0]] = w
+    return out, torch.tensor(valid), torch.stack(targets)
+
 
 # ----------------------------------------------------------------------------------------------
 # Demo data: deterministic synthetic sounds whose classes differ in spectro-temporal structure

@@ -154,6 +154,8 @@ class Encoder(nn.Module):
                  mask_token=False, max_tokens=MAX_TOKENS):
         super().__init__()
         self.dim, self.depth, self.max_tokens = dim, depth, max_tokens
+        self.args = dict(dim=dim, depth=depth, heads=heads, cls_token=cls_token,
+                         mask_token=mask_token, max_tokens=max_tokens)  # saved with checkpoints
         self.patch_embed = nn.Linear(N_MELS * FRAMES_PER_TOKEN, dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + max_tokens, dim))  # slot 0: CLS
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
@@ -198,6 +200,12 @@ class Encoder(nn.Module):
             if layers is not None and i in layers:
                 outs.append(self.norm(x))
         return outs if layers is not None else self.norm(x)
+
+
+def set_drop_path(encoder, rate):
+    """Stochastic depth rising linearly from 0 (first block) to `rate` (last block)."""
+    for blk, r in zip(encoder.blocks, torch.linspace(0, rate, encoder.depth).tolist()):
+        blk.drop_path.p = r
 
 
 def _init_weights(m):
@@ -397,6 +405,15 @@ class AudioEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, audio, sample_rate=SAMPLE_RATE, lengths=None, layers=None, chunk_batch=64):
+        audio, lengths = self.prepare(audio, sample_rate, lengths)
+        mel = self.front(audio, lengths)                              # (B, F, T)
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if audio.is_cuda else \
+            contextlib.nullcontext()
+        with ctx:
+            return self.encode(mel, tokens_for(lengths), layers, chunk_batch)
+
+    def prepare(self, audio, sample_rate=SAMPLE_RATE, lengths=None):
+        """Any audio -> ((B, S) mono 16 kHz on the model's device, (B,) valid samples)."""
         dev = next(self.parameters()).device
         audio = torch.as_tensor(audio, dtype=torch.float32, device=dev)
         if audio.dim() == 3:
@@ -410,8 +427,12 @@ class AudioEncoder(nn.Module):
         if sample_rate != SAMPLE_RATE:
             audio = torchaudio.functional.resample(audio, sample_rate, SAMPLE_RATE)
             lengths = (lengths * SAMPLE_RATE + sample_rate - 1) // sample_rate
-        mel = self.front(audio, lengths)                              # (B, F, T)
-        n_tok = tokens_for(lengths)                                   # (B,)
+        return audio, lengths
+
+    def encode(self, mel, n_tok, layers=None, chunk_batch=None):
+        """Log-mel (B, F, T) with valid tokens n_tok (B,) -> Embeddings, chunked; keeps the
+        graph (fine-tuning calls it in train mode). chunk_batch bounds chunks per call."""
+        B, dev = mel.shape[0], mel.device
         N, C = mel.shape[-1] // FRAMES_PER_TOKEN, self.chunk
         K = max(1, -(-N // C))                                        # chunks per clip
         mel = F.pad(mel[..., :N * FRAMES_PER_TOKEN], (0, (K * C - N) * FRAMES_PER_TOKEN))
@@ -424,13 +445,11 @@ class AudioEncoder(nn.Module):
         D = self.encoder.dim * len(layers)
         frames = torch.zeros(B * K, C, D, device=dev)
         cls = torch.zeros(B * K, D, device=dev)
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else \
-            contextlib.nullcontext()
-        for i in range(0, len(keep), chunk_batch):
-            idx = keep[i:i + chunk_batch]
-            with ctx:
-                outs = self.encoder(chunks[idx], n_valid[idx], layers=layers)
-            out = torch.cat(outs, -1).float()                         # (b, [1+]C, D)
+        step = chunk_batch or len(keep)
+        for i in range(0, len(keep), step):
+            idx = keep[i:i + step]
+            out = torch.cat(self.encoder(chunks[idx], n_valid[idx], layers=layers), -1)
+            out = out.float()                                         # (b, [1+]C, D)
             frames[idx] = out[:, cls_tok:]
             if cls_tok:
                 cls[idx] = out[:, 0]
@@ -447,6 +466,99 @@ class AudioEncoder(nn.Module):
         frames = frames.view(B, K * C, D)[:, :N]
         stamps = torch.arange(N, device=dev) * 40.0 + 20.0
         return Embeddings(frames, stamps, clip, n_tok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Downstream heads and metrics (SPEC 6)
+
+
+class LinearHead(nn.Module):
+    """BatchNorm1d(affine=False) + Linear with weights ~ N(0, 0.01) and zero bias."""
+
+    def __init__(self, dim, n_classes):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False)
+        self.fc = nn.Linear(dim, n_classes)
+        nn.init.normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x):
+        return self.fc(self.norm(x))
+
+
+class Classifier(nn.Module):
+    """AudioEncoder + LinearHead on the last block's clip embedding (Frame: mean of frames, D;
+    Clip: [CLS, mean], 2D), for fine-tuning. Takes log-mel and valid tokens (chunked)."""
+
+    def __init__(self, ae, n_classes):
+        super().__init__()
+        self.ae, self.head = ae, LinearHead(ae.dims()[1], n_classes)
+
+    def forward(self, mel, n_tok):
+        return self.head(self.ae.encode(mel, n_tok).clip)
+
+    def export(self):
+        """State of our fine-tuned checkpoints: `encoder.*` + `head.*` (load_encoder reads it)."""
+        return {**{f"encoder.{k}": v for k, v in self.ae.encoder.state_dict().items()},
+                **{f"head.{k}": v for k, v in self.head.state_dict().items()}}
+
+    def load_export(self, state):
+        """Inverse of export(), strict."""
+        self.ae.encoder.load_state_dict(_subtree(state, "encoder."), strict=True)
+        self.head.load_state_dict(_subtree(state, "head."), strict=True)
+        if len(state) != len(self.ae.encoder.state_dict()) + len(self.head.state_dict()):
+            extra = [k for k in state if not k.startswith(("encoder.", "head."))]
+            raise KeyError(f"unexpected keys: {extra}")
+        return self
+
+
+def load_classifier(path, device="cpu"):
+    """A fine-tuned Classifier (eval mode) from one of our fine-tuning checkpoints."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ck, dict) or ck.get("kind") != "atst-finetune":
+        kind = ck.get("kind", "unknown layout") if isinstance(ck, dict) else type(ck).__name__
+        raise ValueError(f"{path}: not a fine-tuned checkpoint of ours ({kind}); a teacher must "
+                         "come from finetune.py or distill.py")
+    a = ck["encoder_args"]
+    ae = AudioEncoder(Encoder(drop_path=0.0, **a), "clip" if a["cls_token"] else "frame")
+    model = Classifier(ae, len(ck["classes"])).load_export(ck["model"])
+    model.classes = ck["classes"]
+    return model.to(device).eval()
+
+
+def layer_decay_groups(model, decay=0.75, weight_decay=0.0):
+    """SGD groups with lr_scale for layer-wise lr decay (SPEC 6): head 1, final norm decay,
+    block i decay^(L - i), embeddings (patch, positions, CLS, mask) decay^L like block 0."""
+    enc = model.ae.encoder
+    L = enc.depth
+    scale_of = {}
+    for n, p in enc.named_parameters():
+        if n.startswith("blocks."):
+            scale_of[p] = decay ** (L - int(n.split(".")[1]))
+        elif n.startswith("norm."):
+            scale_of[p] = decay
+        else:
+            scale_of[p] = decay ** L
+    for p in model.head.parameters():
+        scale_of[p] = 1.0
+    groups = {}
+    for p, sc in scale_of.items():
+        if p.requires_grad:
+            groups.setdefault(sc, []).append(p)
+    return [dict(params=ps, lr_scale=sc, weight_decay=weight_decay)
+            for sc, ps in sorted(groups.items(), reverse=True)]
+
+
+def score(logits, targets, multi):
+    """Accuracy (single-label) or mAP: macro average precision over the classes that have
+    positives, with scikit-learn's average_precision_score (multi-label)."""
+    if not multi:
+        return (logits.argmax(-1) == targets).float().mean().item()
+    from sklearn.metrics import average_precision_score
+    y = targets.cpu().numpy() > 0.5
+    has = y.any(0)
+    return float(average_precision_score(y[:, has], logits.float().cpu().numpy()[:, has],
+                                         average="macro"))
 
 
 # released checkpoints (SPEC 9) -> our names; every other encoder key is named alike
@@ -516,4 +628,8 @@ def load_encoder(path, device="cpu"):
                        f"{dim}, depth {depth}; missing: {sorted(expected - got)}; unexpected: "
                        f"{sorted(got - expected)}")
     enc.load_state_dict(state, strict=True)
-    return AudioEncoder(enc, kind).to(device).eval()
+    ae = AudioEncoder(enc, kind).to(device).eval()
+    ae.source = what
+    ae.finetuned = (isinstance(ck, dict) and ck.get("kind") in ("atst-finetune", "atst-sed")) \
+        or what.startswith("released fine-tuned")
+    return ae

@@ -1,0 +1,274 @@
+"""
+Fine-tuning (SPEC 6, paper Table V): the pre-trained teacher encoder and a BatchNorm + Linear
+head on the last block (Frame: mean of frames; Clip: [CLS, mean]) trained together: SGD
+momentum 0.9, layer-wise lr decay 0.75, 5 warmup epochs then cosine to 1e-6, grad clip 3,
+Mixup with labels + Random Resized Crop where SPEC says so (BCE then). The best epoch on the
+validation split is kept and scored once on test. distill.py shares this loop (`train`).
+
+    python finetune.py --ckpt out/frame_tiny/ckpt.pt --data demo_events
+    torchrun --nproc_per_node=8 finetune.py --ckpt atstframe_base.ckpt --data as2m
+    torchrun --nproc_per_node=8 finetune.py --ckpt atstclip_base.pth --data vox1 --lr 0.5
+    python finetune.py --ckpt X.pt --data my/train.csv --test_csv my/test.csv
+
+Per-dataset defaults (epochs, batch, Mixup, balanced sampling) are the TASKS table below;
+they apply when --data names the dataset, and explicit flags win. A rerun with the same
+--out_dir resumes after the last finished epoch.
+"""
+import json
+import math
+import os
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from augment import RandomResizedCrop, mixup_labels
+from data import (Labels, LabelledClips, Log, cleanup_distributed, config_keys, configure,
+                  load_checkpoint,
+                  pad_collate, save_atomic, setup_distributed, task_splits)
+from model import (Classifier, cosine_schedule, layer_decay_groups, load_encoder, score,
+                   set_drop_path, tokens_for)
+
+# -------------------------------------------------------------------------------- config
+ckpt = ""                   # pre-trained checkpoint: ours (teacher encoder) or a released one
+data = "demo_events"        # task: named dataset, demo_events / demo_tags, or a train CSV
+data_root = ""              # root of named datasets; '' = $ATST_DATA or ./data
+test_csv = ""               # test manifest when --data is a CSV
+valid_csv = ""              # validation manifest (else 10% of train is held out)
+out_dir = ""                # checkpoints, log, result; '' = out/finetune_<data>_<kind>
+# optimizer: SGD, momentum 0.9
+lr = 0.1                    # peak lr (the head's; blocks get layer_decay powers of it)
+layer_decay = 0.75          # layer-wise lr decay
+weight_decay = 0.0
+batch_size = 512            # global batch over all GPUs
+epochs = 100
+warmup_epochs = 5.0         # linear warmup, then cosine to min_lr
+min_lr = 1e-6
+grad_clip = 3.0
+drop_path = 0.1             # stochastic depth of the last block (linear from 0)
+# data and augmentation
+train_seconds = 10.0        # random crop of longer training clips
+max_seconds = 12.0          # evaluation: centre crop of longer clips, then 6 s / 10 s chunks
+mixup = False               # Mixup with labels (lambda ~ Beta(a, a)) + RRC; targets use BCE
+mixup_alpha = 0.5           # a of Beta(a, a)
+balanced = False            # balanced sampling (AS-2M): weight sum_c y_c 1000 / (count_c + 0.01)
+num_workers = 4             # DataLoader workers per rank
+device = "auto"             # auto | cpu
+seed = 0
+TASKS = {  # the paper's per-dataset settings (SPEC 6); the demo ones are CPU-sized
+    "as2m": dict(epochs=10, batch_size=1024, mixup=True, balanced=True),
+    "as20k": dict(epochs=200, mixup=True),
+    "fsd50k": dict(epochs=100, mixup=True),
+    "spcv2": dict(epochs=50, mixup=True, train_seconds=1.0),
+    "vox1": dict(epochs=50, mixup=False),
+    "demo_events": dict(epochs=8, batch_size=32, lr=0.5, warmup_epochs=1.0, train_seconds=4.0,
+                        num_workers=2),
+    "demo_tags": dict(epochs=8, batch_size=32, lr=0.5, warmup_epochs=1.0, train_seconds=6.0,
+                      mixup=True, num_workers=2),
+}
+CONFIG_KEYS = config_keys(globals())  # distill.py extends this config
+
+
+def balanced_weights(targets, cache):
+    """Per-clip sampling weights sum_c y_c * 1000 / (count_c + 0.01), cached on disk."""
+    if os.path.exists(cache):
+        return torch.load(cache)
+    y = targets.float() if targets.dim() == 2 else F.one_hot(targets).float()
+    w = (y * 1000 / (y.sum(0) + 0.01)).sum(1)
+    torch.save(w, cache)
+    return w
+
+
+@torch.no_grad()
+def predict(model, rows, targets, c, d):
+    """Logits of every row (centre-cropped, chunked), computed sharded over ranks."""
+    model.eval()
+    mine = list(range(d.rank, len(rows), d.world))
+    ds = LabelledClips([rows[i] for i in mine], targets[mine], c.max_seconds)
+    loader = torch.utils.data.DataLoader(ds, batch_size=max(1, c.batch_size // d.world),
+                                         collate_fn=pad_collate, num_workers=c.num_workers)
+    front = model.ae.front
+    out = []
+    for wav, valid, _ in loader:
+        wav, valid = wav.to(d.device), valid.to(d.device)
+        with d.ctx:
+            out.append(model(front(wav, valid), tokens_for(valid)).float().cpu())
+    logits = torch.cat(out)
+    if d.world > 1:
+        parts = [None] * d.world
+        dist.all_gather_object(parts, (mine, logits))
+        logits = torch.zeros(len(rows), logits.shape[1])
+        for idx, part in parts:
+            logits[idx] = part
+    return logits
+
+
+def task_loss(logits, target, soft):
+    return F.binary_cross_entropy_with_logits(logits, target) if soft else \
+        F.cross_entropy(logits, target)
+
+
+def kd_loss(student, teacher_logits, soft):
+    """SPEC 6: BCE(s, sigmoid(t)) for multi-label or Mixup, CE(s, softmax(t)) otherwise."""
+    if soft:
+        return F.binary_cross_entropy_with_logits(student, torch.sigmoid(teacher_logits))
+    return F.cross_entropy(student, teacher_logits.softmax(-1))
+
+
+def freeze_teacher(teacher):
+    """The distillation teacher: eval mode (no drop-path, BN running statistics), no grads."""
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
+    c = SimpleNamespace(**cfg)
+    t0 = time.time()
+    d = setup_distributed(c.device)
+    d.print("config:", " ".join(f"{k}={v}" for k, v in cfg.items()))
+    if not c.ckpt:
+        raise SystemExit(f"{stage}.py needs --ckpt (a pre-trained checkpoint)")
+    train_rows, valid_rows, test_rows = task_splits(c.data, c.data_root or None, c.test_csv,
+                                                    c.valid_csv, seed=c.seed)
+    labels = Labels(train_rows)
+    y_train, y_valid, y_test = (labels.encode(r) for r in (train_rows, valid_rows, test_rows))
+    soft = labels.multi or c.mixup  # BCE on (mixed) soft targets
+    ae = load_encoder(c.ckpt, d.device)
+    if ae.finetuned:
+        raise SystemExit(f"{c.ckpt} is a fine-tuned checkpoint ({ae.source}); {stage} starts "
+                         "from a pre-trained one")
+    out_dir = c.out_dir or os.path.join("out", f"{stage}_{os.path.basename(c.data)}_{ae.kind}")
+    os.makedirs(out_dir, exist_ok=True)
+    if teacher is not None:
+        freeze_teacher(teacher.to(d.device))
+        if teacher.classes != labels.classes:
+            raise SystemExit(f"the teacher was fine-tuned on other classes ({len(teacher.classes)}"
+                             f" vs {len(labels.classes)} here)")
+        if teacher.ae.kind == ae.kind:
+            d.print(f"note: teacher and student are both ATST-{ae.kind} (C2F/F2C cross kinds)")
+    torch.manual_seed(c.seed)
+    set_drop_path(ae.encoder, c.drop_path)
+    model = Classifier(ae, len(labels.classes)).to(d.device).train()
+    if d.world > 1 and d.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ddp = model if d.world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    groups = layer_decay_groups(model, c.layer_decay, c.weight_decay)
+    d.print(f"{ae.source}: ATST-{ae.kind}, {len(labels.classes)} classes "
+            f"({'multi' if labels.multi else 'single'}-label), {len(train_rows)}/"
+            f"{len(valid_rows)}/{len(test_rows)} clips; lr scales "
+            + ", ".join(f"{g['lr_scale']:.3g} x{len(g['params'])}" for g in groups))
+    opt = torch.optim.SGD(groups, lr=c.lr, momentum=0.9)
+
+    per_rank = c.batch_size // d.world
+    assert per_rank * d.world == c.batch_size, f"batch {c.batch_size} over {d.world} ranks"
+    ds = LabelledClips(train_rows, y_train, c.train_seconds, train=True, seed=c.seed)
+    if c.balanced:
+        w = balanced_weights(y_train, os.path.join(out_dir, "balanced_weights.pt"))
+        sampler = torch.utils.data.WeightedRandomSampler(
+            w, len(ds) // d.world, generator=torch.Generator().manual_seed(c.seed + d.rank))
+    else:
+        sampler = torch.utils.data.DistributedSampler(ds, d.world, d.rank, shuffle=True,
+                                                      seed=c.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(ds, per_rank, sampler=sampler, collate_fn=pad_collate,
+                                         num_workers=c.num_workers, drop_last=True,
+                                         pin_memory=d.device.type == "cuda")
+    per_epoch = len(loader)
+    assert per_epoch > 0, f"{len(ds)} training clips are fewer than one batch of {c.batch_size}"
+    total = c.epochs * per_epoch
+    sched = cosine_schedule(c.lr, c.min_lr, total, min(int(c.warmup_epochs * per_epoch), total))
+    rrc, gen = RandomResizedCrop(), torch.Generator(device=d.device)
+
+    ckpt_path, best_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt")
+    epoch, best = 0, dict(valid=-math.inf, epoch=-1)
+    if os.path.exists(ckpt_path):
+        ck = load_checkpoint(ckpt_path)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        epoch, best = ck["epoch"], ck["best"]
+        d.print(f"resumed from {ckpt_path} after epoch {epoch}")
+    log = Log(out_dir, d.master)
+    pbar = tqdm(total=total, initial=epoch * per_epoch, disable=not d.master, dynamic_ncols=True)
+    for epoch in range(epoch, c.epochs):
+        model.train()
+        ds.set_epoch(epoch)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        loss_sum, t_ep = 0.0, time.time()
+        for i, (wav, valid, y) in enumerate(loader):
+            step = epoch * per_epoch + i
+            for g in opt.param_groups:
+                g["lr"] = sched[step].item() * g["lr_scale"]
+            torch.manual_seed(c.seed * 1_000_003 + step * 1024 + d.rank)  # drop-path
+            wav, valid, y = wav.to(d.device), valid.to(d.device), y.to(d.device)
+            with torch.no_grad():
+                mel = model.ae.front(wav, valid)                        # (B, F, T)
+                n_tok = tokens_for(valid)
+                target = y.float() if labels.multi else y
+                if c.mixup:  # RRC stretches time, so every clip is taken as full length
+                    gen.manual_seed(c.seed * 1_000_003 + step * 1024 + d.rank)
+                    rng = np.random.default_rng([c.seed, step, d.rank])
+                    onehot = target if labels.multi else F.one_hot(y, len(labels.classes)).float()
+                    mel, target = mixup_labels(mel, onehot, c.mixup_alpha, rng)
+                    mel = rrc(mel, gen)
+                    n_tok = torch.full_like(n_tok, mel.shape[-1] // 4)
+            with d.ctx:
+                logits = ddp(mel, n_tok).float()
+                loss = task_loss(logits, target, soft)
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits = teacher(mel, n_tok).float()
+                    loss = (1 - kd_weight) * loss + kd_weight * kd_loss(logits, t_logits, soft)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+            loss_val = loss.item()
+            if not math.isfinite(loss_val):
+                raise SystemExit(f"non-finite loss ({loss_val}) at epoch {epoch} step {i}: "
+                                 "stopping")
+            opt.step()
+            loss_sum += loss_val
+            pbar.update(1)
+        v = score(predict(model, valid_rows, y_valid, c, d), y_valid, labels.multi)
+        if v > best["valid"]:
+            best = dict(valid=v, epoch=epoch + 1)
+            if d.master:
+                save_atomic(dict(kind="atst-finetune", model=model.export(),
+                                 encoder_args=ae.encoder.args, classes=labels.classes,
+                                 multi=labels.multi, valid=v, epoch=epoch + 1, config=cfg,
+                                 pretrained=c.ckpt), best_path)
+        if d.master:
+            save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(),
+                             epoch=epoch + 1, best=best, config=cfg), ckpt_path)
+        metric = "mAP" if labels.multi else "acc"
+        log(dict(epoch=epoch + 1, loss=loss_sum / per_epoch, lr=sched[step].item(), valid=v,
+                 best=best["valid"], s=time.time() - t_ep),
+            f"epoch {epoch + 1}/{c.epochs} | loss {loss_sum / per_epoch:.4f} | lr "
+            f"{sched[step].item():.3g} | valid {metric} {v:.4f} | best {best['valid']:.4f} "
+            f"(epoch {best['epoch']}) | {time.time() - t_ep:.0f}s")
+    pbar.close()
+    if d.world > 1:
+        dist.barrier()  # best.pt is written by rank 0
+    model.load_export(load_checkpoint(best_path)["model"])  # the best epoch, strictly
+    test = score(predict(model, test_rows, y_test, c, d), y_test, labels.multi)
+    res = dict(stage=stage, dataset=c.data, checkpoint=c.ckpt, kind=ae.kind,
+               teacher=cfg.get("teacher"), teacher_kind=teacher.ae.kind if teacher else None,
+               metric="mAP" if labels.multi else "accuracy", test=test, valid=best["valid"],
+               best_epoch=best["epoch"], lr=c.lr, seed=c.seed, elapsed_s=round(time.time() - t0, 1),
+               n=[len(train_rows), len(valid_rows), len(test_rows)], config=cfg)
+    if d.master:
+        with open(os.path.join(out_dir, "result.json"), "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        d.print(f"{stage} {c.data} | ATST-{ae.kind} | {res['metric']} {test:.4f} (test) | valid "
+                f"{best['valid']:.4f} at epoch {best['epoch']} | {res['elapsed_s']:.0f}s -> "
+                f"{out_dir}/result.json")
+    cleanup_distributed()
+    return res
+
+
+if __name__ == "__main__":
+    train(configure(globals(), TASKS, key="data"))

@@ -1,0 +1,166 @@
+"""
+Linear evaluation (SPEC 6, paper Table IV): the frozen teacher encoder of a pre-trained
+ATST-Clip or ATST-Frame checkpoint (ours or released) gives one feature per clip: every block,
+after the final norm; Clip [CLS, mean of frames] per block, Frame mean of frames per block
+(2*L*D / L*D); clips centre-cropped to 12 s, cut into 6 s / 10 s chunks, chunk features
+averaged (a trailing chunk counts when longer than half a chunk). Features are extracted once
+and cached. A BatchNorm(affine=False) + Linear head is trained with SGD for each lr of a grid;
+the lr is chosen on the validation split (held out of train when the task has none); the test
+set is scored once, at the chosen lr.
+
+    python linear_eval.py --ckpt out/frame_tiny/ckpt.pt --data demo_events
+    python linear_eval.py --ckpt atstframe_base.ckpt --data us8k --folds 10
+    python linear_eval.py --ckpt X.pt --data my/train.csv --test_csv my/test.csv
+    torchrun --nproc_per_node=8 linear_eval.py --ckpt X.pt --data spcv2   # extraction sharded
+"""
+import hashlib
+import json
+import math
+import os
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import (Labels, LabelledClips, cleanup_distributed, configure, pad_collate,
+                  setup_distributed, task_splits)
+from model import Encoder, LinearHead, cosine_schedule, load_encoder, score
+
+# -------------------------------------------------------------------------------- config
+ckpt = ""                   # pre-trained checkpoint: ours (teacher encoder) or a released one
+data = "demo_events"        # task: named dataset, demo_events / demo_tags, or a train CSV
+data_root = ""              # root of named datasets; '' = $ATST_DATA or ./data
+test_csv = ""               # test manifest when --data is a CSV
+valid_csv = ""              # validation manifest (else 10% of train is held out)
+folds = 0                   # k-fold over a `fold` column (US8K: 10); reports the fold mean
+out = ""                    # result JSON; '' = results/linear_<data>_<checkpoint>.json
+cache_dir = "cache"         # extracted features, keyed by checkpoint + clips
+max_seconds = 12.0          # longer clips are centre-cropped to this
+lrs = "0.01,0.03,0.1,0.3,1,3"  # learning rates searched on the validation split
+epochs = 100                # head training epochs (cosine to min_lr)
+batch_size = 1024
+min_lr = 1e-6
+random_init = False         # baseline: the same encoder with random weights
+extract_batch = 32          # clips per forward during extraction
+num_workers = 4             # DataLoader workers (reading audio)
+device = "auto"             # auto | cpu
+seed = 0
+
+
+def extract(ae, rows, c, d, tag):
+    """Features (N, F) of rows (centre-cropped clips), from the cache when present."""
+    files = [(r["path"], os.path.getsize(r["path"]), os.path.getmtime(r["path"])) for r in rows]
+    key = hashlib.sha1(json.dumps([tag, c.max_seconds, files]).encode()).hexdigest()[:16]
+    path = os.path.join(c.cache_dir, f"linear_{key}.pt")
+    if os.path.exists(path):
+        return torch.load(path)
+    mine = list(range(d.rank, len(rows), d.world))  # shard the clips over ranks
+    ds = LabelledClips([rows[i] for i in mine], torch.zeros(len(mine)), c.max_seconds)
+    loader = torch.utils.data.DataLoader(ds, batch_size=c.extract_batch, collate_fn=pad_collate,
+                                         num_workers=c.num_workers)
+    feats = []
+    for wav, valid, _ in tqdm(loader, desc=f"features ({len(rows)} clips)", disable=not d.master):
+        feats.append(ae(wav, lengths=valid, layers="all").clip.half().cpu())
+    feats = torch.cat(feats)
+    if d.world > 1:
+        parts = [None] * d.world
+        dist.all_gather_object(parts, (mine, feats))
+        full = torch.zeros(len(rows), feats.shape[1], dtype=feats.dtype)
+        for idx, f in parts:
+            full[idx] = f
+        feats = full
+    if d.master:
+        os.makedirs(c.cache_dir, exist_ok=True)
+        torch.save(feats, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return feats
+
+
+def train_head(X, y, lr, multi, n_classes, c, device):
+    """SGD (momentum 0.9, no weight decay) on fixed features; cosine lr to min_lr per step."""
+    torch.manual_seed(c.seed)
+    head = LinearHead(X.shape[1], n_classes).to(device)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    per_epoch = math.ceil(len(X) / c.batch_size)
+    sched = cosine_schedule(lr, c.min_lr, c.epochs * per_epoch)
+    g = torch.Generator().manual_seed(c.seed)
+    step = 0
+    for _ in range(c.epochs):
+        for idx in torch.randperm(len(X), generator=g).split(c.batch_size):
+            if len(idx) < 2:  # BatchNorm needs two rows
+                continue
+            for group in opt.param_groups:
+                group["lr"] = sched[step].item()
+            logits = head(X[idx])
+            loss = F.binary_cross_entropy_with_logits(logits, y[idx]) if multi else \
+                F.cross_entropy(logits, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    return head.eval()
+
+
+@torch.no_grad()
+def predict(head, X):
+    return head(X)
+
+
+def evaluate_split(ae, c, d, fold=0):
+    """One train/valid/test split: lr search on valid, test at the chosen lr."""
+    train, valid, test = task_splits(c.data, c.data_root or None, c.test_csv, c.valid_csv,
+                                     c.folds, fold, seed=c.seed)
+    labels = Labels(train)
+    ys = [labels.encode(r).to(d.device) for r in (train, valid, test)]
+    tag = [os.path.abspath(c.ckpt), os.path.getmtime(c.ckpt), c.random_init, c.seed]
+    Xs = [extract(ae, rows, c, d, tag).float().to(d.device) for rows in (train, valid, test)]
+    val, heads = {}, {}
+    for lr in [float(x) for x in c.lrs.split(",")]:
+        heads[lr] = train_head(Xs[0], ys[0], lr, labels.multi, len(labels.classes), c, d.device)
+        val[lr] = score(predict(heads[lr], Xs[1]), ys[1], labels.multi)
+        d.print(f"  lr {lr:g}: valid {val[lr]:.4f}")
+    best = max(val, key=val.get)  # chosen on validation only; test is scored once, below
+    test_score = score(predict(heads[best], Xs[2]), ys[2], labels.multi)
+    return dict(lr=best, valid=val[best], test=test_score, valid_by_lr=val,
+                n=[len(train), len(valid), len(test)], classes=len(labels.classes),
+                metric="mAP" if labels.multi else "accuracy", feature_dim=Xs[0].shape[1])
+
+
+if __name__ == "__main__":
+    cfg = configure(globals())
+    c = SimpleNamespace(**cfg)
+    if not c.ckpt:
+        raise SystemExit("linear_eval.py needs --ckpt (a pre-trained checkpoint)")
+    t0 = time.time()
+    d = setup_distributed(c.device)
+    ae = load_encoder(c.ckpt, d.device)
+    if ae.finetuned:
+        raise SystemExit(f"{c.ckpt} is a fine-tuned checkpoint ({ae.source}); linear "
+                         "evaluation takes a pre-trained one")
+    if c.random_init:
+        torch.manual_seed(c.seed)
+        e = ae.encoder
+        ae.encoder = Encoder(e.dim, e.depth, e.blocks[0].attn.heads, 0.0, e.cls_token is not None,
+                             e.mask_token is not None, e.max_tokens).to(d.device).eval()
+    d.print(f"{ae.source}: {ae.kind}, dim {ae.encoder.dim}, depth {ae.encoder.depth}"
+            f"{' (random weights)' if c.random_init else ''}")
+    runs = [evaluate_split(ae, c, d, f) for f in (range(1, c.folds + 1) if c.folds else [0])]
+    res = dict(runs[0], test=sum(r["test"] for r in runs) / len(runs),
+               folds=runs if c.folds else None)
+    res.update(stage="linear_eval", dataset=c.data, checkpoint=c.ckpt, kind=ae.kind,
+               random_init=c.random_init, seed=c.seed, elapsed_s=round(time.time() - t0, 1),
+               config=cfg)
+    name = os.path.splitext(os.path.basename(c.ckpt))[0] if not c.ckpt.endswith("ckpt.pt") \
+        else os.path.basename(os.path.dirname(os.path.abspath(c.ckpt)))
+    path = c.out or os.path.join("results", f"linear_{os.path.basename(c.data)}_{name}"
+                                            f"{'_random' if c.random_init else ''}.json")
+    if d.master:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        d.print(f"linear_eval {c.data} | {ae.kind} | {res['metric']} {res['test']:.4f} (test) | "
+                f"lr {res['lr']:g} (valid {res['valid']:.4f}) | {res['elapsed_s']:.0f}s -> {path}")
+    cleanup_distributed()
