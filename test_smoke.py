@@ -361,17 +361,25 @@ def test_demo_data_is_real_audio_with_labels(data_root):
 # ---------------------------------------------------------------------------------- end to end
 
 
-@pytest.mark.parametrize("script", ["pretrain_frame.py", "pretrain_clip.py"])
-def test_pretrain_demo_loss_falls_and_no_collapse(script, data_root, tmp_path):
-    out = str(tmp_path / "run")
-    run(script, *TINY, "--max_steps", "24", "--warmup_epochs", "1", "--log_every", "4",
-        "--out_dir", out, data_root=data_root)
-    log = read_log(out)
+@pytest.fixture(scope="session")
+def pretrained(data_root, tmp_path_factory):
+    """Tiny ATST-Frame and ATST-Clip pre-trained on the demo data for 24 steps (real runs)."""
+    out = {}
+    for kind in ("frame", "clip"):
+        out[kind] = str(tmp_path_factory.mktemp(f"pre_{kind}"))
+        run(f"pretrain_{kind}.py", *TINY, "--max_steps", "24", "--warmup_epochs", "1",
+            "--log_every", "4", "--out_dir", out[kind], data_root=data_root)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["frame", "clip"])
+def test_pretrain_demo_loss_falls_and_no_collapse(kind, pretrained):
+    log = read_log(pretrained[kind])
     assert [r["step"] for r in log] == [4, 8, 12, 16, 20, 24]
     assert log[-1]["loss"] < 0.8 * log[0]["loss"]
     assert min(r["std_t"] for r in log) > 0.03 and min(r["std_s"] for r in log) > 0.01
-    ck = D.load_checkpoint(os.path.join(out, "ckpt.pt"))
-    assert ck["step"] == 24 and ck["model_args"]["method"] == script[9:-3]
+    ck = D.load_checkpoint(os.path.join(pretrained[kind], "ckpt.pt"))
+    assert ck["step"] == 24 and ck["model_args"]["method"] == kind
     model = M.ATST(**ck["model_args"])
     model.load_state_dict(ck["model"])  # strict
 
@@ -555,3 +563,135 @@ def test_hear_api_as_the_runner_calls_it(tmp_path):
         assert ts[0, -1] <= seconds * 1000
         scene = hear.get_scene_embeddings(audio, model)
         assert scene.shape == (3, model.scene_embedding_size) and torch.isfinite(scene).all()
+
+# ---------------------------------------------------------------------------------- downstream
+
+
+@pytest.mark.parametrize("kind", ["frame", "clip"])
+def test_linear_features_are_every_block_and_12s_centre_in_chunks(kind, tmp_path):
+    """12 blocks: features are 12*D (Frame mean) / 2*12*D (Clip [CLS, mean]); a 25 s clip is
+    centre-cropped to 12 s and split into chunks; Clip: two 6 s chunks, both counted; Frame:
+    10 s + 2 s, the 2 s trailing chunk (under half a chunk) is not counted."""
+    torch.manual_seed(0)
+    enc = M.Encoder(dim=16, depth=12, heads=2, drop_path=0.0, cls_token=kind == "clip",
+                    mask_token=kind == "frame")
+    ae = M.AudioEncoder(enc, kind).eval()
+    assert ae.dims("all")[1] == (2 * 12 * 16 if kind == "clip" else 12 * 16)
+    t = np.arange(25 * 16000) / 16000
+    sig = (0.1 * np.sin(2 * np.pi * (200 + 40 * t) * t)).astype(np.float32)  # a slow chirp
+    sf.write(tmp_path / "long.wav", sig, 16000)
+    ds = D.LabelledClips([dict(path=str(tmp_path / "long.wav"), _where="x")], torch.zeros(1),
+                         12.0)
+    wav, valid, _ = ds[0]
+    centre = torch.from_numpy(sig[int(6.5 * 16000):int(18.5 * 16000)])
+    assert valid == 12 * 16000 and torch.allclose(wav, centre, atol=1e-4)  # 16-bit file
+    e = ae(wav[None], layers="all")
+    assert e.clip.shape == (1, ae.dims("all")[1]) and e.frames.shape[1] == 300  # 12 s
+    f = e.frames[0]                                                         # (300, 12 * 16)
+    if kind == "clip":  # per block [CLS, mean]: the means average two 150-token chunks
+        means = e.clip.view(12, 2, 16)[:, 1].flatten()
+        assert torch.allclose(means, (f[:150].mean(0) + f[150:].mean(0)) / 2, atol=1e-5)
+        assert not torch.allclose(means, f[:150].mean(0), atol=1e-3)
+    else:  # 250 + 50 tokens: the 50-token trailing chunk is not counted
+        assert torch.allclose(e.clip[0], f[:250].mean(0), atol=1e-5)
+        assert not torch.allclose(e.clip[0], f.mean(0), atol=1e-3)
+
+
+def test_layer_wise_lr_scales_follow_spec():
+    enc = M.Encoder(dim=16, depth=12, heads=2)
+    model = M.Classifier(M.AudioEncoder(enc, "frame"), 5)
+    scale = {id(p): g["lr_scale"] for g in M.layer_decay_groups(model, 0.75) for p in g["params"]}
+    assert scale[id(model.head.fc.weight)] == 1.0
+    assert math.isclose(scale[id(enc.norm.weight)], 0.75)
+    for i in range(12):
+        assert math.isclose(scale[id(enc.blocks[i].mlp.fc1.weight)], 0.75 ** (12 - i))
+    for p in (enc.patch_embed.weight, enc.pos_embed):
+        assert math.isclose(scale[id(p)], 0.75 ** 12)
+    assert len(scale) == len(list(model.parameters()))
+
+
+def test_distillation_teacher_is_frozen_in_eval_mode():
+    import finetune
+    torch.manual_seed(0)
+    teacher = M.Classifier(M.AudioEncoder(M.Encoder(dim=32, depth=2, heads=2, cls_token=True),
+                                          "clip"), 4).train()
+    student = M.Classifier(M.AudioEncoder(M.Encoder(dim=32, depth=2, heads=2, mask_token=True),
+                                          "frame"), 4).train()
+    finetune.freeze_teacher(teacher)
+    assert not any(m.training for m in teacher.modules())
+    before = [p.clone() for p in teacher.parameters()]
+    mel, n_tok = _mel(B=4, T=400), torch.full((4,), 100)
+    with torch.no_grad():
+        t1, t2 = teacher(mel, n_tok), teacher(mel, n_tok)
+    assert torch.equal(t1, t2)  # no drop-path, BN running statistics
+    loss = 0.5 * finetune.task_loss(student(mel, n_tok), torch.tensor([0, 1, 2, 3]), False) + \
+        0.5 * finetune.kd_loss(student(mel, n_tok), t1, False)
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
+    assert student.head.fc.weight.grad is not None
+
+
+def test_labels_and_bad_downstream_input(tmp_path):
+    rows = [dict(label=c, _where=f"t.csv line {i + 2}") for i, c in enumerate("bab")]
+    lab = D.Labels(rows)
+    assert lab.classes == ["a", "b"] and lab.encode(rows).tolist() == [1, 0, 1]
+    with pytest.raises(ValueError, match=r"u.csv line 7: label 'c' is not one of the 2"):
+        lab.encode([dict(label="c", _where="u.csv line 7")])
+    multi = D.Labels([dict(labels="x;y", _where="m"), dict(labels="y", _where="m")])
+    assert multi.multi and multi.encode([dict(labels="y;x", _where="m")]).tolist() == [[1, 1]]
+    with pytest.raises(ValueError, match="no 'label' or 'labels' column"):
+        D.Labels([dict(path="a.wav", _where="v.csv line 2")])
+    torch.save({"kind": "atst-pretrain", "model": {}}, tmp_path / "pre.pt")
+    with pytest.raises(ValueError, match="pre.pt: not a fine-tuned checkpoint"):
+        M.load_classifier(str(tmp_path / "pre.pt"))
+
+
+def test_downstream_scripts_end_to_end(pretrained, data_root, tmp_path):
+    """linear_eval, finetune, and distill both ways, on the demo tasks from tiny checkpoints;
+    results written; the lr is chosen without looking at test."""
+    ck = {k: os.path.join(v, "ckpt.pt") for k, v in pretrained.items()}
+    cache = str(tmp_path / "cache")
+    res = str(tmp_path / "lin.json")
+    run("linear_eval.py", "--ckpt", ck["frame"], "--data", "demo_events", "--num_workers", "1",
+        "--cache_dir", cache, "--out", res, "--epochs", "50", data_root=data_root)
+    lin = json.load(open(res))
+    assert lin["metric"] == "accuracy" and lin["test"] > 0.3 and lin["feature_dim"] == 4 * 64
+    # the same run with the test labels flipped: same lr, same validation scores
+    ev = os.path.join(data_root, "demo", "events")
+    rows = open(os.path.join(ev, "test.csv")).read().splitlines()
+    classes = sorted({r.split(",")[1] for r in rows[1:]})
+    flip = [rows[0]] + [f"{os.path.join(ev, r.split(',')[0])},"
+                        f"{classes[::-1][classes.index(r.split(',')[1])]}" for r in rows[1:]]
+    (tmp_path / "flipped.csv").write_text("\n".join(flip) + "\n")
+    res2 = str(tmp_path / "lin2.json")
+    run("linear_eval.py", "--ckpt", ck["frame"], "--data", os.path.join(ev, "train.csv"),
+        "--valid_csv", os.path.join(ev, "valid.csv"), "--test_csv",
+        str(tmp_path / "flipped.csv"), "--num_workers", "1",
+        "--cache_dir", cache, "--out", res2, "--epochs", "50", data_root=data_root)
+    lin2 = json.load(open(res2))
+    assert lin2["lr"] == lin["lr"] and lin2["valid_by_lr"] == lin["valid_by_lr"]
+    assert lin2["test"] < lin["test"]
+    # fine-tune both kinds, then distill both ways (C2F, F2C)
+    ft = {}
+    for kind in ("frame", "clip"):
+        ft[kind] = str(tmp_path / f"ft_{kind}")
+        run("finetune.py", "--ckpt", ck[kind], "--data", "demo_events", "--epochs", "2",
+            "--num_workers", "1", "--out_dir", ft[kind], data_root=data_root)
+        r = json.load(open(os.path.join(ft[kind], "result.json")))
+        assert r["stage"] == "finetune" and r["kind"] == kind and 0 <= r["test"] <= 1
+        assert M.load_encoder(os.path.join(ft[kind], "best.pt")).finetuned
+    for student, teacher in (("frame", "clip"), ("clip", "frame")):
+        out = str(tmp_path / f"kd_{student}")
+        run("distill.py", "--ckpt", ck[student], "--teacher",
+            os.path.join(ft[teacher], "best.pt"), "--data", "demo_events", "--epochs", "2",
+            "--num_workers", "1", "--out_dir", out, data_root=data_root)
+        r = json.load(open(os.path.join(out, "result.json")))
+        assert r["stage"] == "distill" and r["kind"] == student and r["teacher_kind"] == teacher
+    # a fine-tuned checkpoint where a pre-trained one is needed, and the other way round
+    p = run("finetune.py", "--ckpt", os.path.join(ft["frame"], "best.pt"), "--data",
+            "demo_events", "--out_dir", str(tmp_path / "bad"), data_root=data_root, check=False)
+    assert p.returncode != 0 and "is a fine-tuned checkpoint" in p.stderr
+    p = run("distill.py", "--ckpt", ck["frame"], "--teacher", ck["clip"], "--data",
+            "demo_events", "--out_dir", str(tmp_path / "bad2"), data_root=data_root, check=False)
+    assert p.returncode != 0 and "not a fine-tuned checkpoint" in p.stderr
