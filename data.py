@@ -49,8 +49,10 @@ def str2bool(s):
 
 
 def config_keys(g):
-    """The config globals of a script: public int/float/bool/str values."""
-    return [k for k, v in g.items() if not k.startswith("_") and type(v) in (int, float, bool, str)]
+    """The config globals of a script: public int/float/bool/str values with lower-case names
+    (UPPER_CASE names are constants, imported or not)."""
+    return [k for k, v in g.items() if not k.startswith("_") and not k.isupper()
+            and type(v) in (int, float, bool, str)]
 
 
 def configure(g, presets=None, argv=None, key="preset", help_files=()):
@@ -121,6 +123,23 @@ def setup_distributed(device="auto"):
 def cleanup_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def my_shard(n, d):
+    """Indices of n items this rank handles (round robin)."""
+    return list(range(d.rank, n, d.world))
+
+
+def gather_shards(mine, x, n, d):
+    """Reassemble per-rank rows (x computed for indices `mine`) into all n rows, on CPU."""
+    if d.world == 1:
+        return x
+    parts = [None] * d.world
+    dist.all_gather_object(parts, (mine, x.cpu()))
+    full = torch.zeros(n, *x.shape[1:], dtype=x.dtype)
+    for idx, part in parts:
+        full[idx] = part
+    return full
 
 
 def all_mean(x, d):
@@ -399,11 +418,15 @@ def task_splits(data, data_root=None, test_csv="", valid_csv="", folds=0, fold=0
                                            "valid.csv"))
         valid = read_manifest(vpath) if vpath and os.path.isfile(vpath) else []
     if not valid:
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-        n = max(1, int(len(train) * valid_frac))
-        valid = [train[i] for i in perm[:n]]
-        train = [train[i] for i in sorted(perm[n:])]
+        train, valid = hold_out(train, valid_frac, seed)
     return train, valid, test
+
+
+def hold_out(items, frac, seed):
+    """(kept, held out): a fixed random `frac` of items (at least one) held out, order kept."""
+    perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    n = max(1, int(len(items) * frac))
+    return [items[i] for i in sorted(perm[n:])], [items[i] for i in sorted(perm[:n])]
 
 
 class LabelledClips(torch.utils.data.Dataset):
@@ -439,11 +462,117 @@ def pad_collate(batch):
 
 
 # ----------------------------------------------------------------------------------------------
+# SED (DESED TSVs): strong `filename onset offset event_label`, weak `filename event_labels`,
+# durations `filename duration`; strong labels <-> 40 ms frames (SPEC 7)
+
+FRAME_S = 0.04  # one encoder token
+
+
+def read_tsv(path, columns):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"TSV not found: {path}")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing} (has {reader.fieldnames})")
+        rows = [dict(r, _where=f"{path} line {i}") for i, r in enumerate(reader, start=2)]
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def read_durations(path):
+    return {r["filename"]: float(r["duration"]) for r in read_tsv(path, ["filename", "duration"])}
+
+
+def read_strong(path, classes=None, durations=None):
+    """{filename: [(onset, offset, label), ...]}; rows without a label keep an empty clip.
+    Errors name the row: unknown label, onset after offset, event past the clip's duration,
+    clip missing from the durations; with durations (an evaluation set), also two events of
+    one class overlapping in one clip (PSDS needs them merged)."""
+    events, where = {}, {}
+    for r in read_tsv(path, ["filename", "onset", "offset", "event_label"]):
+        ev = events.setdefault(r["filename"], [])
+        if not r["event_label"]:
+            continue
+        try:
+            on, off = float(r["onset"]), float(r["offset"])
+        except ValueError:
+            raise ValueError(f"{r['_where']}: onset/offset are not numbers") from None
+        if classes is not None and r["event_label"] not in classes:
+            raise ValueError(f"{r['_where']}: event label {r['event_label']!r} is not in the "
+                             f"class list ({', '.join(classes)})")
+        if not 0 <= on < off:
+            raise ValueError(f"{r['_where']}: onset {on} is not before offset {off}")
+        if durations is not None:
+            if r["filename"] not in durations:
+                raise ValueError(f"{r['_where']}: clip {r['filename']} is missing from the "
+                                 "durations file")
+            if off > durations[r["filename"]] + FRAME_S:
+                raise ValueError(f"{r['_where']}: event ends at {off} s, after the clip's "
+                                 f"duration {durations[r['filename']]} s")
+        if durations is not None:
+            for a, b, lab in ev:
+                if lab == r["event_label"] and on < b and a < off:
+                    raise ValueError(f"{r['_where']}: overlaps {where[(a, b, lab, r['filename'])]}"
+                                     f" ({lab} {a}-{b}); merge same-class events")
+        where[(on, off, r["event_label"], r["filename"])] = r["_where"]
+        ev.append((on, off, r["event_label"]))
+    return events
+
+
+def read_weak(path, classes=None):
+    """{filename: [labels]} from a weak TSV (labels comma-separated)."""
+    out = {}
+    for r in read_tsv(path, ["filename", "event_labels"]):
+        labels = [c for c in r["event_labels"].split(",") if c]
+        bad = [c for c in labels if classes is not None and c not in classes]
+        if bad:
+            raise ValueError(f"{r['_where']}: event label(s) {bad} not in the class list")
+        out[r["filename"]] = labels
+    return out
+
+
+def encode_strong(events, classes, n_frames):
+    """(n_frames, C) 0/1 targets: frames floor(onset / 0.04) to ceil(offset / 0.04)."""
+    y = torch.zeros(n_frames, len(classes))
+    for on, off, label in events:
+        a, b = int(math.floor(on / FRAME_S)), int(math.ceil(off / FRAME_S))
+        y[a:min(b, n_frames), classes.index(label)] = 1
+    return y
+
+
+def decode_strong(active, classes):
+    """Events (onset, offset, label) from (T, C) booleans: runs of active frames."""
+    a = np.pad(np.asarray(active, dtype=np.int8), ((1, 1), (0, 0)))
+    d = np.diff(a, axis=0)
+    starts, ends = np.nonzero(d.T == 1), np.nonzero(d.T == -1)  # (class, frame), class-major
+    return [(float(s * FRAME_S), float(e * FRAME_S), classes[c]) for c, s, e in
+            zip(starts[0], starts[1], ends[1])]
+
+
+class SedClips(torch.utils.data.Dataset):
+    """(wav, valid samples, target) of SED clips: strong targets (T, C) or weak ones (C,)."""
+
+    def __init__(self, audio_dir, files, targets, seconds=10.0):
+        self.audio_dir, self.files, self.targets, self.seconds = audio_dir, files, targets, seconds
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        wav, valid = load_audio(os.path.join(self.audio_dir, self.files[i]), self.seconds,
+                                where=f"{self.audio_dir} clip {self.files[i]}")
+        return wav, valid, self.targets[i]
+
+
+# ----------------------------------------------------------------------------------------------
 # Demo data: deterministic synthetic sounds whose classes differ in spectro-temporal structure
 # (pitch contour, modulation, envelope, bandwidth), never in loudness alone: every event and
 # background gets a random gain, and pitch / band / rate are drawn per event.
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 EVENTS = ("tone", "vibrato", "chirp_up", "chirp_down", "pluck", "clicks", "band_noise",
           "tremolo_noise")
 
@@ -512,8 +641,9 @@ def synth_scene(dur, n_events, rng, classes=EVENTS, min_len=0.4, max_len=3.0):
     n = int(dur * SAMPLE_RATE)
     x = _background(n, rng)
     events = []
-    for _ in range(n_events):
-        kind = classes[rng.integers(len(classes))]
+    # distinct classes per scene: same-class events never overlap (psds_eval rejects that)
+    for k in rng.choice(len(classes), min(n_events, len(classes)), replace=False):
+        kind = classes[k]
         length = min(rng.uniform(min_len, max_len), dur)
         onset = rng.uniform(0, dur - length)
         e = synth_event(kind, length, rng) * 10 ** (rng.uniform(-20, 0) / 20)

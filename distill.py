@@ -26,4 +26,5 @@ if __name__ == "__main__":
     cfg = configure(g, finetune.TASKS, key="data", help_files=[finetune.__file__])
     if not cfg["teacher"]:
         raise SystemExit("distill.py needs --teacher (a fine-tuned checkpoint of finetune.py)")
-    finetune.train(cfg, load_classifier(cfg["teacher"]), cfg["kd_weight"], stage="distill")
+    teacher_model = load_classifier(cfg["teacher"], expect=["atst-finetune"])
+    finetune.train(cfg, teacher_model, cfg["kd_weight"], stage="distill")

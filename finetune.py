@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from augment import RandomResizedCrop, mixup_labels
 from data import (Labels, LabelledClips, Log, cleanup_distributed, config_keys, configure,
-                  load_checkpoint,
+                  gather_shards, load_checkpoint, my_shard,
                   pad_collate, save_atomic, setup_distributed, task_splits)
 from model import (Classifier, cosine_schedule, layer_decay_groups, load_encoder, score,
                    set_drop_path, tokens_for)
@@ -87,7 +87,7 @@ def balanced_weights(targets, cache):
 def predict(model, rows, targets, c, d):
     """Logits of every row (centre-cropped, chunked), computed sharded over ranks."""
     model.eval()
-    mine = list(range(d.rank, len(rows), d.world))
+    mine = my_shard(len(rows), d)
     ds = LabelledClips([rows[i] for i in mine], targets[mine], c.max_seconds)
     loader = torch.utils.data.DataLoader(ds, batch_size=max(1, c.batch_size // d.world),
                                          collate_fn=pad_collate, num_workers=c.num_workers)
@@ -97,14 +97,7 @@ def predict(model, rows, targets, c, d):
         wav, valid = wav.to(d.device), valid.to(d.device)
         with d.ctx:
             out.append(model(front(wav, valid), tokens_for(valid)).float().cpu())
-    logits = torch.cat(out)
-    if d.world > 1:
-        parts = [None] * d.world
-        dist.all_gather_object(parts, (mine, logits))
-        logits = torch.zeros(len(rows), logits.shape[1])
-        for idx, part in parts:
-            logits[idx] = part
-    return logits
+    return gather_shards(mine, torch.cat(out), len(rows), d)
 
 
 def task_loss(logits, target, soft):
@@ -137,10 +130,7 @@ def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
     labels = Labels(train_rows)
     y_train, y_valid, y_test = (labels.encode(r) for r in (train_rows, valid_rows, test_rows))
     soft = labels.multi or c.mixup  # BCE on (mixed) soft targets
-    ae = load_encoder(c.ckpt, d.device)
-    if ae.finetuned:
-        raise SystemExit(f"{c.ckpt} is a fine-tuned checkpoint ({ae.source}); {stage} starts "
-                         "from a pre-trained one")
+    ae = load_encoder(c.ckpt, d.device, pretrained=True)
     out_dir = c.out_dir or os.path.join("out", f"{stage}_{os.path.basename(c.data)}_{ae.kind}")
     os.makedirs(out_dir, exist_ok=True)
     if teacher is not None:

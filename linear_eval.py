@@ -21,12 +21,11 @@ import time
 from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (Labels, LabelledClips, cleanup_distributed, configure, pad_collate,
-                  setup_distributed, task_splits)
+from data import (Labels, LabelledClips, cleanup_distributed, configure, gather_shards,
+                  my_shard, pad_collate, setup_distributed, task_splits)
 from model import Encoder, LinearHead, cosine_schedule, load_encoder, score
 
 # -------------------------------------------------------------------------------- config
@@ -57,21 +56,14 @@ def extract(ae, rows, c, d, tag):
     path = os.path.join(c.cache_dir, f"linear_{key}.pt")
     if os.path.exists(path):
         return torch.load(path)
-    mine = list(range(d.rank, len(rows), d.world))  # shard the clips over ranks
+    mine = my_shard(len(rows), d)  # shard the clips over ranks
     ds = LabelledClips([rows[i] for i in mine], torch.zeros(len(mine)), c.max_seconds)
     loader = torch.utils.data.DataLoader(ds, batch_size=c.extract_batch, collate_fn=pad_collate,
                                          num_workers=c.num_workers)
     feats = []
     for wav, valid, _ in tqdm(loader, desc=f"features ({len(rows)} clips)", disable=not d.master):
         feats.append(ae(wav, lengths=valid, layers="all").clip.half().cpu())
-    feats = torch.cat(feats)
-    if d.world > 1:
-        parts = [None] * d.world
-        dist.all_gather_object(parts, (mine, feats))
-        full = torch.zeros(len(rows), feats.shape[1], dtype=feats.dtype)
-        for idx, f in parts:
-            full[idx] = f
-        feats = full
+    feats = gather_shards(mine, torch.cat(feats), len(rows), d)
     if d.master:
         os.makedirs(c.cache_dir, exist_ok=True)
         torch.save(feats, path + ".tmp")
@@ -136,10 +128,7 @@ if __name__ == "__main__":
         raise SystemExit("linear_eval.py needs --ckpt (a pre-trained checkpoint)")
     t0 = time.time()
     d = setup_distributed(c.device)
-    ae = load_encoder(c.ckpt, d.device)
-    if ae.finetuned:
-        raise SystemExit(f"{c.ckpt} is a fine-tuned checkpoint ({ae.source}); linear "
-                         "evaluation takes a pre-trained one")
+    ae = load_encoder(c.ckpt, d.device, pretrained=True)
     if c.random_init:
         torch.manual_seed(c.seed)
         e = ae.encoder

@@ -512,17 +512,53 @@ class Classifier(nn.Module):
         return self
 
 
-def load_classifier(path, device="cpu"):
-    """A fine-tuned Classifier (eval mode) from one of our fine-tuning checkpoints."""
+class SedHead(nn.Module):
+    """SPEC 7: strong s = sigmoid(W_s h) per frame; attention a = softmax over classes of
+    (W_a h), clamped to [1e-7, 1]; weak y = sum_t s a / sum_t a over the valid frames."""
+
+    def __init__(self, dim, n_classes):
+        super().__init__()
+        self.strong, self.attn = nn.Linear(dim, n_classes), nn.Linear(dim, n_classes)
+
+    def forward(self, h, valid=None):
+        """h (B, T, D), valid (B, T) bool -> strong (B, T, C), weak (B, C) probabilities."""
+        s = torch.sigmoid(self.strong(h).float())
+        a = self.attn(h).float().softmax(-1).clamp(1e-7, 1)
+        if valid is not None:
+            a = a * valid.unsqueeze(-1)
+        return s, (s * a).sum(1) / a.sum(1)
+
+
+class SedModel(nn.Module):
+    """AudioEncoder + SedHead on the last block's frames (one per 40 ms)."""
+
+    def __init__(self, ae, n_classes):
+        super().__init__()
+        self.ae, self.head = ae, SedHead(ae.encoder.dim, n_classes)
+
+    def forward(self, mel, n_tok):
+        e = self.ae.encode(mel, n_tok)
+        return self.head(e.frames, torch.arange(e.frames.shape[1], device=mel.device) <
+                         n_tok[:, None])
+
+    export, load_export = Classifier.export, Classifier.load_export
+
+
+def load_classifier(path, device="cpu", expect=("atst-finetune", "atst-sed")):
+    """A fine-tuned Classifier (atst-finetune) or SedModel (atst-sed), in eval mode, from one
+    of our checkpoints of a kind in `expect`."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     ck = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ck, dict) or ck.get("kind") != "atst-finetune":
+    kinds = {"atst-finetune": Classifier, "atst-sed": SedModel}
+    if not isinstance(ck, dict) or ck.get("kind") not in expect:
         kind = ck.get("kind", "unknown layout") if isinstance(ck, dict) else type(ck).__name__
-        raise ValueError(f"{path}: not a fine-tuned checkpoint of ours ({kind}); a teacher must "
-                         "come from finetune.py or distill.py")
+        raise ValueError(f"{path}: not a fine-tuned checkpoint of ours ({kind}); this needs "
+                         f"one of kind {' or '.join(expect)} (finetune.py / distill.py / sed.py)")
     a = ck["encoder_args"]
     ae = AudioEncoder(Encoder(drop_path=0.0, **a), "clip" if a["cls_token"] else "frame")
-    model = Classifier(ae, len(ck["classes"])).load_export(ck["model"])
-    model.classes = ck["classes"]
+    model = kinds[ck["kind"]](ae, len(ck["classes"])).load_export(ck["model"])
+    model.classes, model.config = ck["classes"], ck.get("config", {})
     return model.to(device).eval()
 
 
@@ -606,10 +642,11 @@ def _rename(sd):
     return {OFFICIAL_NAMES.get(k, k): v for k, v in sd.items()}
 
 
-def load_encoder(path, device="cpu"):
+def load_encoder(path, device="cpu", pretrained=False):
     """A ready AudioEncoder (front-end + encoder, eval mode) from any supported checkpoint.
     Kind (Clip: has a CLS token) and size are read from the weights; loading is strict and a
-    missing or unexpected key is an error that lists them."""
+    missing or unexpected key is an error that lists them. pretrained=True refuses
+    fine-tuned checkpoints (for stages that start from pre-training)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     ck = torch.load(path, map_location="cpu", weights_only=False)
@@ -632,4 +669,7 @@ def load_encoder(path, device="cpu"):
     ae.source = what
     ae.finetuned = (isinstance(ck, dict) and ck.get("kind") in ("atst-finetune", "atst-sed")) \
         or what.startswith("released fine-tuned")
+    if pretrained and ae.finetuned:
+        raise ValueError(f"{path} is a fine-tuned checkpoint ({what}); this stage starts from a "
+                         "pre-trained one")
     return ae

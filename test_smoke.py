@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -676,7 +677,7 @@ def test_downstream_scripts_end_to_end(pretrained, data_root, tmp_path):
     ft = {}
     for kind in ("frame", "clip"):
         ft[kind] = str(tmp_path / f"ft_{kind}")
-        run("finetune.py", "--ckpt", ck[kind], "--data", "demo_events", "--epochs", "2",
+        run("finetune.py", "--ckpt", ck[kind], "--data", "demo_events", "--epochs", "1",
             "--num_workers", "1", "--out_dir", ft[kind], data_root=data_root)
         r = json.load(open(os.path.join(ft[kind], "result.json")))
         assert r["stage"] == "finetune" and r["kind"] == kind and 0 <= r["test"] <= 1
@@ -684,7 +685,7 @@ def test_downstream_scripts_end_to_end(pretrained, data_root, tmp_path):
     for student, teacher in (("frame", "clip"), ("clip", "frame")):
         out = str(tmp_path / f"kd_{student}")
         run("distill.py", "--ckpt", ck[student], "--teacher",
-            os.path.join(ft[teacher], "best.pt"), "--data", "demo_events", "--epochs", "2",
+            os.path.join(ft[teacher], "best.pt"), "--data", "demo_events", "--epochs", "1",
             "--num_workers", "1", "--out_dir", out, data_root=data_root)
         r = json.load(open(os.path.join(out, "result.json")))
         assert r["stage"] == "distill" and r["kind"] == student and r["teacher_kind"] == teacher
@@ -695,3 +696,143 @@ def test_downstream_scripts_end_to_end(pretrained, data_root, tmp_path):
     p = run("distill.py", "--ckpt", ck["frame"], "--teacher", ck["clip"], "--data",
             "demo_events", "--out_dir", str(tmp_path / "bad2"), data_root=data_root, check=False)
     assert p.returncode != 0 and "not a fine-tuned checkpoint" in p.stderr
+
+# ---------------------------------------------------------------------------------- SED
+
+
+def test_strong_labels_round_trip_within_one_frame():
+    classes = ["a", "b"]
+    events = [(0.013, 1.5, "a"), (2.0, 2.05, "b"), (2.5, 4.0, "a"), (9.97, 10.0, "b")]
+    y = D.encode_strong(events, classes, 250)
+    assert y.shape == (250, 2) and y[0, 0] == 1 and y[37, 0] == 1 and y[38, 0] == 0
+    back = D.decode_strong(y.numpy() > 0, classes)
+    assert len(back) == len(events)
+    for (a, b, l), (a2, b2, l2) in zip(sorted(events), sorted(back)):
+        assert l == l2 and abs(a - a2) <= 0.04 and abs(b - b2) <= 0.04
+
+
+def test_median_filter_on_a_known_sequence():
+    import sed
+    x = np.array([0, 0, 1, 0, 0, 1, 1, 1, 0, 1, 1], dtype=np.float32)
+    y = sed.median_filter(x[None, :, None], [3])[0, :, 0]
+    # window 3, edges repeated: isolated spikes vanish, a one-frame gap closes
+    assert y.tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+    z = sed.median_filter(np.stack([x, x], -1)[None], [1, 5])[0]
+    assert z[:, 0].tolist() == x.tolist() and z[:, 1].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1]
+
+
+def test_attention_pooling_equals_the_formula():
+    head = M.SedHead(2, 3)
+    with torch.no_grad():
+        head.strong.weight.copy_(torch.tensor([[1., 0], [0, 1], [1, 1]]))
+        head.strong.bias.zero_()
+        head.attn.weight.copy_(torch.tensor([[2., 0], [0, 0], [0, -1]]))
+        head.attn.bias.zero_()
+    h = torch.tensor([[[1., 0], [0, 2], [3, 1]]])                   # (1, T=3, D=2)
+    s, w = head(h)
+    want_s = torch.sigmoid(h @ torch.tensor([[1., 0, 1], [0, 1, 1]]))
+    a = torch.softmax(h @ torch.tensor([[2., 0, 0], [0, 0, -1]]), -1).clamp(1e-7, 1)
+    assert torch.allclose(s, want_s)
+    assert torch.allclose(w, (want_s * a).sum(1) / a.sum(1))
+    s2, w2 = head(torch.cat([h, torch.full((1, 2, 2), 9.0)], 1),
+                  torch.tensor([[True] * 3 + [False] * 2]))           # padding is ignored
+    assert torch.allclose(w2, w)
+
+
+def _gt_files(tmp_path, n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    classes = ["alarm", "dog", "speech"]
+    files = [f"c{i:03d}.wav" for i in range(n)]
+    gt, scores = [], np.zeros((n, 250, 3), np.float32)
+    for i, f in enumerate(files):
+        for k in rng.choice(3, 2, replace=False):
+            a = float(rng.uniform(0, 7))
+            b = a + float(rng.uniform(0.5, 2.5))
+            gt.append((f, round(a, 3), round(b, 3), classes[k]))
+            scores[i, int(a / 0.04):int(np.ceil(b / 0.04)), k] = 1
+    with open(tmp_path / "gt.tsv", "w") as g:
+        g.write("filename\tonset\toffset\tevent_label\n")
+        g.writelines(f"{f}\t{a}\t{b}\t{l}\n" for f, a, b, l in gt)
+    with open(tmp_path / "dur.tsv", "w") as g:
+        g.write("filename\tduration\n")
+        g.writelines(f"{f}\t10.0\n" for f in files)
+    return files, classes, scores
+
+
+def test_psds_perfect_zero_and_realistic_agree(tmp_path):
+    """Perfect scores give PSDS1 = PSDS2 = 1 and all-zero scores 0, with psds_eval and with
+    sed_scores_eval; on a realistic prediction (shifted boundaries, false alarms, misses)
+    the two libraries agree within 0.02."""
+    import sed
+    files, classes, perfect = _gt_files(tmp_path)
+    c = SimpleNamespace(n_thresholds=50, threshold=0.5)
+    args = (files, classes, str(tmp_path / "gt.tsv"), str(tmp_path / "dur.tsv"), [7] * 3, c)
+    r = sed.evaluate(perfect, *args)
+    for k in ("psds1", "psds2", "psds1_exact", "psds2_exact"):
+        assert r[k] > 0.999, (k, r)
+    r = sed.evaluate(np.zeros_like(perfect), *args)
+    assert max(r[k] for k in ("psds1", "psds2", "psds1_exact", "psds2_exact")) == 0
+    rng = np.random.default_rng(1)
+    real = np.zeros_like(perfect)
+    for i in range(len(files)):  # shifted boundaries, weaker or missed events, false alarms
+        real[i] = np.roll(perfect[i], int(rng.integers(-12, 13)), axis=0) * \
+            rng.uniform(0.1, 1.0, (1, 3))
+        for _ in range(int(rng.integers(0, 3))):
+            a = int(rng.integers(0, 230))
+            real[i, a:a + int(rng.integers(8, 20)), rng.integers(3)] += rng.uniform(0.3, 0.9)
+    real = np.clip(real + rng.normal(0, 0.05, real.shape), 0, 1).astype(np.float32)
+    r = sed.evaluate(real, *args)
+    assert 0.05 < r["psds1"] < 0.98 and 0.05 < r["psds2"] < 0.999
+    assert abs(r["psds1"] - r["psds1_exact"]) < 0.02 and abs(r["psds2"] - r["psds2_exact"]) < 0.02
+
+
+def test_sed_tsv_errors_name_the_row(tmp_path):
+    def tsv(name, text):
+        (tmp_path / name).write_text(text)
+        return str(tmp_path / name)
+    head = "filename\tonset\toffset\tevent_label\n"
+    durs = {"a.wav": 10.0}
+    cases = [(head + "a.wav\t1\t2\tcat\n", "line 2: event label 'cat' is not in the class"),
+             (head + "a.wav\t1\t2\tdog\na.wav\t3\t2\tdog\n", "line 3: onset 3.0 is not before"),
+             (head + "a.wav\t1\t12\tdog\n", "line 2: event ends at 12.0 s, after"),
+             (head + "b.wav\t1\t2\tdog\n", "line 2: clip b.wav is missing from the durations"),
+             (head + "a.wav\t1\t3\tdog\na.wav\t2\t4\tdog\n", "line 3: overlaps")]
+    for i, (text, msg) in enumerate(cases):
+        with pytest.raises(ValueError, match=msg):
+            D.read_strong(tsv(f"s{i}.tsv", text), ["dog"], durs)
+    with pytest.raises(ValueError, match=r"w.tsv line 2: event label\(s\) \['cat'\]"):
+        D.read_weak(tsv("w.tsv", "filename\tevent_labels\na.wav\tdog,cat\n"), ["dog"])
+
+
+def test_sed_demo_end_to_end_and_prediction_on_long_stereo_audio(pretrained, data_root,
+                                                                  tmp_path):
+    """linear and fine-tune modes, and C2F (a Clip SED model teaches Frame), on the demo SED
+    task; PSDS reported with plots and TSVs; then events for a 25 s 44.1 kHz stereo file."""
+    ck = {k: os.path.join(v, "ckpt.pt") for k, v in pretrained.items()}
+    outs = {}
+    for name, kind, extra in (("lin", "frame", ["--mode", "linear"]),
+                              ("clip", "clip", ["--mode", "finetune"]),
+                              ("c2f", "frame", ["--mode", "finetune"])):
+        outs[name] = str(tmp_path / name)
+        if name == "c2f":
+            extra = extra + ["--teacher", os.path.join(outs["clip"], "best.pt")]
+        p = run("sed.py", "--ckpt", ck[kind], "--data", "demo_sed", "--epochs", "1",
+                "--num_workers", "1", "--out_dir", outs[name], *extra, data_root=data_root)
+        assert "PSDS1" in p.stdout
+        r = json.load(open(os.path.join(outs[name], "result.json")))
+        assert all(0 <= r[k] <= 1 for k in ("psds1", "psds2", "psds1_exact", "psds2_exact"))
+        for f in ("psd_roc_psds1.png", "psd_roc_psds2.png", "detections_0.50.tsv", "best.pt"):
+            assert os.path.getsize(os.path.join(outs[name], f)) > 0
+    assert json.load(open(os.path.join(outs["c2f"], "result.json")))["teacher"]
+    sr, t = 44100, np.arange(25 * 44100) / 44100
+    noise = 0.01 * np.random.default_rng(0).standard_normal(len(t))
+    tone = np.where((t > 3) & (t < 6), np.sin(2 * np.pi * 440 * t), 0) + noise
+    sf.write(tmp_path / "long.wav", np.stack([tone, tone * 0.5], 1).astype(np.float32), sr)
+    p = run("sed.py", "--predict", str(tmp_path / "long.wav"), "--ckpt",
+            os.path.join(outs["lin"], "best.pt"), "--threshold", "0.05", "--out",
+            str(tmp_path / "events.tsv"), data_root=data_root)
+    rows = [r.split("\t") for r in open(tmp_path / "events.tsv").read().splitlines()[1:]]
+    assert rows, "a threshold of 0.05 detects something"
+    for f, a, b, label in rows:
+        assert f == "long.wav" and 0 <= float(a) < float(b) <= 25.0
+        assert label in json.load(open(os.path.join(outs["lin"], "result.json")))["classes"]
