@@ -365,7 +365,8 @@ class Labels:
             raise ValueError(f"{rows[0]['_where'].split(' line')[0]}: no 'label' or 'labels' "
                              "column; labelled manifests need one (README 'Data layout')")
         self.multi = self.col == "labels"
-        self.classes = list(classes) if classes else sorted({c for r in rows for c in self.split(r)})
+        self.classes = list(classes) if classes else \
+            sorted({c for r in rows for c in self.split(r)})
         self.index = {c: i for i, c in enumerate(self.classes)}
 
     def split(self, r):

@@ -26,8 +26,8 @@ from tqdm import tqdm
 from augment import FreqWarp, Mixup
 from data import (Log, all_mean, cleanup_distributed, configure, load_checkpoint, read_manifest,
                   resolve_manifest, save_atomic, setup_distributed, stream_loader)
-from model import (ATST, FRAMES_PER_TOKEN, PRESETS as MODEL_PRESETS, MelFrontEnd, collapse_std, cosine_schedule,
-                   ema_schedule, group_mask, param_groups, tokens_for)
+from model import (ATST, FRAMES_PER_TOKEN, PRESETS as MODEL_PRESETS, MelFrontEnd, collapse_std,
+                   cosine_schedule, ema_schedule, group_mask, param_groups, tokens_for)
 
 # -------------------------------------------------------------------------------- config
 # defaults = the paper's ATST-Frame base run (Table I; steps as the reference code)

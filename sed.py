@@ -244,17 +244,16 @@ def train(cfg):
     d.print("config:", " ".join(f"{k}={v}" for k, v in cfg.items()))
     root = task_dir(c)
     strong = read_strong(os.path.join(root, "train_strong.tsv"))
-    weak_all = read_weak(os.path.join(root, "train_weak.tsv"))
+    weak = read_weak(os.path.join(root, "train_weak.tsv"))
     classes = sorted({e[2] for ev in strong.values() for e in ev} |
-                     {l for ls in weak_all.values() for l in ls})
+                     {lab for labels in weak.values() for lab in labels})  # the class list
     durations = read_durations(os.path.join(root, "test_durations.tsv"))
     test = read_strong(os.path.join(root, "test.tsv"), classes, durations)
-    strong = read_strong(os.path.join(root, "train_strong.tsv"), classes)  # labels checked
-    weak = read_weak(os.path.join(root, "train_weak.tsv"), classes)
     s_train, s_valid = hold_out(sorted(strong), c.strong_valid, c.seed)
     w_train, _ = hold_out(sorted(weak), c.weak_valid, c.seed)
     ae = load_encoder(c.ckpt, d.device, pretrained=True)
-    out_dir = c.out_dir or os.path.join("out", f"sed_{os.path.basename(c.data)}_{ae.kind}_{c.mode}")
+    out_dir = c.out_dir or os.path.join("out", f"sed_{os.path.basename(c.data)}_{ae.kind}_"
+                                               f"{c.mode}")
     os.makedirs(out_dir, exist_ok=True)
     teacher = None
     if c.teacher:
