@@ -98,9 +98,10 @@ class Mixup(nn.Module):
         self.bank_size, self.ratio = bank_size, ratio
         self.register_buffer("bank", torch.zeros(0), persistent=True)
         self.register_buffer("count", torch.zeros((), dtype=torch.long), persistent=True)
+        self.seen = 0  # host copy of `count`: reading the buffer would sync the GPU each step
 
     def forward(self, x, g=None):
-        n = min(int(self.count), self.bank_size)
+        n = min(self.seen, self.bank_size)
         if n == 0:
             return x
         B = x.shape[0]
@@ -119,9 +120,10 @@ class Mixup(nn.Module):
             self.bank = torch.zeros(self.bank_size, *x.shape[1:], dtype=torch.bfloat16,
                                     device=x.device)
         B = min(x.shape[0], self.bank_size)
-        pos = (int(self.count) + torch.arange(B, device=x.device)) % self.bank_size
+        pos = (self.seen + torch.arange(B, device=x.device)) % self.bank_size
         self.bank[pos] = x[-B:].to(self.bank.dtype)
-        self.count += x.shape[0]
+        self.seen += x.shape[0]
+        self.count.fill_(self.seen)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # the bank is allocated lazily, so take the saved shape before the strict copy
@@ -129,6 +131,8 @@ class Mixup(nn.Module):
         if key in state_dict:
             self.bank = torch.empty_like(state_dict[key], device=self.count.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "count" in state_dict:
+            self.seen = int(state_dict[prefix + "count"])
 
     def extra_repr(self):
         return f"bank_size={self.bank_size}, ratio={self.ratio}"

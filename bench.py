@@ -52,7 +52,7 @@ def manual_attention(self, x, attn_mask=None):
     return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
-def step_flops(c, model_args, n_tokens, batch):
+def step_flops(model_args, n_tokens, batch):
     """Matmul FLOPs of one step: per token per block 24 D^2 + 4 N D; the student runs two
     views forward and backward (x3), the teacher two views forward."""
     D, L = model_args["dim"], model_args["depth"]
@@ -117,7 +117,7 @@ def time_step(c, d, style):
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
         if peak:
-            mfu = f" | MFU {step_flops(c, M.PRESETS[c.preset], n_tokens, c.batch) / dt / peak:.1%}"
+            mfu = f" | MFU {step_flops(M.PRESETS[c.preset], n_tokens, c.batch) / dt / peak:.1%}"
     mem_kind = "peak CUDA memory" if cuda else "peak RSS (process)"
     print(f"{style:9s} step: {dt * 1000:8.1f} ms/step | {c.batch / dt:7.1f} clips/s | "
           f"{mem_kind} {mem:.2f} GiB{mfu}", flush=True)

@@ -96,11 +96,6 @@ def train_head(X, y, lr, multi, n_classes, c, device):
     return head.eval()
 
 
-@torch.no_grad()
-def predict(head, X):
-    return head(X)
-
-
 def evaluate_split(ae, c, d, fold=0):
     """One train/valid/test split: lr search on valid, test at the chosen lr."""
     train, valid, test = task_splits(c.data, c.data_root or None, c.test_csv, c.valid_csv,
@@ -112,10 +107,12 @@ def evaluate_split(ae, c, d, fold=0):
     val, heads = {}, {}
     for lr in [float(x) for x in c.lrs.split(",")]:
         heads[lr] = train_head(Xs[0], ys[0], lr, labels.multi, len(labels.classes), c, d.device)
-        val[lr] = score(predict(heads[lr], Xs[1]), ys[1], labels.multi)
+        with torch.no_grad():
+            val[lr] = score(heads[lr](Xs[1]), ys[1], labels.multi)
         d.print(f"  lr {lr:g}: valid {val[lr]:.4f}")
     best = max(val, key=val.get)  # chosen on validation only; test is scored once, below
-    test_score = score(predict(heads[best], Xs[2]), ys[2], labels.multi)
+    with torch.no_grad():
+        test_score = score(heads[best](Xs[2]), ys[2], labels.multi)
     return dict(lr=best, valid=val[best], test=test_score, valid_by_lr=val,
                 n=[len(train), len(valid), len(test)], classes=len(labels.classes),
                 metric="mAP" if labels.multi else "accuracy", feature_dim=Xs[0].shape[1])

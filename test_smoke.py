@@ -260,7 +260,10 @@ def test_mixup_bank_is_a_fifo_and_round_trips():
     assert sorted(round(x, 2) for x in mix.bank[:, 0, 0].float().tolist()) == [0.2, 0.3, 0.4]
     other = Mixup(bank_size=3)
     other.load_state_dict(mix.state_dict())
-    assert torch.equal(other.bank, mix.bank) and int(other.count) == 5
+    assert torch.equal(other.bank, mix.bank) and int(other.count) == other.seen == 5
+    x = torch.zeros(2, 2, 4)
+    g = lambda: torch.Generator().manual_seed(0)
+    assert torch.equal(other(x, g()), mix(x, g())) and not torch.equal(other(x, g()), x)
 
 
 def test_random_crops():
