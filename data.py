@@ -79,8 +79,8 @@ def configure(g, presets=None, argv=None, key="preset", help_files=()):
     parser = argparse.ArgumentParser(description=g.get("__doc__", "").split("\n\n")[0].strip())
     for k in keys:
         typ = str2bool if type(g[k]) is bool else type(g[k])
-        parser.add_argument(f"--{k}", type=typ, default=g[k], help=helps.get(k, "") +
-                            f" (default {g[k]!r})")
+        parser.add_argument(f"--{k}", type=typ, default=g[k], help=(helps.get(k, "") +
+                            f" (default {g[k]!r})").replace("%", "%%"))
     g.update(vars(parser.parse_args(argv)))
     return {k: g[k] for k in keys}
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (Labels, LabelledClips, cleanup_distributed, configure, gather_shards,
+from data import (FRAME_S, Labels, LabelledClips, cleanup_distributed, configure, gather_shards,
                   my_shard, pad_collate, setup_distributed, task_splits)
 from model import Encoder, LinearHead, cosine_schedule, load_encoder, score
 
@@ -43,6 +43,7 @@ epochs = 100                # head training epochs (cosine to min_lr)
 batch_size = 1024
 min_lr = 1e-6
 random_init = False         # baseline: the same encoder with random weights
+chunk_seconds = 0.0         # encoder chunk; 0 = the model's (Clip 6 s, Frame 10 s); Table II: 1
 extract_batch = 32          # clips per forward during extraction
 num_workers = 4             # DataLoader workers (reading audio)
 device = "auto"             # auto | cpu
@@ -102,7 +103,7 @@ def evaluate_split(ae, c, d, fold=0):
                                      c.folds, fold, seed=c.seed)
     labels = Labels(train)
     ys = [labels.encode(r).to(d.device) for r in (train, valid, test)]
-    tag = [os.path.abspath(c.ckpt), os.path.getmtime(c.ckpt), c.random_init, c.seed]
+    tag = [os.path.realpath(c.ckpt), os.path.getmtime(c.ckpt), c.random_init, c.seed, ae.chunk]
     Xs = [extract(ae, rows, c, d, tag).float().to(d.device) for rows in (train, valid, test)]
     val, heads = {}, {}
     for lr in [float(x) for x in c.lrs.split(",")]:
@@ -131,6 +132,8 @@ if __name__ == "__main__":
         e = ae.encoder
         ae.encoder = Encoder(e.dim, e.depth, e.blocks[0].attn.heads, 0.0, e.cls_token is not None,
                              e.mask_token is not None, e.max_tokens).to(d.device).eval()
+    if c.chunk_seconds:
+        ae.chunk = min(round(c.chunk_seconds / FRAME_S), ae.encoder.max_tokens)
     d.print(f"{ae.source}: {ae.kind}, dim {ae.encoder.dim}, depth {ae.encoder.depth}"
             f"{' (random weights)' if c.random_init else ''}")
     runs = [evaluate_split(ae, c, d, f) for f in (range(1, c.folds + 1) if c.folds else [0])]

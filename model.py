@@ -536,9 +536,11 @@ class SedModel(nn.Module):
         super().__init__()
         self.ae, self.head = ae, SedHead(ae.encoder.dim, n_classes)
 
-    def forward(self, mel, n_tok):
-        e = self.ae.encode(mel, n_tok)
-        return self.head(e.frames, torch.arange(e.frames.shape[1], device=mel.device) <
+    def forward(self, x, n_tok, features=False):
+        """x: log-mel (B, F, T), or with features=True the encoder's frames (B, T, D) computed
+        before (a frozen encoder: sed.py --mode linear caches them). -> (strong, weak)."""
+        frames = x if features else self.ae.encode(x, n_tok).frames
+        return self.head(frames, torch.arange(frames.shape[1], device=x.device) <
                          n_tok[:, None])
 
     export, load_export = Classifier.export, Classifier.load_export

@@ -771,10 +771,14 @@ def test_psds_perfect_zero_and_realistic_agree(tmp_path):
     c = SimpleNamespace(n_thresholds=50, threshold=0.5)
     args = (files, classes, str(tmp_path / "gt.tsv"), str(tmp_path / "dur.tsv"), [7] * 3, c)
     r = sed.evaluate(perfect, *args)
-    for k in ("psds1", "psds2", "psds1_exact", "psds2_exact"):
+    for k in ("psds1", "psds2", "psds1_exact", "psds2_exact", "f1_intersection"):
         assert r[k] > 0.999, (k, r)
     r = sed.evaluate(np.zeros_like(perfect), *args)
     assert max(r[k] for k in ("psds1", "psds2", "psds1_exact", "psds2_exact")) == 0
+    assert r["f1_intersection"] == 0  # no detection at all: 0, not nan
+    one = perfect.copy()
+    one[..., 1:] = 0  # only class 0 detected: F1 1 for it, 0 for the other two (not dropped)
+    assert abs(sed.evaluate(one, *args)["f1_intersection"] - 1 / 3) < 1e-6
     rng = np.random.default_rng(1)
     real = np.zeros_like(perfect)
     for i in range(len(files)):  # shifted boundaries, weaker or missed events, false alarms
@@ -814,8 +818,9 @@ def test_sed_demo_end_to_end_and_prediction_on_long_stereo_audio(pretrained, dat
     ck = {k: os.path.join(v, "ckpt.pt") for k, v in pretrained.items()}
     outs = {}
     for name, kind, extra in (("lin", "frame", ["--mode", "linear"]),
+                              ("lin_nc", "frame", ["--mode", "linear", "--cache", "false"]),
                               ("clip", "clip", ["--mode", "finetune"]),
-                              ("c2f", "frame", ["--mode", "finetune"])):
+                              ("c2f", "frame", ["--mode", "finetune", "--cache", "false"])):
         outs[name] = str(tmp_path / name)
         if name == "c2f":
             extra = extra + ["--teacher", os.path.join(outs["clip"], "best.pt")]
@@ -827,6 +832,11 @@ def test_sed_demo_end_to_end_and_prediction_on_long_stereo_audio(pretrained, dat
         for f in ("psd_roc_psds1.png", "psd_roc_psds2.png", "detections_0.50.tsv", "best.pt"):
             assert os.path.getsize(os.path.join(outs[name], f)) > 0
     assert json.load(open(os.path.join(outs["c2f"], "result.json")))["teacher"]
+    # cached frozen frames train the same head as encoding every batch (the cache is exact)
+    heads = [D.load_checkpoint(os.path.join(outs[n], "best.pt"))["model"] for n in ("lin",
+                                                                                    "lin_nc")]
+    for k in ("head.strong.weight", "head.attn.weight"):
+        torch.testing.assert_close(heads[0][k], heads[1][k], rtol=1e-4, atol=1e-5)
     sr, t = 44100, np.arange(25 * 44100) / 44100
     noise = 0.01 * np.random.default_rng(0).standard_normal(len(t))
     tone = np.where((t > 3) & (t < 6), np.sin(2 * np.pi * 440 * t), 0) + noise
@@ -839,3 +849,79 @@ def test_sed_demo_end_to_end_and_prediction_on_long_stereo_audio(pretrained, dat
     for f, a, b, label in rows:
         assert f == "long.wav" and 0 <= float(a) < float(b) <= 25.0
         assert label in json.load(open(os.path.join(outs["lin"], "result.json")))["classes"]
+
+# ---------------------------------------------------------------------------------- run_all
+
+
+def test_every_script_prints_its_help():
+    """--help renders every flag's comment (a '%' in a comment once broke argparse)."""
+    for script in ("pretrain_frame.py", "pretrain_clip.py", "linear_eval.py", "finetune.py",
+                   "distill.py", "sed.py"):
+        p = subprocess.run([sys.executable, script, "--help"], cwd=HERE, capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 0 and "--seed" in p.stdout, (script, p.stderr[-500:])
+
+
+PRETRAIN_RUNS = ["clip", "frame", "clip_single_1s", "clip_two_1s", "clip_single_6s", "frame_A",
+                 "frame_B", "frame_C", "frame_E"]
+
+
+def fake_results(out, linear, sed_psds1):
+    """What run_all.sh leaves behind at demo scale, with chosen scores."""
+    def put(path, obj):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(obj if isinstance(obj, str) else json.dumps(obj))
+    for n in PRETRAIN_RUNS:
+        put(os.path.join(out, "pretrain", n, "ckpt.pt.json"), dict(
+            step=48, total=48, model_args=dict(proj_dim=128),
+            config=dict(preset="tiny", data="demo", batch_size=32)))
+        put(os.path.join(out, "pretrain", n, "log.jsonl"), "".join(
+            json.dumps(dict(step=s, loss=1.0 / s, std_t=0.05)) + "\n" for s in (16, 32, 48)))
+    for name, score in linear.items():
+        put(os.path.join(out, "linear", f"{name}.json"), dict(test=score))
+    for n in ("clip", "frame", "c2f", "f2c"):
+        put(os.path.join(out, "finetune", f"{n}_demo_events", "result.json"), dict(test=0.5))
+    for n in ("clip_linear", "frame_linear", "clip_finetune", "frame_finetune", "c2f", "f2c"):
+        put(os.path.join(out, "sed", n, "result.json"), dict(
+            psds1=sed_psds1.get(n, 0.1), psds2=0.2, psds1_exact=0.1, psds2_exact=0.2,
+            f1_intersection=0.5))
+
+
+def test_tables_cells_averages_and_checks(tmp_path):
+    import tables
+    out = str(tmp_path)
+    linear = {"frame_demo_events": 0.8, "frame_random_demo_events": 0.6,
+              "clip_demo_events": 0.5, "clip_random_demo_events": 0.7, "frame_us8k": 0.855}
+    fake_results(out, linear, {"frame_finetune": 0.3, "clip_finetune": 0.2})
+    md = open(tables.main(out)).read()
+    row = next(line for line in md.splitlines() if line.startswith("| ATST-Frame |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # Table IV: AS-20K, SPCV2, VOX1, NSYNTH, US8K, FSD50K, then the demo column
+    assert cells[1] == "- (33.0)" and cells[5] == "85.5 (85.8)" and cells[7] == "80.0"
+    # Table II averages the last four tasks: the paper's own 74.9 for single / 1 s
+    row = next(line for line in md.splitlines() if line.startswith("| single | 1 |"))
+    assert "- (74.9)" in row
+    row = next(line for line in md.splitlines() if line.startswith("| A | 0 |"))
+    assert "- (42.8)" in row  # Table III averages all five
+    assert "ATST-Frame 80.0 beats the same encoder with random weights 60.0" in md
+    assert "ATST-Clip 50.0 does NOT beat the same encoder with random weights 70.0" in md
+    assert "SED (finetune): ATST-Frame PSDS1 0.300 beats ATST-Clip 0.200" in md
+    assert os.path.getsize(os.path.join(out, "plots", "pretrain_main.png")) > 1000
+
+
+def test_run_all_skips_finished_work(data_root, tmp_path):
+    """A rerun over finished results runs nothing but the tables (issue 6: rerun < 1 min)."""
+    out = str(tmp_path / "res")
+    names = ["clip", "frame", "clip_random", "frame_random"]
+    linear = {f"{n}_{t}": 0.5 for n in names for t in ("demo_events", "demo_tags")}
+    linear.update({f"{n}_demo_events": 0.5 for n in PRETRAIN_RUNS[2:] + ["clip_two_6s",
+                                                                          "frame_D"]})
+    fake_results(out, linear, {})
+    env = dict(os.environ, OUT=out, ATST_DATA=data_root)
+    p = subprocess.run(["bash", "run_all.sh"], cwd=HERE, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "pre-train" not in p.stdout and "tables ->" in p.stdout
+    assert os.path.islink(os.path.join(out, "pretrain", "frame_D"))  # = the main Frame run
+    assert "| D | 1 |" in open(os.path.join(out, "tables.md")).read()

@@ -1,0 +1,239 @@
+"""
+Collect run_all.sh's result files into markdown tables shaped like the paper's Tables II-VI
+(same rows and columns; each cell "ours (paper)", `-` where not run; demo tasks as extra
+columns), a note of the scale of every run, the checks the demo is meant to show, and PNG plots
+(pre-training loss and collapse std per run; the PSD-ROC curves sed.py saved).
+
+    python tables.py --out results          # -> results/tables.md, results/plots/*.png
+"""
+import argparse
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# the paper's numbers for our methods (Tables II-VI)
+T2_COLS = ["as20k", "spcv2", "vox1", "nsynth", "us8k"]
+T2 = {"clip_single_1s": [21.0, 94.3, 52.3, 73.8, 79.3], "clip_two_1s": [19.1, 91.3, 50.0, 74.3, 76.6],
+      "clip_single_6s": [25.7, 94.0, 57.3, 73.8, 80.9], "clip_two_6s": [27.9, 93.6, 61.9, 75.3, 82.0]}
+T2_ROWS = {"clip_single_1s": "single | 1", "clip_two_1s": "two | 1", "clip_single_6s": "single | 6",
+           "clip_two_6s": "two | 6"}
+T3 = {"frame_A": [8.0, 63.3, 25.8, 56.8, 60.1], "frame_B": [18.0, 85.2, 43.7, 69.9, 76.1],
+      "frame_C": [22.5, 88.2, 47.0, 72.9, 72.9], "frame_D": [28.1, 92.3, 67.0, 72.5, 84.0],
+      "frame_E": [28.5, 92.5, 59.6, 74.7, 83.4]}
+T3_ROWS = {"frame_A": "A | 0 | | ✓ | group", "frame_B": "B | 1 | | ✓ | random",
+           "frame_C": "C | 1 | ✓ | ✓ | group", "frame_D": "D | 1 | | ✓ | group",
+           "frame_E": "E | 2 | | ✓ | group"}
+T4_COLS = ["as20k", "spcv2", "vox1", "nsynth", "us8k", "fsd50k"]
+T4 = {"clip": [33.8, 95.1, 72.0, 76.2, 85.8, 58.5], "frame": [33.0, 94.9, 77.4, 75.9, 85.8, 55.1]}
+T4_ROWS = {"clip": "ATST-Clip", "frame": "ATST-Frame", "clip_random": "ATST-Clip, random weights",
+           "frame_random": "ATST-Frame, random weights"}
+T5_COLS = ["as2m", "as20k", "spcv2", "vox1", "fsd50k"]
+T5 = {"clip": [45.2, 37.9, 98.0, 95.5, 63.4], "frame": [48.0, 39.0, 98.1, 97.3, 61.8],
+      "c2f": [49.7, 40.5, 98.4, 97.5, 65.5], "f2c": [46.8, 39.0, 98.1, 95.5, 64.6]}
+T5_ROWS = {"clip": "ATST-Clip", "frame": "ATST-Frame", "c2f": "ATST-C2F", "f2c": "ATST-F2C"}
+T6 = {"clip_linear": [0.115, 0.293], "frame_linear": [0.304, 0.507],
+      "clip_finetune": [0.223, 0.422], "frame_finetune": [0.361, 0.581],
+      "c2f": [0.357, 0.607], "f2c": [0.259, 0.445]}
+T6_ROWS = {"clip_linear": "Linear | ATST-Clip", "frame_linear": "Linear | ATST-Frame",
+           "clip_finetune": "Finetuning | ATST-Clip", "frame_finetune": "Finetuning | ATST-Frame",
+           "c2f": "Finetuning | ATST-C2F", "f2c": "Finetuning | ATST-F2C"}
+METRIC = {"as20k": "mAP", "as2m": "mAP", "fsd50k": "mAP", "demo_tags": "mAP"}
+NAMES = {"as20k": "AS-20K", "as2m": "AS-2M", "spcv2": "SPCV2", "vox1": "VOX1", "nsynth": "NSYNTH",
+         "us8k": "US8K", "fsd50k": "FSD50K"}
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def linear_score(out, name, task):
+    r = load(os.path.join(out, "linear", f"{name}_{task}.json"))
+    return None if r is None else 100 * r["test"]
+
+
+def finetune_score(out, name, task):
+    r = load(os.path.join(out, "finetune", f"{name}_{task}", "result.json"))
+    return None if r is None else 100 * r["test"]
+
+
+def fmt(x, paper=None, digits=1):
+    ours = "-" if x is None else f"{x:.{digits}f}"
+    return ours if paper is None else f"{ours} ({paper:.{digits}f})"
+
+
+def extra_tasks(out, names, get):
+    """Tasks outside the paper's columns (the demo ones) that have at least one result."""
+    found = set()
+    for sub in ("linear", "finetune"):
+        for f in os.listdir(os.path.join(out, sub)) if os.path.isdir(os.path.join(out, sub)) else []:
+            for n in names:
+                if f.startswith(n + "_"):
+                    found.add(f[len(n) + 1:].removesuffix(".json"))
+    return sorted(t for t in found if t.startswith("demo") and
+                  any(get(out, n, t) is not None for n in names))
+
+
+def mean(xs):
+    return None if any(x is None for x in xs) else sum(xs) / len(xs)
+
+
+def table(out, title, head, rows, paper, cols, get, avg_from=None, digits=1):
+    """One markdown table: row labels, the paper's columns as 'ours (paper)', an optional
+    average (over cols[avg_from:]), then demo columns (ours only)."""
+    extra = extra_tasks(out, list(rows), get)
+    hdr = [f"{NAMES[c]} {METRIC.get(c, 'Acc')} (%)" for c in cols]
+    if avg_from is not None:
+        hdr.append("Average")
+    hdr += [f"{t} {METRIC.get(t, 'Acc')} (%)" for t in extra]
+    lines = [f"### {title}", "", f"| {head} | " + " | ".join(hdr) + " |",
+             "|" + "---|" * (len(head.split("|")) + len(hdr))]
+    for name, label in rows.items():
+        ours = [get(out, name, c) for c in cols]
+        ref = paper.get(name, [None] * len(cols))
+        cells = [fmt(o, p, digits) for o, p in zip(ours, ref)]
+        if avg_from is not None:
+            pa = mean(ref[avg_from:]) if name in paper else None
+            cells.append(fmt(mean(ours[avg_from:]), pa, digits))
+        cells += [fmt(get(out, name, t), None, digits) for t in extra]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def sed_table(out):
+    lines = ["### Table VI: DCASE task 4 SED, PSDS (psds_eval, 50 thresholds); exact PSDS "
+             "(sed_scores_eval) and intersection F1 at 0.5 are ours only", "",
+             "| Setting | Method | PSDS1 | PSDS2 | PSDS1 exact | PSDS2 exact | F1 | PSD-ROC |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, label in T6_ROWS.items():
+        r = load(os.path.join(out, "sed", name, "result.json")) or {}
+        p1, p2 = T6[name]
+        g = lambda k: r.get(k)
+        roc = os.path.join("sed", name, "psd_roc_psds1.png")
+        link = f"[PSDS1]({roc}), [PSDS2]({roc.replace('psds1', 'psds2')})" \
+            if os.path.exists(os.path.join(out, roc)) else "-"
+        lines.append(f"| {label} | {fmt(g('psds1'), p1, 3)} | {fmt(g('psds2'), p2, 3)} | "
+                     f"{fmt(g('psds1_exact'), None, 3)} | {fmt(g('psds2_exact'), None, 3)} | "
+                     f"{fmt(g('f1_intersection'), None, 3)} | {link} |")
+    return lines + [""]
+
+
+def read_log(run_dir):
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_runs(out, names, path, title):
+    """Loss and teacher/student collapse std against step, one line per run."""
+    logs = {n: read_log(os.path.join(out, "pretrain", n)) for n in names}
+    logs = {n: recs for n, recs in logs.items() if recs}
+    if not logs:
+        return None
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    for n, recs in logs.items():
+        steps = [r["step"] for r in recs]
+        ax[0].plot(steps, [r["loss"] for r in recs], label=n)
+        ax[1].plot(steps, [r["std_t"] for r in recs], label=f"{n} teacher")
+    dim = load(os.path.join(out, "pretrain", next(iter(logs)), "ckpt.pt.json"))
+    if dim:
+        ax[1].axhline(dim["model_args"]["proj_dim"] ** -0.5, color="grey", ls=":",
+                      label="1/sqrt(d): no collapse")
+    ax[0].set(xlabel="step", ylabel="BYOL loss", title=f"{title}: loss")
+    ax[1].set(xlabel="step", ylabel="std of normalised outputs", title=f"{title}: collapse",
+              ylim=(0, None))
+    for a in ax:
+        a.legend(fontsize=7)
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def scale_note(out):
+    lines = ["| Run | preset | data | steps | batch | final loss | min teacher std |",
+             "|---|---|---|---|---|---|---|"]
+    pre = os.path.join(out, "pretrain")
+    for n in sorted(os.listdir(pre)) if os.path.isdir(pre) else []:
+        s = load(os.path.join(pre, n, "ckpt.pt.json"))
+        recs = read_log(os.path.join(pre, n))
+        if not s:
+            continue
+        c = s["config"]
+        last = f"{recs[-1]['loss']:.3f}" if recs else "-"
+        std = f"{min(r['std_t'] for r in recs):.3f}" if recs else "-"
+        alias = f" (= {os.readlink(os.path.join(pre, n))})" if os.path.islink(
+            os.path.join(pre, n)) else ""
+        lines.append(f"| {n}{alias} | {c['preset']} | {c['data']} | {s['step']}/{s['total']} | "
+                     f"{c['batch_size']} | {last} | {std} |")
+    return lines + [""]
+
+
+def checks(out):
+    """The comparisons the demo should show, stated from the numbers (not assumed)."""
+    lines = []
+    tasks = extra_tasks(out, ["clip", "frame", "clip_random", "frame_random"], linear_score) + \
+        [t for t in T4_COLS if linear_score(out, "frame", t) is not None]
+    for t in tasks:
+        for k in ("clip", "frame"):
+            a, b = linear_score(out, k, t), linear_score(out, f"{k}_random", t)
+            if a is not None and b is not None:
+                verdict = "beats" if a > b else "does NOT beat"
+                lines.append(f"- Linear evaluation, {t}: pre-trained ATST-{k.capitalize()} "
+                             f"{a:.1f} {verdict} the same encoder with random weights {b:.1f}.")
+    for mode in ("linear", "finetune"):
+        f = (load(os.path.join(out, "sed", f"frame_{mode}", "result.json")) or {}).get("psds1")
+        c = (load(os.path.join(out, "sed", f"clip_{mode}", "result.json")) or {}).get("psds1")
+        if f is not None and c is not None:
+            verdict = "beats" if f > c else "does NOT beat"
+            lines.append(f"- SED ({mode}): ATST-Frame PSDS1 {f:.3f} {verdict} ATST-Clip {c:.3f}.")
+    return lines + [""] if lines else []
+
+
+def main(out):
+    md = ["# ATST reproduction: results", "",
+          "Each cell: ours (paper). `-`: not run at this scale. Columns named demo_* are the "
+          "built-in demo tasks (no paper value). Written by tables.py from the result files "
+          f"under `{out}/`.", "", "## Scale of the runs", ""] + scale_note(out)
+    md += ["## Checks", ""] + (checks(out) or ["(no comparable results yet)", ""])
+    md += ["## Tables", ""]
+    md += table(out, "Table II: ATST-Clip ablations (linear evaluation; Average over the last "
+                "four paper tasks)", "Segments | length (s)", T2_ROWS, T2, T2_COLS, linear_score,
+                avg_from=1)
+    md += table(out, "Table III: ATST-Frame ablations (linear evaluation)",
+                "Config | augmented views | mask teacher | mask student | mask strategy", T3_ROWS,
+                T3, T2_COLS, linear_score, avg_from=0)
+    md += table(out, "Table IV: linear evaluation", "Method", T4_ROWS, T4, T4_COLS, linear_score)
+    md += table(out, "Table V: fine-tuning", "Method", T5_ROWS, T5, T5_COLS, finetune_score)
+    md += sed_table(out)
+    md += ["## Plots", ""]
+    for names, fname, title in ((["clip", "frame"], "pretrain_main.png", "Pre-training"),
+                                (list(T2), "pretrain_table2.png", "Table II runs"),
+                                (list(T3), "pretrain_table3.png", "Table III runs")):
+        p = plot_runs(out, names, os.path.join(out, "plots", fname), title)
+        if p:
+            md.append(f"![{title}](plots/{fname})")
+            md.append("")
+    path = os.path.join(out, "tables.md")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(md))
+    os.replace(path + ".tmp", path)
+    print(f"tables -> {path}")
+    return path
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--out", default="results", help="run_all.sh's output folder")
+    main(p.parse_args().out)
