@@ -22,7 +22,7 @@ if [ -z "$DATA_ROOT" ]; then
   export ATST_DATA=${ATST_DATA:-data}
   PRE_DATA=demo; ABL_DATA=demo
   STEPS=${STEPS:-48}        # pre-training steps of every run (batch 32 x 48 = 6 epochs)
-  PRE_ARGS="--max_steps $STEPS --warmup_epochs 1 --ckpt_every 16"
+  PRE_ARGS="--max_steps $STEPS --warmup_epochs 1 --ckpt_every 16 --log_every 4"
   LINEAR_TASKS="demo_events demo_tags"; ABL_TASKS="demo_events"
   FT_TASKS="demo_events"; SED_DATA=demo_sed
   SED_FT_ARGS="--epochs 10"  # fine-tune-mode SED: half the demo's 20 epochs (CPU time)
