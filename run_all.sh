@@ -60,10 +60,10 @@ same() {  # the ablation row equal to a main run (same preset and data): reuse, 
 linear() {  # linear NAME TASK [FLAGS...]: Table II-IV cells
   local name=$1 task=$2 json=$OUT/linear/$1_$2.json; shift 2
   [ -f "$json" ] && return
-  local folds=""; [ "$task" = us8k ] && folds="--folds 10"
-  case $name in *_1s) folds="$folds --chunk_seconds 1";; esac  # Table II: 1 s chunks downstream
+  local extra=""; [ "$task" = us8k ] && extra="--folds 10"
+  case $name in *_1s) extra="$extra --chunk_seconds 1";; esac  # Table II: 1 s chunks downstream
   local ckpt=$OUT/pretrain/${name%_random}/ckpt.pt
-  run linear_eval.py --ckpt "$ckpt" --data "$task" $folds --out "$json" \
+  run linear_eval.py --ckpt "$ckpt" --data "$task" $extra --out "$json" \
     --cache_dir "$OUT/cache" "$@"
 }
 finetune() {  # finetune NAME SCRIPT TASK CKPT [FLAGS...]: Table V cells

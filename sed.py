@@ -250,7 +250,7 @@ def predict_scores(model, audio_dir, files, c, d, cached=None):
         with d.ctx:
             out.append(model(x[i:i + 32].to(d.device), n[i:i + 32].to(d.device),
                              features)[0].float().cpu())
-    return gather_shards(mine, torch.cat(out) if out else torch.zeros(0), len(files), d).numpy()
+    return gather_shards(mine, torch.cat(out), len(files), d).numpy()
 
 
 def class_window_list(c, classes):
@@ -320,15 +320,15 @@ def train(cfg):
                                                     for f in s_train]))
     w_ds = mk(w_train, "train_weak", torch.tensor([[float(k in weak[f]) for k in classes]
                                                    for f in w_train]))
-    v_ds = mk([s_valid[i] for i in my_shard(len(s_valid), d)], "train_strong",
-              torch.zeros(len(my_shard(len(s_valid), d))))
     features = c.cache and c.mode == "linear"
-    v_cache = None
+    v_cache = None  # this rank's shard of the validation clips, as predict_scores takes it
     if c.cache:  # one pass over the clips; the epochs then read memory (exact: see the flag)
         t_c = time.time()
         s_ds, w_ds = (torch.utils.data.TensorDataset(*clip_inputs(model, ds, c, d, features,
                                                                   teacher)) for ds in (s_ds, w_ds))
-        v_cache = clip_inputs(model, v_ds, c, d, features)
+        mine = my_shard(len(s_valid), d)
+        v_cache = clip_inputs(model, mk([s_valid[i] for i in mine], "train_strong",
+                                        torch.zeros(len(mine))), c, d, features)
         d.print(f"cached {'frames' if features else 'log-mels'} of {len(s_ds) + len(w_ds)} "
                 f"training clips in {time.time() - t_c:.0f}s")
     loaders = []

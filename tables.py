@@ -17,10 +17,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 # the paper's numbers for our methods (Tables II-VI)
 T2_COLS = ["as20k", "spcv2", "vox1", "nsynth", "us8k"]
-T2 = {"clip_single_1s": [21.0, 94.3, 52.3, 73.8, 79.3], "clip_two_1s": [19.1, 91.3, 50.0, 74.3, 76.6],
-      "clip_single_6s": [25.7, 94.0, 57.3, 73.8, 80.9], "clip_two_6s": [27.9, 93.6, 61.9, 75.3, 82.0]}
-T2_ROWS = {"clip_single_1s": "single | 1", "clip_two_1s": "two | 1", "clip_single_6s": "single | 6",
-           "clip_two_6s": "two | 6"}
+T2 = {"clip_single_1s": [21.0, 94.3, 52.3, 73.8, 79.3],
+      "clip_two_1s": [19.1, 91.3, 50.0, 74.3, 76.6],
+      "clip_single_6s": [25.7, 94.0, 57.3, 73.8, 80.9],
+      "clip_two_6s": [27.9, 93.6, 61.9, 75.3, 82.0]}
+T2_ROWS = {"clip_single_1s": "single | 1", "clip_two_1s": "two | 1",
+           "clip_single_6s": "single | 6", "clip_two_6s": "two | 6"}
 T3 = {"frame_A": [8.0, 63.3, 25.8, 56.8, 60.1], "frame_B": [18.0, 85.2, 43.7, 69.9, 76.1],
       "frame_C": [22.5, 88.2, 47.0, 72.9, 72.9], "frame_D": [28.1, 92.3, 67.0, 72.5, 84.0],
       "frame_E": [28.5, 92.5, 59.6, 74.7, 83.4]}
@@ -73,7 +75,8 @@ def extra_tasks(out, names, get):
     """Tasks outside the paper's columns (the demo ones) that have at least one result."""
     found = set()
     for sub in ("linear", "finetune"):
-        for f in os.listdir(os.path.join(out, sub)) if os.path.isdir(os.path.join(out, sub)) else []:
+        folder = os.path.join(out, sub)
+        for f in os.listdir(folder) if os.path.isdir(folder) else []:
             for n in names:
                 if f.startswith(n + "_"):
                     found.add(f[len(n) + 1:].removesuffix(".json"))
@@ -115,13 +118,12 @@ def sed_table(out):
     for name, label in T6_ROWS.items():
         r = load(os.path.join(out, "sed", name, "result.json")) or {}
         p1, p2 = T6[name]
-        g = lambda k: r.get(k)
         roc = os.path.join("sed", name, "psd_roc_psds1.png")
         link = f"[PSDS1]({roc}), [PSDS2]({roc.replace('psds1', 'psds2')})" \
             if os.path.exists(os.path.join(out, roc)) else "-"
-        lines.append(f"| {label} | {fmt(g('psds1'), p1, 3)} | {fmt(g('psds2'), p2, 3)} | "
-                     f"{fmt(g('psds1_exact'), None, 3)} | {fmt(g('psds2_exact'), None, 3)} | "
-                     f"{fmt(g('f1_intersection'), None, 3)} | {link} |")
+        cells = [fmt(r.get("psds1"), p1, 3), fmt(r.get("psds2"), p2, 3)] + [
+            fmt(r.get(k), None, 3) for k in ("psds1_exact", "psds2_exact", "f1_intersection")]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {link} |")
     return lines + [""]
 
 
