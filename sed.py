@@ -236,20 +236,23 @@ def clip_inputs(model, ds, c, d, features=False, teacher=None):
 
 @torch.no_grad()
 def predict_scores(model, audio_dir, files, c, d, cached=None):
-    """Strong scores (N, T, C) of 10 s clips, sharded over ranks; `cached`: this rank's shard
-    as clip_inputs gave it (x, n_tok, ...)."""
+    """Strong scores (N, T, C) of 10 s clips, sharded over ranks. `cached`: this rank's shard
+    as clip_inputs gave it (x, n_tok, ...); without it the clips stream from disk."""
     model.eval()
     mine = my_shard(len(files), d)
-    features = c.cache and c.mode == "linear"
-    if cached is None:
+    if cached is not None:
+        features = c.cache and c.mode == "linear"
+        batches = zip(cached[0].split(32), cached[1].split(32))
+    else:
+        features = False
         ds = SedClips(audio_dir, [files[i] for i in mine], torch.zeros(len(mine)))
-        cached = clip_inputs(model, ds, c, d, features)
-    x, n = cached[0], cached[1]
+        loader = torch.utils.data.DataLoader(ds, batch_size=32, num_workers=c.num_workers)
+        batches = ((model.ae.front(w.to(d.device), v.to(d.device)), tokens_for(v.to(d.device)))
+                   for w, v, _ in loader)
     out = []
-    for i in range(0, len(x), 32):
+    for x, n in batches:
         with d.ctx:
-            out.append(model(x[i:i + 32].to(d.device), n[i:i + 32].to(d.device),
-                             features)[0].float().cpu())
+            out.append(model(x.to(d.device), n.to(d.device), features)[0].float().cpu())
     return gather_shards(mine, torch.cat(out), len(files), d).numpy()
 
 
@@ -396,10 +399,11 @@ def train(cfg):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
-            if not math.isfinite(loss.item()):
-                raise SystemExit(f"non-finite loss at epoch {epoch}: stopping")
+            loss_val = loss.item()
+            if not math.isfinite(loss_val):
+                raise SystemExit(f"non-finite loss ({loss_val}) at epoch {epoch}: stopping")
             opt.step()
-            loss_sum += loss.item()
+            loss_sum += loss_val
             step += 1
         scores = predict_scores(model, os.path.join(root, "audio", "train_strong"), s_valid, c, d,
                                 v_cache)
