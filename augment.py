@@ -1,5 +1,6 @@
 """
-Pre-training augmentations (SPEC 5), batched on the device, on normalised log-mel (B, F, T).
+Pre-training views (SPEC 4-5), batched on the device: Mixup, Random Resized Crop, frequency
+warping on normalised log-mel (B, F, T), waveform crops and group masking.
 Every random draw comes from an explicit torch.Generator, so a step is reproducible from its
 seed; the only state is the Mixup bank, which the training script saves with its checkpoint.
 Nothing here runs in DataLoader workers.
@@ -44,7 +45,8 @@ class RandomResizedCrop(nn.Module):
 
     def __init__(self, virtual_scale=(1.0, 1.5), freq_scale=(0.6, 1.5), time_scale=(0.6, 1.5)):
         super().__init__()
-        self.virtual_scale, self.freq_scale, self.time_scale = virtual_scale, freq_scale, time_scale
+        self.virtual_scale, self.freq_scale = virtual_scale, freq_scale
+        self.time_scale = time_scale
 
     def forward(self, x, g=None):
         B, Fm, T = x.shape
@@ -138,15 +140,45 @@ class Mixup(nn.Module):
         return f"bank_size={self.bank_size}, ratio={self.ratio}"
 
 
-def random_crops(x, n_frames, g=None):
-    """One random crop of n_frames per clip from x (B, F, T) (ATST-Clip segments), by gather.
-    Clips shorter than the crop were zero-padded upstream, as in the reference."""
-    B, Fm, T = x.shape
-    if T < n_frames:
-        raise ValueError(f"crop of {n_frames} frames from {T}-frame input")
-    start = _randint_upto(torch.full((B,), T - n_frames, device=x.device), g)
-    idx = start[:, None] + torch.arange(n_frames, device=x.device)  # (B, n_frames)
-    return x.gather(2, idx[:, None, :].expand(B, Fm, n_frames))
+def random_crops(x, n, valid=None, g=None):
+    """One random crop of n samples along the last axis of x (B, ..., S) per clip, by gather
+    (ATST-Clip segments, on the waveform as the reference). The crop starts inside the clip's
+    real audio: start ~ U{0 .. valid - n}; a clip shorter than n (valid <= n) is taken from its
+    start, so its crop is the clip followed by the zero padding (the reference pads only such
+    clips). valid: (B,) real samples per clip (default: all of S)."""
+    B, S = x.shape[0], x.shape[-1]
+    if S < n:
+        raise ValueError(f"crop of {n} from an input of {S}: read longer clips")
+    valid = torch.full((B,), S, device=x.device) if valid is None else valid.clamp(max=S)
+    start = _randint_upto((valid - n).clamp(min=0), g)
+    idx = start[:, None] + torch.arange(n, device=x.device)         # (B, n)
+    return x.gather(-1, idx.view(B, *[1] * (x.dim() - 2), n).expand(*x.shape[:-1], n))
+
+
+def group_mask(n_valid, n_tokens, span=5, prob=0.65, generator=None, min_spans=2):
+    """wav2vec2-style span masking (SPEC 4), one mask per clip, vectorised over the batch.
+
+    Per clip: k = max(min_spans, int(prob * n / span + U[0,1))) span starts drawn without
+    replacement from [0, n - span), each masking `span` tokens (spans may overlap): about 50%
+    of tokens for span=5, prob=0.65. span=1 gives random (unstructured) masking of a `prob`
+    share of the tokens, as the reference's random mode.
+    n_valid: (B,) valid tokens per clip; n_tokens: the padded length N. Returns (B, N) bool.
+    """
+    dev = n_valid.device
+    B = n_valid.shape[0]
+    n_starts = n_tokens - span if span > 1 else n_tokens
+    u = torch.rand(B, device=dev, generator=generator)
+    k = torch.clamp((prob * n_valid / span + u).floor().long(), min=min_spans)
+    avail = (n_valid - span if span > 1 else n_valid).clamp(min=0)  # start positions per clip
+    k = torch.minimum(k, avail)
+    pos = torch.arange(max(n_starts, 0), device=dev)
+    noise = torch.rand(B, max(n_starts, 0), device=dev, generator=generator)
+    noise = noise.masked_fill(pos >= avail.unsqueeze(1), 2.0)      # never pick invalid starts
+    rank = noise.argsort(1).argsort(1)                             # (B, n_starts)
+    starts = (rank < k.unsqueeze(1)).float()
+    starts = F.pad(starts, (span - 1, n_tokens - max(n_starts, 0)))  # (B, N + span - 1)
+    # a token is masked when a span starts at one of the span-1 tokens before it or at it
+    return F.max_pool1d(starts.unsqueeze(1), span, stride=1).squeeze(1).bool()  # (B, N)
 
 
 def mixup_labels(x, y, alpha, rng):

@@ -23,9 +23,12 @@ import soundfile as sf
 import torch
 
 import model as M
+import pretrain
 import pretrain_clip
 import pretrain_frame
-from data import configure, setup_distributed, stream_loader
+from augment import Mixup
+from data import stream_loader
+from plumbing import configure, setup_distributed
 
 # -------------------------------------------------------------------------------- config
 preset = "tiny"      # tiny | small | base
@@ -61,36 +64,32 @@ def step_flops(model_args, n_tokens, batch):
 
 
 def time_step(c, d, style):
-    torch.manual_seed(c.seed)
-    margs = M.PRESETS[c.preset]
-    m = M.ATST(c.method, **margs).to(d.device)
-    opt = torch.optim.AdamW(M.param_groups(m, 0.05), lr=1e-4, eps=1e-6,
-                            fused=d.device.type == "cuda")
     mod = pretrain_frame if c.method == "frame" else pretrain_clip
     defaults = SimpleNamespace(**{k: getattr(mod, k) for k in dir(mod) if not k.startswith("_")})
-    make_views, augs = (pretrain_frame.frame_views if c.method == "frame"
-                        else pretrain_clip.clip_views)(defaults)
-    front = M.MelFrontEnd()
+    defaults.preset = c.preset
+    torch.manual_seed(c.seed)
+    m = M.ATST(**mod.model_args(defaults)).to(d.device)
+    opt = torch.optim.AdamW(M.param_groups(m, 0.05), lr=1e-4, eps=1e-6,
+                            fused=d.device.type == "cuda")
+    views = (mod.FrameViews if c.method == "frame" else mod.ClipViews)(defaults)
     wav = torch.randn(c.batch, 160000) * 0.1
     valid = torch.full((c.batch,), 160000)
     dd = d
     if style == "reference":  # per clip on the CPU, then to the device; fp32; hand attention
-        for aug in augs.values():  # one push so that Mixup mixes from the first step
-            aug.push(torch.zeros(1, 64, 601 if c.method == "clip" else 1001))
-        views, mel_of = make_views, front
+        for n, mix in views.named_modules():  # one push so that Mixup mixes from the first step
+            if isinstance(mix, Mixup):
+                mix.push(torch.zeros(1, 64, int(n.split(".")[-1]) if "." in n else 1001))
+        one_by_one = views
 
-        def front(w):
-            return torch.cat([mel_of(x[None]) for x in w.cpu()]).to(d.device)
-
-        def make_views(mel, n_valid, g):
-            outs = [views(mel[i:i + 1].cpu(), n_valid[i:i + 1].cpu(), None)
-                    for i in range(mel.shape[0])]
+        def views(w, v, g):
+            outs = [one_by_one(w[i:i + 1].cpu(), v[i:i + 1].cpu(), None)
+                    for i in range(w.shape[0])]
             return tuple(None if o[0] is None else torch.cat(o).to(d.device) for o in zip(*outs))
 
         M.Attention.forward, saved = manual_attention, M.Attention.forward
         dd = dataclasses.replace(d, ctx=contextlib.nullcontext())
     else:
-        front, augs = front.to(d.device), augs.to(d.device)
+        views = views.to(d.device)
     batches = iter(lambda: (wav, valid), None)
     gen = torch.Generator(device=d.device).manual_seed(0)
     cuda = d.device.type == "cuda"
@@ -101,7 +100,7 @@ def time_step(c, d, style):
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 t0 = time.time()
-            pretrain_frame.run_step(m, m, opt, front, make_views, batches, 1, dd, gen)
+            pretrain.run_step(m, m, opt, views, batches, 1, dd, gen)
             m.update_teacher(0.999)
         if cuda:
             torch.cuda.synchronize()
@@ -150,7 +149,8 @@ if __name__ == "__main__":
     cfg = configure(globals())
     c = SimpleNamespace(**cfg)
     d = setup_distributed(c.device)
-    print(f"device {d.device} ({torch.cuda.get_device_name() if d.device.type == 'cuda' else 'cpu'}"
+    name = torch.cuda.get_device_name() if d.device.type == "cuda" else "cpu"
+    print(f"device {d.device} ({name}"
           f", {torch.get_num_threads()} threads) | preset {c.preset} | method {c.method} | "
           f"batch {c.batch} | torch {torch.__version__}", flush=True)
     ours = time_step(c, d, "ours")

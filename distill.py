@@ -8,12 +8,14 @@ the same augmented input as the student. The loop is finetune.train; every finet
 
     # C2F: fine-tune ATST-Clip, then let it teach ATST-Frame
     python finetune.py --ckpt out/clip_tiny/ckpt.pt --data demo_events
-    python distill.py --ckpt out/frame_tiny/ckpt.pt --teacher out/finetune_demo_events_clip/best.pt --data demo_events
-    torchrun --nproc_per_node=8 distill.py --ckpt atstframe_base.ckpt --teacher CLIP_FT/best.pt --data as2m
+    python distill.py --ckpt out/frame_tiny/ckpt.pt \
+        --teacher out/finetune_demo_events_clip/best.pt --data demo_events
+    torchrun --nproc_per_node=8 distill.py --ckpt atstframe_base.ckpt \
+        --teacher CLIP_FT/best.pt --data as2m
 """
 import finetune
-from data import configure
 from model import load_classifier
+from plumbing import configure
 
 # -------------------------------------------------------------------------------- config
 # every flag of finetune.py, plus:
@@ -23,7 +25,7 @@ kd_weight = 0.5             # loss = (1 - kd_weight) * task + kd_weight * KD
 if __name__ == "__main__":
     g = {k: getattr(finetune, k) for k in finetune.CONFIG_KEYS}
     g.update(teacher=teacher, kd_weight=kd_weight, __file__=__file__, __doc__=__doc__)
-    cfg = configure(g, finetune.TASKS, key="data", help_files=[finetune.__file__])
+    cfg = configure(g, dict(data=finetune.TASKS), help_files=[finetune.__file__])
     if not cfg["teacher"]:
         raise SystemExit("distill.py needs --teacher (a fine-tuned checkpoint of finetune.py)")
     teacher_model = load_classifier(cfg["teacher"], expect=["atst-finetune"])

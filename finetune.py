@@ -11,10 +11,10 @@ validation split is kept and scored once on test. distill.py shares this loop (`
     python finetune.py --ckpt X.pt --data my/train.csv --test_csv my/test.csv
 
 Per-dataset defaults (epochs, batch, Mixup, balanced sampling) are the TASKS table below;
-they apply when --data names the dataset, and explicit flags win. A rerun with the same
+they apply when --data names the dataset; a global edited in the block or a flag wins over
+them (plumbing.configure). A rerun with the same
 --out_dir resumes after the last finished epoch.
 """
-import json
 import math
 import os
 import time
@@ -27,11 +27,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from augment import RandomResizedCrop, mixup_labels
-from data import (Labels, LabelledClips, Log, cleanup_distributed, config_keys, configure,
-                  gather_shards, load_checkpoint, my_shard,
-                  pad_collate, save_atomic, setup_distributed, task_splits)
-from model import (Classifier, cosine_schedule, layer_decay_groups, load_encoder, score,
+from data import Labels, LabelledClips, pad_collate, task_splits
+from metrics import score
+from model import (FRAMES_PER_TOKEN, Classifier, freeze, layer_decay_groups, load_encoder,
                    set_drop_path, tokens_for)
+from plumbing import (Log, cleanup_distributed, config_keys, configure, cosine_schedule,
+                      describe, gather_shards, load_checkpoint, my_shard, save_atomic, save_json,
+                      setup_distributed, step_seed, wrap_ddp)
 
 # -------------------------------------------------------------------------------- config
 ckpt = ""                   # pre-trained checkpoint: ours (teacher encoder) or a released one
@@ -59,17 +61,20 @@ balanced = False            # balanced sampling (AS-2M): weight sum_c y_c 1000 /
 num_workers = 4             # DataLoader workers per rank
 device = "auto"             # auto | cpu
 seed = 0
-TASKS = {  # the paper's per-dataset settings (SPEC 6); the demo ones are CPU-sized
-    "as2m": dict(epochs=10, batch_size=1024, mixup=True, balanced=True),
-    "as20k": dict(epochs=200, mixup=True),
-    "fsd50k": dict(epochs=100, mixup=True),
-    "spcv2": dict(epochs=50, mixup=True, train_seconds=1.0),
-    "vox1": dict(epochs=50, mixup=False),
-    "demo_events": dict(epochs=8, batch_size=32, lr=0.5, warmup_epochs=1.0, train_seconds=4.0,
-                        num_workers=2),
-    "demo_tags": dict(epochs=8, batch_size=32, lr=0.5, warmup_epochs=1.0, train_seconds=6.0,
-                      mixup=True, num_workers=2),
-}
+# --data NAME: the paper's per-dataset settings (SPEC 6; the demo rows are CPU-sized). Every
+# row lists the same names; the first ("default": CSVs and other datasets) repeats the block
+# above, so an edited global wins over any row. The columns:
+#                 epochs batch_size   lr  warmup_epochs  train_seconds  mixup  balanced  workers
+_ROWS = {"default": (100, 512, 0.1, 5.0, 10.0, False, False, 4),
+         "as2m": (10, 1024, 0.1, 5.0, 10.0, True, True, 4),
+         "as20k": (200, 512, 0.1, 5.0, 10.0, True, False, 4),
+         "fsd50k": (100, 512, 0.1, 5.0, 10.0, True, False, 4),
+         "spcv2": (50, 512, 0.1, 5.0, 1.0, True, False, 4),
+         "vox1": (50, 512, 0.1, 5.0, 10.0, False, False, 4),
+         "demo_events": (8, 32, 0.5, 1.0, 4.0, False, False, 2),
+         "demo_tags": (8, 32, 0.5, 1.0, 6.0, True, False, 2)}
+TASKS = {k: dict(zip(("epochs", "batch_size", "lr", "warmup_epochs", "train_seconds", "mixup",
+                      "balanced", "num_workers"), v)) for k, v in _ROWS.items()}
 CONFIG_KEYS = config_keys(globals())  # distill.py extends this config
 
 
@@ -79,7 +84,7 @@ def balanced_weights(targets, cache):
         return torch.load(cache)
     y = targets.float() if targets.dim() == 2 else F.one_hot(targets).float()
     w = (y * 1000 / (y.sum(0) + 0.01)).sum(1)
-    torch.save(w, cache)
+    save_atomic(w, cache)
     return w
 
 
@@ -112,17 +117,11 @@ def kd_loss(student, teacher_logits, soft):
     return F.cross_entropy(student, teacher_logits.softmax(-1))
 
 
-def freeze_teacher(teacher):
-    """The distillation teacher: eval mode (no drop-path, BN running statistics), no grads."""
-    teacher.eval().requires_grad_(False)
-    return teacher
-
-
 def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
     c = SimpleNamespace(**cfg)
     t0 = time.time()
     d = setup_distributed(c.device)
-    d.print("config:", " ".join(f"{k}={v}" for k, v in cfg.items()))
+    d.print(describe(cfg))
     if not c.ckpt:
         raise SystemExit(f"{stage}.py needs --ckpt (a pre-trained checkpoint)")
     train_rows, valid_rows, test_rows = task_splits(c.data, c.data_root or None, c.test_csv,
@@ -134,7 +133,7 @@ def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
     out_dir = c.out_dir or os.path.join("out", f"{stage}_{os.path.basename(c.data)}_{ae.kind}")
     os.makedirs(out_dir, exist_ok=True)
     if teacher is not None:
-        freeze_teacher(teacher.to(d.device))
+        freeze(teacher.to(d.device))
         if teacher.classes != labels.classes:
             raise SystemExit(f"the teacher was fine-tuned on other classes ({len(teacher.classes)}"
                              f" vs {len(labels.classes)} here)")
@@ -142,16 +141,13 @@ def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
             d.print(f"note: teacher and student are both ATST-{ae.kind} (C2F/F2C cross kinds)")
     torch.manual_seed(c.seed)
     set_drop_path(ae.encoder, c.drop_path)
-    model = Classifier(ae, len(labels.classes)).to(d.device).train()
-    if d.world > 1 and d.device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ddp = model if d.world == 1 else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    model, ddp = wrap_ddp(Classifier(ae, len(labels.classes)).to(d.device).train(), d)
     groups = layer_decay_groups(model, c.layer_decay, c.weight_decay)
     d.print(f"{ae.source}: ATST-{ae.kind}, {len(labels.classes)} classes "
             f"({'multi' if labels.multi else 'single'}-label), {len(train_rows)}/"
-            f"{len(valid_rows)}/{len(test_rows)} clips; lr scales "
-            + ", ".join(f"{g['lr_scale']:.3g} x{len(g['params'])}" for g in groups))
+            f"{len(valid_rows)}/{len(test_rows)} clips; groups (lr scale, weight decay) "
+            + ", ".join(f"{g['lr_scale']:.3g}/{g['weight_decay']:g} x{len(g['params'])}"
+                        for g in groups))
     opt = torch.optim.SGD(groups, lr=c.lr, momentum=0.9)
 
     per_rank = c.batch_size // d.world
@@ -193,19 +189,20 @@ def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
             step = epoch * per_epoch + i
             for g in opt.param_groups:
                 g["lr"] = sched[step].item() * g["lr_scale"]
-            torch.manual_seed(c.seed * 1_000_003 + step * 1024 + d.rank)  # drop-path
+            seed = step_seed(c.seed, step, d.rank)
+            torch.manual_seed(seed)  # drop-path
             wav, valid, y = wav.to(d.device), valid.to(d.device), y.to(d.device)
             with torch.no_grad():
                 mel = model.ae.front(wav, valid)                        # (B, F, T)
                 n_tok = tokens_for(valid)
                 target = y.float() if labels.multi else y
                 if c.mixup:  # RRC stretches time, so every clip is taken as full length
-                    gen.manual_seed(c.seed * 1_000_003 + step * 1024 + d.rank)
-                    rng = np.random.default_rng([c.seed, step, d.rank])
+                    gen.manual_seed(seed)
+                    rng = np.random.default_rng(seed)
                     onehot = target if labels.multi else F.one_hot(y, len(labels.classes)).float()
                     mel, target = mixup_labels(mel, onehot, c.mixup_alpha, rng)
                     mel = rrc(mel, gen)
-                    n_tok = torch.full_like(n_tok, mel.shape[-1] // 4)
+                    n_tok = torch.full_like(n_tok, mel.shape[-1] // FRAMES_PER_TOKEN)
             with d.ctx:
                 logits = ddp(mel, n_tok).float()
                 loss = task_loss(logits, target, soft)
@@ -248,11 +245,11 @@ def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
     res = dict(stage=stage, dataset=c.data, checkpoint=c.ckpt, kind=ae.kind,
                teacher=cfg.get("teacher"), teacher_kind=teacher.ae.kind if teacher else None,
                metric="mAP" if labels.multi else "accuracy", test=test, valid=best["valid"],
-               best_epoch=best["epoch"], lr=c.lr, seed=c.seed, elapsed_s=round(time.time() - t0, 1),
+               best_epoch=best["epoch"], lr=c.lr, seed=c.seed,
+               elapsed_s=round(time.time() - t0, 1),
                n=[len(train_rows), len(valid_rows), len(test_rows)], config=cfg)
     if d.master:
-        with open(os.path.join(out_dir, "result.json"), "w") as f:
-            json.dump(res, f, indent=1, default=str)
+        save_json(res, os.path.join(out_dir, "result.json"))
         d.print(f"{stage} {c.data} | ATST-{ae.kind} | {res['metric']} {test:.4f} (test) | valid "
                 f"{best['valid']:.4f} at epoch {best['epoch']} | {res['elapsed_s']:.0f}s -> "
                 f"{out_dir}/result.json")
@@ -261,4 +258,4 @@ def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
 
 
 if __name__ == "__main__":
-    train(configure(globals(), TASKS, key="data"))
+    train(configure(globals(), dict(data=TASKS)))

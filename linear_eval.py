@@ -24,9 +24,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (FRAME_S, Labels, LabelledClips, cleanup_distributed, configure, gather_shards,
-                  my_shard, pad_collate, setup_distributed, task_splits)
-from model import Encoder, LinearHead, cosine_schedule, load_encoder, score
+from data import Labels, LabelledClips, pad_collate, task_splits
+from metrics import score
+from model import TOKEN_S, Encoder, LinearHead, load_encoder
+from plumbing import (cleanup_distributed, configure, cosine_schedule, describe, gather_shards,
+                      my_shard, save_atomic, save_json, setup_distributed)
 
 # -------------------------------------------------------------------------------- config
 ckpt = ""                   # pre-trained checkpoint: ours (teacher encoder) or a released one
@@ -67,8 +69,7 @@ def extract(ae, rows, c, d, tag):
     feats = gather_shards(mine, torch.cat(feats), len(rows), d)
     if d.master:
         os.makedirs(c.cache_dir, exist_ok=True)
-        torch.save(feats, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        save_atomic(feats, path)
     return feats
 
 
@@ -126,6 +127,7 @@ if __name__ == "__main__":
         raise SystemExit("linear_eval.py needs --ckpt (a pre-trained checkpoint)")
     t0 = time.time()
     d = setup_distributed(c.device)
+    d.print(describe(cfg))
     ae = load_encoder(c.ckpt, d.device, pretrained=True)
     if c.random_init:
         torch.manual_seed(c.seed)
@@ -133,7 +135,7 @@ if __name__ == "__main__":
         ae.encoder = Encoder(e.dim, e.depth, e.blocks[0].attn.heads, 0.0, e.cls_token is not None,
                              e.mask_token is not None, e.max_tokens).to(d.device).eval()
     if c.chunk_seconds:
-        ae.chunk = min(round(c.chunk_seconds / FRAME_S), ae.encoder.max_tokens)
+        ae.chunk = min(round(c.chunk_seconds / TOKEN_S), ae.encoder.max_tokens)
     d.print(f"{ae.source}: {ae.kind}, dim {ae.encoder.dim}, depth {ae.encoder.depth}"
             f"{' (random weights)' if c.random_init else ''}")
     runs = [evaluate_split(ae, c, d, f) for f in (range(1, c.folds + 1) if c.folds else [0])]
@@ -147,9 +149,7 @@ if __name__ == "__main__":
     path = c.out or os.path.join("results", f"linear_{os.path.basename(c.data)}_{name}"
                                             f"{'_random' if c.random_init else ''}.json")
     if d.master:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+        save_json(res, path)
         d.print(f"linear_eval {c.data} | {ae.kind} | {res['metric']} {res['test']:.4f} (test) | "
                 f"lr {res['lr']:g} (valid {res['valid']:.4f}) | {res['elapsed_s']:.0f}s -> {path}")
     cleanup_distributed()

@@ -1,7 +1,8 @@
 """
 Everything with parameters, shared by every stage: the mel front-end, the Encoder, the BYOL
-teacher-student pair for ATST-Clip and ATST-Frame, group masking, EMA and cosine schedules.
-Numbers come from ../shared/SPEC.md (section numbers in comments).
+teacher-student pair for ATST-Clip and ATST-Frame and its EMA, parameter groups, the embedding
+API and checkpoint loading, the downstream heads. Numbers come from ../shared/SPEC.md (section
+numbers in comments); group masking and the augmentations are in augment.py.
 
 How the Encoder differs from a vanilla ViT:
 - tokens are 4 mel frames x 64 mel bins (40 ms each, mel-major flattening), not 2-D patches;
@@ -13,7 +14,6 @@ How the Encoder differs from a vanilla ViT:
 - the same final LayerNorm is applied to every block output that is read.
 """
 import contextlib
-import math
 import os
 from typing import NamedTuple
 
@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
 
+from metrics import collapse_std
+
 # ----------------------------------------------------------------------------------------------
 # Front-end (SPEC 1)
 
@@ -29,6 +31,7 @@ SAMPLE_RATE = 16000
 HOP = 160              # 10 ms mel hop
 FRAMES_PER_TOKEN = 4   # 4 frames -> one 40 ms token
 N_MELS = 64
+TOKEN_S = HOP * FRAMES_PER_TOKEN / SAMPLE_RATE  # 0.04 s: one encoder token (40 ms)
 DB_MIN, DB_MAX = -79.6482, 50.6842  # fixed min-max of the released models
 
 
@@ -178,8 +181,8 @@ class Encoder(nn.Module):
         B, Fm, T = mel.shape
         N = T // FRAMES_PER_TOKEN
         if N > self.max_tokens:
-            raise ValueError(f"input has {N} tokens ({N * 0.04:.2f} s) but the positional table "
-                             f"holds {self.max_tokens}: chunk long audio before encoding")
+            raise ValueError(f"input has {N} tokens ({N * TOKEN_S:.2f} s) but the positional "
+                             f"table holds {self.max_tokens}: chunk long audio before encoding")
         x = mel[:, :, :N * FRAMES_PER_TOKEN].reshape(B, Fm, N, FRAMES_PER_TOKEN)
         x = x.permute(0, 2, 1, 3).reshape(B, N, Fm * FRAMES_PER_TOKEN)  # (B, N, 256) mel*4+offset
         x = self.patch_embed(x)                                          # (B, N, D)
@@ -233,17 +236,24 @@ def byol_loss(q, z):
 
 
 class ATST(nn.Module):
-    """Student (encoder, projector, predictor) and EMA teacher (encoder, projector).
+    """Student (encoder, projector, predictor) and EMA teacher (encoder, projector), as the
+    reference code trains them (SPEC 3):
 
-    method 'clip': rows are the CLS outputs of two views.
-    method 'frame': rows are the masked tokens; the teacher sees the same view unmasked
-    (or masked too, mask_teacher=True, Table III config C) and is read at the same positions.
-    The loss is the mean of the two symmetric terms (as the reference code; the paper sums).
-    The teacher encoder has no drop-path (as DINO's); its projector BN uses batch statistics.
+    - method 'clip': rows are the CLS outputs of the two views; 'frame': rows are the masked
+      tokens, and the teacher sees the view unmasked (or masked too, mask_teacher=True, Table
+      III config C) and is read at the same positions;
+    - the rows of both views go through the projector (and predictor) as one batch, so
+      BatchNorm normalises them together;
+    - the teacher runs in train mode like the student: batch statistics in its BatchNorm and,
+      with teacher_drop_path (the default), the student's stochastic depth (0 -> drop_path
+      over blocks); teacher_drop_path=False gives it none (as DINO's teacher);
+    - the loss is the mean of the two symmetric terms (the paper writes their sum).
+    forward returns (loss, stats); summarize(stats) gives the collapse monitors.
     """
+    ckpt_kind = "atst-pretrain"
 
     def __init__(self, method, dim, depth, heads, proj_hidden, proj_dim, drop_path=0.1,
-                 mask_teacher=False):
+                 mask_teacher=False, teacher_drop_path=True):
         super().__init__()
         assert method in ("clip", "frame"), method
         self.method, self.mask_teacher = method, mask_teacher
@@ -253,29 +263,35 @@ class ATST(nn.Module):
         self.student = nn.ModuleDict(dict(encoder=Encoder(drop_path=drop_path, **enc),
                                           projector=mlp_head(dim, proj_hidden, proj_dim)))
         self.predictor = mlp_head(proj_dim, proj_hidden, proj_dim)
-        self.teacher = nn.ModuleDict(dict(encoder=Encoder(drop_path=0.0, **enc),
-                                          projector=mlp_head(dim, proj_hidden, proj_dim)))
+        self.teacher = nn.ModuleDict(dict(
+            encoder=Encoder(drop_path=drop_path if teacher_drop_path else 0.0, **enc),
+            projector=mlp_head(dim, proj_hidden, proj_dim)))
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
 
     def forward(self, v1, v2, mask=None, n_valid=None):
-        """Returns (loss, student rows, teacher rows); rows are L2-normalised and detached."""
+        """v1, v2: log-mel views (B, F, T); mask (B, N) and n_valid (B,) for 'frame'.
+        Returns (loss, stats: L2-normalised student and teacher rows, detached)."""
         if self.method == "frame":
-            h1, h2 = self._encode(self.student.encoder, v1, v2, n_valid, mask)
-            q1, q2 = (self.predictor(self.student.projector(h[mask])) for h in (h1, h2))
-            with torch.no_grad():
-                t_mask = mask if self.mask_teacher else None
-                t1, t2 = self._encode(self.teacher.encoder, v1, v2, n_valid, t_mask)
-                z1, z2 = (self.teacher.projector(t[mask]) for t in (t1, t2))
+            rows = lambda h: h[mask]                       # (B, N, D) -> (masked tokens, D)
+            s_mask, t_mask = mask, mask if self.mask_teacher else None
         else:
-            h1, h2 = self._encode(self.student.encoder, v1, v2)
-            q1, q2 = (self.predictor(self.student.projector(h[:, 0])) for h in (h1, h2))
-            with torch.no_grad():
-                t1, t2 = self._encode(self.teacher.encoder, v1, v2)
-                z1, z2 = (self.teacher.projector(t[:, 0]) for t in (t1, t2))
+            rows = lambda h: h[:, 0]                       # CLS: (B, D)
+            s_mask = t_mask = n_valid = None
+        h1, h2 = self._encode(self.student.encoder, v1, v2, n_valid, s_mask)
+        q = self.predictor(self.student.projector(torch.cat([rows(h1), rows(h2)])))
+        with torch.no_grad():
+            t1, t2 = self._encode(self.teacher.encoder, v1, v2, n_valid, t_mask)
+            z = self.teacher.projector(torch.cat([rows(t1), rows(t2)]))
+        (q1, q2), (z1, z2) = q.chunk(2), z.chunk(2)       # both views hold as many rows
         loss = (byol_loss(q1, z2) + byol_loss(q2, z1)) / 2
-        rows = lambda a, b: F.normalize(torch.cat([a, b]).detach().float(), dim=-1)
-        return loss, rows(q1, q2), rows(z1, z2)
+        unit = lambda x: F.normalize(x.detach().float(), dim=-1)
+        return loss, dict(s=unit(q), t=unit(z))
+
+    @staticmethod
+    def summarize(stats, world=1):
+        """Collapse monitors of the student (predictor) and teacher (projector) rows."""
+        return dict(std_s=collapse_std(stats["s"], world), std_t=collapse_std(stats["t"], world))
 
     @staticmethod
     def _encode(encoder, v1, v2, n_valid=None, mask=None):
@@ -296,69 +312,23 @@ def ema_update(teacher_params, student_params, m):
     torch._foreach_lerp_(teacher_params, student_params, 1.0 - float(m))
 
 
-def param_groups(module, weight_decay=0.0):
-    """Two AdamW groups from one rule: decay tensors with ndim >= 2, not biases or norms."""
-    decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
-    return [dict(params=decay, weight_decay=weight_decay, decay=True),
-            dict(params=no_decay, weight_decay=0.0, decay=False)]
-
-# ----------------------------------------------------------------------------------------------
-# Masking (SPEC 4) and schedules (SPEC 3)
-
-
-def group_mask(n_valid, n_tokens, span=5, prob=0.65, generator=None, min_spans=2):
-    """wav2vec2-style span masking, one mask per clip, vectorised over the batch.
-
-    Per clip: k = max(min_spans, int(prob * n / span + U[0,1))) span starts drawn without
-    replacement from [0, n - span), each masking `span` tokens (spans may overlap): about 50%
-    of tokens for span=5, prob=0.65. span=1 gives random (unstructured) masking.
-    n_valid: (B,) valid tokens per clip; n_tokens: the padded length N. Returns (B, N) bool.
-    """
-    dev = n_valid.device
-    B = n_valid.shape[0]
-    n_starts = n_tokens - span if span > 1 else n_tokens
-    u = torch.rand(B, device=dev, generator=generator)
-    k = torch.clamp((prob * n_valid / span + u).floor().long(), min=min_spans)
-    avail = (n_valid - span if span > 1 else n_valid).clamp(min=0)  # start positions per clip
-    k = torch.minimum(k, avail)
-    pos = torch.arange(max(n_starts, 0), device=dev)
-    noise = torch.rand(B, max(n_starts, 0), device=dev, generator=generator)
-    noise = noise.masked_fill(pos >= avail.unsqueeze(1), 2.0)      # never pick invalid starts
-    rank = noise.argsort(1).argsort(1)                             # (B, n_starts)
-    starts = (rank < k.unsqueeze(1)).float()
-    starts = F.pad(starts, (span - 1, n_tokens - max(n_starts, 0)))  # (B, N + span - 1)
-    # a token is masked when a span starts at one of the span-1 tokens before it or at it
-    return F.max_pool1d(starts.unsqueeze(1), span, stride=1).squeeze(1).bool()  # (B, N)
+def param_groups(module, weight_decay=0.0, lr_scale=None):
+    """Optimizer groups from one rule: weight decay on tensors with ndim >= 2, not on biases or
+    norms (`decay` marks which, for schedules). lr_scale(name) -> float splits the groups
+    further by lr scale (layer-wise lr decay)."""
+    groups = {}
+    for n, p in module.named_parameters():
+        if p.requires_grad:
+            key = (lr_scale(n) if lr_scale else 1.0, p.ndim >= 2)
+            groups.setdefault(key, []).append(p)
+    return [dict(params=ps, lr_scale=sc, decay=dec, weight_decay=weight_decay if dec else 0.0)
+            for (sc, dec), ps in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))]
 
 
-def cosine_schedule(start, end, total_steps, warmup_steps=0, warmup_from=0.0):
-    """Tensor of total_steps + 1 values indexed by step: linear warmup from `warmup_from` to
-    `start` over warmup_steps, then cosine from `start` to `end` at the last step."""
-    warm = torch.linspace(warmup_from, start, warmup_steps + 1)[:-1] if warmup_steps else \
-        torch.zeros(0)
-    n = total_steps - warmup_steps
-    t = torch.arange(n + 1, dtype=torch.float64) / max(n, 1)
-    cos = end + (start - end) * (1 + torch.cos(math.pi * t)) / 2
-    return torch.cat([warm.double(), cos])
+def freeze(module):
+    """A frozen module: eval mode (no drop-path, BatchNorm running statistics), no gradients."""
+    return module.eval().requires_grad_(False)
 
-
-def ema_schedule(m0, total_steps):
-    """EMA momentum: m = 1 - (1 - m0) (1 + cos(pi t / T)) / 2, from m0 to 1."""
-    return cosine_schedule(m0, 1.0, total_steps)
-
-
-def collapse_std(rows, world=1):
-    """Per-dimension std over rows (all ranks) of L2-normalised outputs, averaged over dims.
-    About 1/sqrt(dim) when rows spread over the sphere; toward 0 on collapse."""
-    r = rows.double()
-    stats = torch.cat([torch.tensor([r.shape[0]], dtype=torch.float64, device=r.device),
-                       r.sum(0), (r * r).sum(0)])
-    if world > 1:
-        torch.distributed.all_reduce(stats)
-    n, s, ss = stats[0], stats[1:1 + r.shape[1]], stats[1 + r.shape[1]:]
-    var = (ss / n - (s / n) ** 2).clamp(min=0) * n / (n - 1).clamp(min=1)
-    return var.sqrt().mean().item()
 
 # ----------------------------------------------------------------------------------------------
 # Inference: embeddings from audio of any length, and loading any ATST checkpoint (SPEC 6, 9)
@@ -464,7 +434,7 @@ class AudioEncoder(nn.Module):
         w = counts.float().view(B, K, 1)
         clip = (mean.view(B, K, -1) * w).sum(1) / w.sum(1)
         frames = frames.view(B, K * C, D)[:, :N]
-        stamps = torch.arange(N, device=dev) * 40.0 + 20.0
+        stamps = (torch.arange(N, device=dev) + 0.5) * (TOKEN_S * 1000)  # centres, ms
         return Embeddings(frames, stamps, clip, n_tok)
 
 
@@ -503,12 +473,13 @@ class Classifier(nn.Module):
                 **{f"head.{k}": v for k, v in self.head.state_dict().items()}}
 
     def load_export(self, state):
-        """Inverse of export(), strict."""
+        """Inverse of export(), strict: a missing or unexpected key is an error naming it."""
+        want, got = set(self.export()), set(state)
+        if want != got:
+            raise KeyError(f"fine-tuned weights do not match the model: missing "
+                           f"{sorted(want - got)}, unexpected {sorted(got - want)}")
         self.ae.encoder.load_state_dict(_subtree(state, "encoder."), strict=True)
         self.head.load_state_dict(_subtree(state, "head."), strict=True)
-        if len(state) != len(self.ae.encoder.state_dict()) + len(self.head.state_dict()):
-            extra = [k for k in state if not k.startswith(("encoder.", "head."))]
-            raise KeyError(f"unexpected keys: {extra}")
         return self
 
 
@@ -566,37 +537,17 @@ def load_classifier(path, device="cpu", expect=("atst-finetune", "atst-sed")):
 
 def layer_decay_groups(model, decay=0.75, weight_decay=0.0):
     """SGD groups with lr_scale for layer-wise lr decay (SPEC 6): head 1, final norm decay,
-    block i decay^(L - i), embeddings (patch, positions, CLS, mask) decay^L like block 0."""
-    enc = model.ae.encoder
-    L = enc.depth
-    scale_of = {}
-    for n, p in enc.named_parameters():
-        if n.startswith("blocks."):
-            scale_of[p] = decay ** (L - int(n.split(".")[1]))
-        elif n.startswith("norm."):
-            scale_of[p] = decay
-        else:
-            scale_of[p] = decay ** L
-    for p in model.head.parameters():
-        scale_of[p] = 1.0
-    groups = {}
-    for p, sc in scale_of.items():
-        if p.requires_grad:
-            groups.setdefault(sc, []).append(p)
-    return [dict(params=ps, lr_scale=sc, weight_decay=weight_decay)
-            for sc, ps in sorted(groups.items(), reverse=True)]
+    block i decay^(L - i), embeddings (patch, positions, CLS, mask) decay^L like block 0;
+    weight decay on matrices only, as in pre-training."""
+    L = model.ae.encoder.depth
 
-
-def score(logits, targets, multi):
-    """Accuracy (single-label) or mAP: macro average precision over the classes that have
-    positives, with scikit-learn's average_precision_score (multi-label)."""
-    if not multi:
-        return (logits.argmax(-1) == targets).float().mean().item()
-    from sklearn.metrics import average_precision_score
-    y = targets.cpu().numpy() > 0.5
-    has = y.any(0)
-    return float(average_precision_score(y[:, has], logits.float().cpu().numpy()[:, has],
-                                         average="macro"))
+    def scale(name):
+        if name.startswith("ae.encoder.blocks."):
+            return decay ** (L - int(name.split(".")[3]))
+        if name.startswith("ae.encoder.norm."):
+            return decay
+        return decay ** L if name.startswith("ae.encoder.") else 1.0
+    return param_groups(model, weight_decay, scale)
 
 
 # released checkpoints (SPEC 9) -> our names; every other encoder key is named alike

@@ -1,7 +1,7 @@
 """
-ATST-Clip pre-training (SPEC 3-5): two independent 6 s crops of each clip's log-mel, each
+ATST-Clip pre-training (SPEC 3-5): two independent 6 s crops of each clip, each log-mel ->
 Mixup -> Random Resized Crop; the student's CLS output of one view predicts the EMA teacher's
-of the other, symmetric. The loop (DDP, bf16, schedules, resume, logs) is pretrain_frame.train.
+of the other, symmetric. This file holds the config and the views; the loop is pretrain.train.
 
     python pretrain_clip.py --data demo --preset tiny                       # CPU demo, minutes
     torchrun --nproc_per_node=8 pretrain_clip.py --data as1.9m              # paper: base
@@ -14,10 +14,10 @@ from types import SimpleNamespace
 
 import torch
 
+import pretrain
 from augment import Mixup, RandomResizedCrop, random_crops
-from data import configure
-from model import SAMPLE_RATE, frames_for
-from pretrain_frame import train
+from model import ATST, PRESETS as MODEL_PRESETS, SAMPLE_RATE, MelFrontEnd, frames_for
+from plumbing import configure
 
 # -------------------------------------------------------------------------------- config
 # defaults = the paper's ATST-Clip base run (Table I; steps as the reference code)
@@ -34,6 +34,7 @@ die_at_step = -1            # testing: SIGKILL this process when it reaches this
 # model
 preset = "base"             # tiny | small | base (model size; also sets the run defaults)
 drop_path = 0.1             # stochastic depth of the last student block (linear from 0)
+teacher_drop_path = True    # teacher has the student's drop-path (reference); false: none
 # data
 seconds = 10.0              # audio read per clip, from which the segments are cropped
 # optimizer (AdamW 0.9/0.999, eps 1e-6)
@@ -41,8 +42,8 @@ batch_size = 1536           # global batch over all GPUs and accumulation steps
 micro_batch = 0             # clips per GPU per forward; 0 = batch_size / GPUs
 base_lr = 2e-4              # peak lr = base_lr * batch_size / 256
 min_lr = 1e-6               # lr at the last step (cosine)
-epochs = 200.0              # used when max_steps is 0
-max_steps = 318000          # optimizer steps; 0 = derive from epochs
+max_steps = 318000          # optimizer steps (the reference's); 0 = derive from epochs
+epochs = 200.0              # the paper's; setting it (edit or flag) sets max_steps to 0
 warmup_epochs = 10.0        # linear lr warmup
 wd_start = 0.04             # weight decay, cosine to wd_end (matrices only)
 wd_end = 0.4
@@ -53,38 +54,54 @@ crop_sec = 6.0              # segment length in seconds
 crop_sec2 = 0.0             # length of the second segment; 0 = crop_sec
 mixup_bank = 2000           # Mixup FIFO size (per rank, per segment length)
 mixup_ratio = 0.4           # a ~ mixup_ratio * U(0, 1)
+# --preset: model size (model.PRESETS) and the run defaults of Table I. Every row lists the
+# same names; the first repeats the block above, so an edited global wins over any row.
 PRESETS = {
-    "base": dict(),
+    "base": dict(out_dir="out/clip_base", data="as1.9m", batch_size=1536, base_lr=2e-4,
+                 max_steps=318000, epochs=200.0, warmup_epochs=10.0, ema_m0=0.9995,
+                 mixup_bank=2000, num_workers=8, log_every=50, ckpt_every=2000),
     "small": dict(out_dir="out/clip_small", data="as200k", batch_size=1536, base_lr=5e-4,
-                  epochs=300.0, max_steps=39100, ema_m0=0.99),
+                  max_steps=39100, epochs=300.0, warmup_epochs=10.0, ema_m0=0.99,
+                  mixup_bank=2000, num_workers=8, log_every=50, ckpt_every=2000),
     "tiny": dict(out_dir="out/clip_tiny", data="demo", batch_size=32, base_lr=4e-3,
-                 epochs=40.0, max_steps=0, warmup_epochs=4.0, ema_m0=0.99, mixup_bank=256,
+                 max_steps=0, epochs=40.0, warmup_epochs=4.0, ema_m0=0.99, mixup_bank=256,
                  num_workers=2, log_every=20, ckpt_every=100),
 }
 
-def clip_views(c):
-    """ATST-Clip views from config `c`: two segments (or one, twice), each Mixup -> RRC. No
-    mask and no padding mask: RRC rescales time, and short clips were zero-padded to the
-    segment as in the reference. Returns (make_views, stateful augmentations)."""
-    n1 = frames_for(int(c.crop_sec * SAMPLE_RATE))  # mel frames of a segment (6 s -> 601)
-    n2 = frames_for(int((c.crop_sec2 or c.crop_sec) * SAMPLE_RATE))
-    assert c.segments in ("two", "single"), c.segments
-    assert c.segments == "two" or n1 == n2, "a single segment gives two views of one length"
-    mixups = torch.nn.ModuleDict({str(n): Mixup(c.mixup_bank, c.mixup_ratio) for n in {n1, n2}})
-    rrc = RandomResizedCrop()
 
-    def make_views(mel, n_valid, g):
-        a = random_crops(mel, n1, g)
-        b = random_crops(mel, n2, g) if c.segments == "two" else a
-        v1, v2 = rrc(mixups[str(n1)](a, g), g), rrc(mixups[str(n2)](b, g), g)
-        mixups[str(n1)].push(a)
-        if c.segments == "two":
-            mixups[str(n2)].push(b)
+class ClipViews(torch.nn.Module):
+    """Waveforms -> (view 1, view 2, None, None) for ATST.forward: two segments (or one,
+    twice) cropped from the waveform inside each clip's real audio (clips shorter than a
+    segment are zero-padded to it, as the reference), each -> log-mel -> Mixup -> RRC. No
+    mask, no padding mask: RRC rescales time."""
+
+    def __init__(self, c):
+        super().__init__()
+        assert c.segments in ("two", "single"), c.segments
+        self.two = c.segments == "two"
+        self.n = [int(s * SAMPLE_RATE) for s in (c.crop_sec, c.crop_sec2 or c.crop_sec)]
+        assert self.two or self.n[0] == self.n[1], "a single segment gives two views of one length"
+        self.front, self.rrc = MelFrontEnd(), RandomResizedCrop()
+        self.mixups = torch.nn.ModuleDict({str(frames_for(n)): Mixup(c.mixup_bank, c.mixup_ratio)
+                                           for n in self.n})
+
+    def forward(self, wav, valid, g):
+        a = self.front(random_crops(wav, self.n[0], valid, g))       # (B, F, T1)
+        b = self.front(random_crops(wav, self.n[1], valid, g)) if self.two else a
+        mix_a, mix_b = self.mixups[str(a.shape[-1])], self.mixups[str(b.shape[-1])]
+        v1, v2 = self.rrc(mix_a(a, g), g), self.rrc(mix_b(b, g), g)
+        mix_a.push(a)
+        if self.two:
+            mix_b.push(b)
         return v1, v2, None, None
 
-    return make_views, mixups
+
+def model_args(c):
+    return dict(method="clip", drop_path=c.drop_path, teacher_drop_path=c.teacher_drop_path,
+                **MODEL_PRESETS[c.preset])
 
 
 if __name__ == "__main__":
-    cfg = configure(globals(), PRESETS)
-    train(cfg, "clip", *clip_views(SimpleNamespace(**cfg)))
+    cfg = configure(globals(), dict(preset=PRESETS), implies=dict(epochs=dict(max_steps=0)))
+    c = SimpleNamespace(**cfg)
+    pretrain.train(cfg, model_args(c), ATST, ClipViews(c))

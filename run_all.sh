@@ -26,7 +26,7 @@ if [ -z "$DATA_ROOT" ]; then
   LINEAR_TASKS="demo_events demo_tags"; ABL_TASKS="demo_events"
   FT_TASKS="demo_events"; SED_DATA=demo_sed
   SED_FT_ARGS="--epochs 10"  # fine-tune-mode SED: half the demo's 20 epochs (CPU time)
-  python data.py demo --data_root "$ATST_DATA" >/dev/null
+  python demo.py --data_root "$ATST_DATA" >/dev/null
 else
   # the paper: base models on AudioSet-1.9M; Tables II-III ablations are small on AS-200K
   PRESET=${PRESET:-base}; ABL_PRESET=small

@@ -10,28 +10,33 @@ DESED detection TSVs.
 
     python sed.py --ckpt out/frame_tiny/ckpt.pt --data demo_sed --mode linear
     python sed.py --ckpt out/frame_tiny/ckpt.pt --data demo_sed --mode finetune
-    python sed.py --ckpt out/frame_tiny/ckpt.pt --data demo_sed --teacher out/sed_demo_sed_clip_finetune/best.pt  # C2F
+    python sed.py --ckpt out/frame_tiny/ckpt.pt --data demo_sed \
+        --teacher out/sed_demo_sed_clip_finetune/best.pt                    # C2F
     torchrun --nproc_per_node=8 sed.py --ckpt atstframe_base.ckpt --data dcase2022
-    python sed.py --predict my_audio/ --ckpt out/sed_dcase2022_frame_finetune/best.pt --out events.tsv
+    python sed.py --predict my_audio/ --ckpt out/sed_dcase2022_frame_finetune/best.pt \
+        --out events.tsv
 """
 import glob
-import json
 import math
 import os
+import sys
 import time
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (AUDIO_EXTS, FRAME_S, Log, SedClips, cleanup_distributed, configure,
-                  decode_strong, default_data_root, encode_strong, gather_shards, hold_out,
-                  load_audio, load_checkpoint, make_demo, my_shard, read_durations, read_strong,
-                  read_weak, save_atomic, setup_distributed)
-from model import SedModel, cosine_schedule, load_classifier, load_encoder, tokens_for
+from data import (AUDIO_EXTS, SedClips, default_data_root, encode_strong, hold_out, load_audio,
+                  read_durations, read_strong, read_weak, write_table)
+from demo import make_demo
+from metrics import detections, evaluate_sed, median_filter
+from model import (SAMPLE_RATE, TOKEN_S, SedModel, freeze, load_classifier, load_encoder,
+                   tokens_for)
+from plumbing import (Log, cleanup_distributed, configure, cosine_schedule, describe,
+                      gather_shards, load_checkpoint, my_shard, save_atomic, save_json,
+                      setup_distributed, step_seed, wrap_ddp)
 
 # -------------------------------------------------------------------------------- config
 ckpt = ""                   # pre-trained checkpoint (training) or an SED checkpoint (--predict)
@@ -63,14 +68,15 @@ cache = False               # keep every clip's log-mel (linear: its frozen fram
 num_workers = 4
 device = "auto"             # auto | cpu
 seed = 0
-TASKS = {  # the demo: CPU-sized; its intermittent events (clicks, plucks, tremolo) need a
-    # longer median filter than DESED's 7 frames (7: test PSDS1 0.000, 31: 0.057, tiny Frame)
+# --data NAME: per-task settings. Every row lists the same names; the first repeats the block
+# above (DESED, SPEC 7), so an edited global wins over any row. The demo is CPU-sized; its
+# intermittent events (clicks, plucks, tremolo) need a longer median filter than DESED's 7
+# frames (7: test PSDS1 0.000, 31: 0.057, tiny Frame).
+TASKS = {
+    "dcase2022": dict(epochs=100, batch_strong=128, batch_weak=128, warmup_epochs=5.0, lr=0.1,
+                      num_workers=4, cache=False, median_window=7, class_windows=""),
     "demo_sed": dict(epochs=20, batch_strong=16, batch_weak=16, warmup_epochs=1.0, lr=0.5,
-                     num_workers=2, cache=True, median_window=31)}
-PSDS1 = dict(dtc_threshold=0.7, gtc_threshold=0.7, cttc_threshold=0.3, alpha_ct=0.0,
-             alpha_st=1.0, max_efpr=100)
-PSDS2 = dict(dtc_threshold=0.1, gtc_threshold=0.1, cttc_threshold=0.3, alpha_ct=0.5,
-             alpha_st=1.0, max_efpr=100)
+                     num_workers=2, cache=True, median_window=31, class_windows="")}
 
 
 def task_dir(c):
@@ -85,134 +91,6 @@ def task_dir(c):
         raise FileNotFoundError(f"SED dataset {c.data!r}: expected the folder {path} "
                                 "(README 'Sound event detection' shows the layout)")
     return path
-
-
-def median_filter(scores, windows):
-    """Centred running median over time of (N, T, C) scores, one window per class (odd);
-    edges repeat the first / last frame."""
-    out = np.empty_like(scores)
-    for c, w in enumerate(windows):
-        h = w // 2
-        x = np.pad(scores[..., c], ((0, 0), (h, h)), mode="edge")
-        out[..., c] = np.median(np.lib.stride_tricks.sliding_window_view(x, w, axis=1), -1)
-    return out
-
-
-def detections_at(scores, files, classes, thresholds):
-    """Detection tables (DataFrames: filename, onset, offset, event_label) for every threshold,
-    from one vectorised pass over (N, T, C) scores: {threshold: DataFrame}."""
-    import pandas as pd
-    act = scores[None] > np.asarray(thresholds, dtype=scores.dtype)[:, None, None, None]
-    d = np.diff(np.pad(act, ((0, 0), (0, 0), (1, 1), (0, 0))).astype(np.int8), axis=2)
-    d = d.transpose(0, 1, 3, 2)                                             # (K, N, C, T+1)
-    k, n, c, on = np.nonzero(d == 1)                                        # sorted by k
-    off = np.nonzero(d == -1)[3]                                            # same order
-    files, classes = np.asarray(files), np.asarray(classes)
-    cuts = np.searchsorted(k, np.arange(len(thresholds) + 1))
-    return {t: pd.DataFrame(dict(filename=files[n[i:j]], onset=on[i:j] * FRAME_S,
-                                 offset=off[i:j] * FRAME_S, event_label=classes[c[i:j]]))
-            for t, i, j in zip(thresholds, cuts[:-1], cuts[1:])}
-
-
-def _psds_eval_class():
-    from psds_eval import PSDSEval
-
-    class FastPSDSEval(PSDSEval):
-        """psds_eval 0.5.3 without its self-overlap check on detection tables (half its time):
-        detections_at builds them from runs of active frames, which never overlap within a
-        class. Ground truth is still fully validated."""
-
-        def _validate_input_table_with_events(self, df, name):
-            if name == "detection":
-                self._validate_simple_dataframe(df, self.detection_cols, name, allow_empty=True)
-            else:
-                super()._validate_input_table_with_events(df, name)
-    return FastPSDSEval
-
-
-_EVAL = None  # the evaluator a forked worker scores operating points with
-
-
-def _op_point(det):
-    t = _EVAL._init_det_table(det)
-    return _EVAL._operating_point_id(t), _EVAL._evaluate_detections(t)
-
-
-def psds_operating_points(ev, tables, workers):
-    """ev.add_operating_point for every table, the scoring spread over forked processes."""
-    global _EVAL
-    _EVAL = ev
-    if workers > 1 and len(tables) > 1:
-        import multiprocessing as mp
-        with mp.get_context("fork").Pool(workers) as pool:
-            results = pool.map(_op_point, tables)
-    else:
-        results = [_op_point(t) for t in tables]
-    for op_id, (cts, tpr, fpr, ctr) in results:
-        if op_id:
-            ev._add_op(opid=op_id, counts=cts, tpr=tpr, fpr=fpr, ctr=ctr, info=None)
-
-
-def macro_f1(ev, det, gt):
-    """Intersection-based macro F1 as psds_eval counts it, except that a class with ground
-    truth and no true positive scores 0 (psds_eval 0.5.3 divides 0 by 0 there and drops the
-    class from the mean, or returns nan when no class has a hit)."""
-    from psds_eval.psds import WORLD
-    counts = ev._evaluate_detections(ev._init_det_table(det))[0]
-    tp, fp = np.diag(counts)[:-1], counts[:-1, -1]
-    names = sorted(set(ev.class_names) - {WORLD})
-    n_gt = gt["event_label"].value_counts().reindex(names, fill_value=0).to_numpy()
-    f = 2 * tp / np.maximum(2 * tp + (n_gt - tp) + fp, 1e-12)
-    return float(f[n_gt > 0].mean())
-
-
-def evaluate(scores, files, classes, gt_tsv, dur_tsv, windows, c, plot_dir=None, quick=False):
-    """PSDS1/PSDS2 (psds_eval at n_thresholds operating points, and threshold-free through
-    sed_scores_eval), intersection F1 at `threshold`; plots and TSVs when plot_dir is given.
-    quick (validation): only the F1 and the exact PSDS1."""
-    import warnings
-    import pandas as pd
-    from psds_eval import plot_psd_roc
-    from sed_scores_eval import intersection_based, io
-    warnings.filterwarnings("ignore", module="psds_eval")  # pandas deprecations inside it
-    PSDSEval = _psds_eval_class()
-    t0 = time.time()
-    scores = median_filter(scores, windows)
-    ths = [round(float(t), 4) for t in np.linspace(0.01, 0.99, c.n_thresholds)]
-    dets = detections_at(scores, files, classes, ths + [c.threshold])
-    tables = [dets[t] for t in ths]
-    gt = pd.read_csv(gt_tsv, sep="\t").dropna()
-    meta = pd.read_csv(dur_tsv, sep="\t")
-    workers = min(8, os.cpu_count() or 1)
-    res = {}
-    for name, p in () if quick else (("psds1", PSDS1), ("psds2", PSDS2)):
-        ev = PSDSEval(p["dtc_threshold"], p["gtc_threshold"], p["cttc_threshold"],
-                      ground_truth=gt, metadata=meta)
-        psds_operating_points(ev, tables, workers)
-        psds = ev.psds(p["alpha_ct"], p["alpha_st"], p["max_efpr"])
-        res[name] = float(psds.value)
-        if plot_dir:
-            plot_psd_roc(psds, filename=os.path.join(plot_dir, f"psd_roc_{name}.png"))
-    ev = PSDSEval(0.5, 0.5, 0.3, ground_truth=gt, metadata=meta)
-    res["f1_intersection"] = macro_f1(ev, dets[c.threshold], gt)
-    res["psds_eval_s"] = round(time.time() - t0, 2)
-    t1 = time.time()
-    stamps = np.arange(scores.shape[1] + 1) * FRAME_S
-    sc = {os.path.splitext(f)[0]: io.create_score_dataframe(s, stamps, classes)
-          for f, s in zip(files, scores)}
-    gt_d = {os.path.splitext(f)[0]: [] for f in meta["filename"]}
-    for r in gt.itertuples():
-        gt_d[os.path.splitext(r.filename)[0]].append((r.onset, r.offset, r.event_label))
-    durs = {os.path.splitext(r.filename)[0]: r.duration for r in meta.itertuples()}
-    for name, p in (("psds1", PSDS1),) + (() if quick else (("psds2", PSDS2),)):
-        kw = dict(p, cttc_threshold=p["cttc_threshold"] if p["alpha_ct"] else None)
-        res[f"{name}_exact"] = float(intersection_based.psds(sc, gt_d, durs, num_jobs=workers,
-                                                             **kw)[0])
-    res["sed_scores_eval_s"] = round(time.time() - t1, 2)
-    if plot_dir:
-        dets[c.threshold].to_csv(os.path.join(plot_dir, f"detections_{c.threshold:.2f}.tsv"),
-                                 sep="\t", index=False, float_format="%.3f")
-    return res
 
 
 @torch.no_grad()
@@ -287,7 +165,7 @@ def train(cfg):
     c = SimpleNamespace(**cfg)
     t0 = time.time()
     d = setup_distributed(c.device)
-    d.print("config:", " ".join(f"{k}={v}" for k, v in cfg.items()))
+    d.print(describe(cfg))
     root = task_dir(c)
     strong = read_strong(os.path.join(root, "train_strong.tsv"))
     weak = read_weak(os.path.join(root, "train_weak.tsv"))
@@ -303,21 +181,19 @@ def train(cfg):
     os.makedirs(out_dir, exist_ok=True)
     teacher = None
     if c.teacher:
-        teacher = load_classifier(c.teacher, d.device, expect=["atst-sed"])
-        teacher.eval().requires_grad_(False)
+        teacher = freeze(load_classifier(c.teacher, d.device, expect=["atst-sed"]))
         if teacher.classes != classes:
             raise SystemExit(f"{c.teacher} was trained on other classes: {teacher.classes}")
     torch.manual_seed(c.seed)
     model = SedModel(ae, len(classes)).to(d.device)
     freeze_for(model, c.mode)
-    ddp = model if d.world == 1 else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    model, ddp = wrap_ddp(model, d)
     params = [p for p in model.parameters() if p.requires_grad]
     d.print(f"{ae.source}: ATST-{ae.kind}, {len(classes)} classes, {c.mode}: "
             f"{sum(p.numel() for p in params):,} trainable parameters; strong {len(s_train)}/"
             f"{len(s_valid)}, weak {len(w_train)}, test {len(test)} clips")
     opt = torch.optim.SGD(params, lr=c.lr, momentum=0.9)
-    n_frames = tokens_for(10 * 16000)
+    n_frames = tokens_for(10 * SAMPLE_RATE)
     mk = lambda files, audio, tgt: SedClips(os.path.join(root, "audio", audio), files, tgt)
     s_ds = mk(s_train, "train_strong", torch.stack([encode_strong(strong[f], classes, n_frames)
                                                     for f in s_train]))
@@ -349,12 +225,9 @@ def train(cfg):
     valid_gt = os.path.join(out_dir, "valid_strong.tsv")
     valid_dur = os.path.join(out_dir, "valid_durations.tsv")
     if d.master:  # the held-out strong clips, in DESED format, for validation PSDS
-        with open(valid_gt, "w") as f, open(valid_dur, "w") as g:
-            f.write("filename\tonset\toffset\tevent_label\n")
-            g.write("filename\tduration\n")
-            for name in s_valid:
-                f.writelines(f"{name}\t{a}\t{b}\t{l}\n" for a, b, l in strong[name])
-                g.write(f"{name}\t10.0\n")
+        write_table(valid_gt, ["filename", "onset", "offset", "event_label"],
+                    ([name, *ev] for name in s_valid for ev in strong[name]))
+        write_table(valid_dur, ["filename", "duration"], ([name, 10.0] for name in s_valid))
     best, step = dict(obj=-1.0, epoch=0), 0
     log = Log(out_dir, d.master)
     best_path = os.path.join(out_dir, "best.pt")
@@ -384,7 +257,7 @@ def train(cfg):
                 batch_w = next(weak_iter)
             for g in opt.param_groups:
                 g["lr"] = sched[step].item()
-            torch.manual_seed(c.seed * 1_000_003 + step * 1024 + d.rank)
+            torch.manual_seed(step_seed(c.seed, step, d.rank))
             xs, ns_tok, ys, tss, tws = inputs(batch_s)
             xw, nw_tok, yw, tsw, tww = inputs(batch_w)
             ns = xs.shape[0]
@@ -407,8 +280,8 @@ def train(cfg):
             step += 1
         scores = predict_scores(model, os.path.join(root, "audio", "train_strong"), s_valid, c, d,
                                 v_cache)
-        v = evaluate(scores, s_valid, classes, valid_gt, valid_dur, windows, c, quick=True) \
-            if d.master else {}
+        v = evaluate_sed(scores, s_valid, classes, valid_gt, valid_dur, windows, TOKEN_S,
+                         c.n_thresholds, c.threshold, quick=True)[0] if d.master else {}
         if d.world > 1:
             box = [v]
             dist.broadcast_object_list(box)
@@ -432,14 +305,17 @@ def train(cfg):
     files = sorted(test)
     scores = predict_scores(model, os.path.join(root, "audio", "test"), files, c, d)
     if d.master:
-        res = evaluate(scores, files, classes, os.path.join(root, "test.tsv"),
-                       os.path.join(root, "test_durations.tsv"), windows, c, plot_dir=out_dir)
+        res, det = evaluate_sed(scores, files, classes, os.path.join(root, "test.tsv"),
+                                os.path.join(root, "test_durations.tsv"), windows, TOKEN_S,
+                                c.n_thresholds, c.threshold, plot_dir=out_dir,
+                                title=f"{os.path.basename(out_dir)}:")
+        write_table(os.path.join(out_dir, f"detections_{c.threshold:.2f}.tsv"),
+                    list(det.columns), det.round(3).itertuples(index=False))
         res.update(stage="sed", dataset=c.data, checkpoint=c.ckpt, kind=ae.kind, mode=c.mode,
                    classes=classes,
                    teacher=c.teacher or None, best_epoch=best["epoch"], lr=c.lr, seed=c.seed,
                    elapsed_s=round(time.time() - t0, 1), config=cfg)
-        with open(os.path.join(out_dir, "result.json"), "w") as f:
-            json.dump(res, f, indent=1, default=str)
+        save_json(res, os.path.join(out_dir, "result.json"))
         d.print(f"sed {c.data} | ATST-{ae.kind} {c.mode}{' + teacher' if c.teacher else ''} | "
                 f"PSDS1 {res['psds1']:.3f} PSDS2 {res['psds2']:.3f} (psds_eval, "
                 f"{res['psds_eval_s']:.1f}s) | exact {res['psds1_exact']:.3f} / "
@@ -450,11 +326,14 @@ def train(cfg):
 
 def detect(c):
     """--predict: events (filename, onset, offset, event_label) in files of any length and
-    sample rate, with the SED checkpoint's classes and median windows."""
+    sample rate, with the SED checkpoint's classes and median windows (--median_window /
+    --class_windows, when you set them, instead)."""
     model = load_classifier(c.ckpt, "cuda" if torch.cuda.is_available() and c.device != "cpu"
                             else "cpu", expect=["atst-sed"])
     ck = load_checkpoint(c.ckpt)
-    windows = ck.get("median_windows") or [c.median_window] * len(model.classes)
+    windows = ck.get("median_windows") or class_window_list(c, model.classes)
+    if {"median_window", "class_windows"} & set(c.set_by_user):
+        windows = class_window_list(c, model.classes)
     paths = []
     for p in c.predict.split(","):
         paths += sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True)
@@ -465,23 +344,20 @@ def detect(c):
         audio, lengths = model.ae.prepare(wav)
         with torch.no_grad():
             s, _ = model(model.ae.front(audio, lengths), tokens_for(lengths))
-        s = median_filter(s.float().cpu().numpy(), windows)[0]
-        dur = n / 16000
-        for a, b, label in decode_strong(s > c.threshold, model.classes):
-            rows.append((os.path.basename(path), min(a, dur), min(b, dur), label))
-    text = "filename\tonset\toffset\tevent_label\n" + "".join(
-        f"{f}\t{a:.3f}\t{b:.3f}\t{l}\n" for f, a, b, l in rows)
-    if c.out:
-        with open(c.out, "w") as f:
-            f.write(text)
-        print(f"{len(rows)} events in {len(paths)} files -> {c.out}")
-    else:
-        print(text, end="")
+        s = median_filter(s.float().cpu().numpy(), windows)
+        det = detections(s, [os.path.basename(path)], model.classes, [c.threshold], TOKEN_S)
+        dur = n / SAMPLE_RATE
+        rows += [(f, f"{min(a, dur):.3f}", f"{min(b, dur):.3f}", label)
+                 for f, a, b, label in det[c.threshold].itertuples(index=False)]
+    header = ["filename", "onset", "offset", "event_label"]
+    write_table(c.out or sys.stdout, header, rows)
+    print(f"{len(rows)} events in {len(paths)} files" + (f" -> {c.out}" if c.out else ""),
+          file=sys.stdout if c.out else sys.stderr)
     return rows
 
 
 if __name__ == "__main__":
-    cfg = configure(globals(), TASKS, key="data")
+    cfg = configure(globals(), dict(data=TASKS))
     if cfg["predict"]:
         detect(SimpleNamespace(**cfg))
     else:

@@ -15,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from plumbing import save_text  # noqa: E402
+
 # the paper's numbers for our methods (Tables II-VI)
 T2_COLS = ["as20k", "spcv2", "vox1", "nsynth", "us8k"]
 T2 = {"clip_single_1s": [21.0, 94.3, 52.3, 73.8, 79.3],
@@ -228,9 +230,7 @@ def main(out):
             md.append(f"![{title}](plots/{fname})")
             md.append("")
     path = os.path.join(out, "tables.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(md))
-    os.replace(path + ".tmp", path)
+    save_text("\n".join(md), path)
     print(f"tables -> {path}")
     return path
 

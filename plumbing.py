@@ -1,0 +1,255 @@
+"""
+Run plumbing shared by every stage: the config block of a script turned into --flags, the
+distributed / precision preamble, the one rule that seeds a step, schedules as tensors, atomic
+checkpoints and result files, and the log. Nothing here knows a model or a method.
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------
+# Config: the commented globals of a stage script become --flags
+
+
+def str2bool(s):
+    if s.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
+
+
+def config_keys(g):
+    """The config globals of a script: public int/float/bool/str values with lower-case names
+    (UPPER_CASE names are constants, imported or not)."""
+    return [k for k, v in g.items() if not k.startswith("_") and not k.isupper()
+            and type(v) in (int, float, bool, str)]
+
+
+def _parser(g, keys, helps, defaults=True):
+    p = argparse.ArgumentParser(description=g.get("__doc__", "").split("\n\n")[0].strip(),
+                                add_help=defaults,
+                                argument_default=None if defaults else argparse.SUPPRESS)
+    for k in keys:
+        typ = str2bool if type(g[k]) is bool else type(g[k])
+        kw = dict(default=g[k], help=(helps.get(k, "") + f" (default {g[k]!r})")
+                  .replace("%", "%%")) if defaults else {}
+        p.add_argument(f"--{k}", type=typ, **kw)
+    return p
+
+
+def configure(g, tables=None, implies=None, argv=None, help_files=()):
+    """Expose every int/float/bool/str global of a script as --name (the type of its default,
+    help = the comment on its line) and resolve the run's config. Lowest to highest precedence:
+
+    1. the config block as shipped;
+    2. per table {key: rows}: the row named by the value of `key` (a preset, a task's
+       settings); every row lists the same names, and the first row repeats the config block
+       as shipped, so a global that differs from it was edited in the script;
+    3. a global edited in the script;
+    4. a flag.
+    implies {name: {other: value}}: when `name` is set by an edit or a flag and `other` is
+    not, `other` takes `value` (e.g. setting epochs clears max_steps). --help shows the values
+    this command line would run with. Updates the globals; returns the config dict, whose
+    `set_by_user` lists the names set by an edit or a flag. help_files: more sources of
+    comments (a script that extends another's config)."""
+    keys, tables, implies = config_keys(g), tables or {}, implies or {}
+    helps = {}
+    for path in (*help_files, g["__file__"]):
+        with open(path) as f:
+            for line in f:
+                m = re.match(r"^(\w+)\s*=.*?#\s*(.*)$", line)
+                if m:
+                    helps[m.group(1)] = m.group(2)
+    argv = sys.argv[1:] if argv is None else argv
+    given = vars(_parser(g, keys, helps, defaults=False).parse_known_args(argv)[0])
+    edited = {k for rows in tables.values() for k, v in next(iter(rows.values())).items()
+              if g[k] != v}
+    for key, rows in tables.items():
+        assert all(r.keys() == next(iter(rows.values())).keys() for r in rows.values()), key
+        value = given.get(key, g[key])
+        if key == "preset" and value not in rows:
+            raise SystemExit(f"--preset {value!r}: choose one of {sorted(rows)}")
+        g.update({k: v for k, v in rows.get(value, {}).items() if k not in edited})
+    g.update(given)
+    by_user = edited | set(given)
+    for name, others in implies.items():
+        if name in by_user:
+            g.update({k: v for k, v in others.items() if k not in by_user})
+    g.update(vars(_parser(g, keys, helps).parse_args(argv)))  # --help, unknown flags, types
+    return dict({k: g[k] for k in keys}, set_by_user=sorted(by_user))
+
+
+def describe(cfg):
+    """The config line every stage prints at start."""
+    line = " ".join(f"{k}={v}" for k, v in cfg.items() if k != "set_by_user")
+    return f"config: {line}" + (f"\nset by you (edit or flag): {', '.join(cfg['set_by_user'])}"
+                                if cfg.get("set_by_user") else "")
+
+# ----------------------------------------------------------------------------------------------
+# Distributed and precision preamble: torchrun -> nccl on CUDA, gloo on CPU; bf16 on CUDA
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+    master: bool
+    ctx: object  # autocast context (bf16 on CUDA, a no-op on CPU)
+
+    def print(self, *a, **k):
+        if self.master:
+            print(*a, **k, flush=True)
+
+
+def setup_distributed(device="auto"):
+    cuda = torch.cuda.is_available() and device != "cpu"
+    rank, local, world = 0, 0, 1
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        dev = torch.device(f"cuda:{local}")
+        torch.cuda.set_device(dev)
+        torch.set_float32_matmul_precision("high")
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16)
+    else:
+        dev, ctx = torch.device("cpu"), contextlib.nullcontext()
+    return Dist(rank, local, world, dev, rank == 0, ctx)
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_ddp(model, d):
+    """SyncBatchNorm (CUDA) and DistributedDataParallel under torchrun; the module itself on
+    one process. Returns (the raw module, what the step calls)."""
+    if d.world == 1:
+        return model, model
+    if d.device.type == "cuda":  # SyncBatchNorm raises on CPU
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model, torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+
+def my_shard(n, d):
+    """Indices of n items this rank handles (round robin)."""
+    return list(range(d.rank, n, d.world))
+
+
+def gather_shards(mine, x, n, d):
+    """Reassemble per-rank rows (x computed for indices `mine`) into all n rows, on CPU."""
+    if d.world == 1:
+        return x
+    parts = [None] * d.world
+    dist.all_gather_object(parts, (mine, x.cpu()))
+    full = torch.zeros(n, *x.shape[1:], dtype=x.dtype)
+    for idx, part in parts:
+        full[idx] = part
+    return full
+
+
+def all_mean(x, d):
+    """Mean of a float tensor over ranks (a no-op on one process)."""
+    if d.world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= d.world
+    return x
+
+
+def step_seed(seed, step, rank):
+    """The seed of every random draw of one optimizer step on one rank (drop-path, masks,
+    augmentations): a resumed run draws what an uninterrupted one drew."""
+    return (seed * 1_000_003 + step) * 1024 + rank
+
+# ----------------------------------------------------------------------------------------------
+# Schedules: tensors built once, indexed by step
+
+
+def cosine_schedule(start, end, total_steps, warmup_steps=0, warmup_from=0.0):
+    """Tensor of total_steps + 1 values indexed by step: linear warmup from `warmup_from` to
+    `start` over warmup_steps, then cosine from `start` to `end` at the last step."""
+    warm = torch.linspace(warmup_from, start, warmup_steps + 1)[:-1] if warmup_steps else \
+        torch.zeros(0)
+    n = total_steps - warmup_steps
+    t = torch.arange(n + 1, dtype=torch.float64) / max(n, 1)
+    cos = end + (start - end) * (1 + torch.cos(math.pi * t)) / 2
+    return torch.cat([warm.double(), cos])
+
+
+def ema_schedule(m0, total_steps):
+    """EMA momentum: m = 1 - (1 - m0) (1 + cos(pi t / T)) / 2, from m0 to 1 (SPEC 3)."""
+    return cosine_schedule(m0, 1.0, total_steps)
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, result files and logs: written atomically (temporary file, fsync, rename)
+
+
+def _atomic(path, write, mode):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_atomic(obj, path, summary=None):
+    """torch.save that a killed run never leaves torn; `summary` (JSON-able) is written beside
+    it as PATH.json for people."""
+    _atomic(path, lambda f: torch.save(obj, f), "wb")
+    if summary is not None:
+        save_json(summary, path + ".json")
+
+
+def save_json(obj, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _atomic(path, lambda f: json.dump(obj, f, indent=1, default=str), "w")
+
+
+def save_text(text, path):
+    _atomic(path, lambda f: f.write(text), "w")
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
+
+
+class Log:
+    """One fixed-format line per interval on rank 0, plus the same fields in out_dir/log.jsonl.
+    A record is a dict; the line shows its fields in order, `name value`."""
+
+    def __init__(self, out_dir, master):
+        self.path = os.path.join(out_dir, "log.jsonl") if master else None
+
+    def __call__(self, rec, line=None):
+        if self.path is None:
+            return
+        tqdm.write(line or " | ".join(f"{k} {_fmt(v)}" for k, v in rec.items()))
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

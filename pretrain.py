@@ -1,0 +1,179 @@
+"""
+The pre-training loop every method shares (ATST-Frame, ATST-Clip): DDP (nccl on CUDA, gloo on
+CPU), bf16 autocast on CUDA, gradient accumulation, AdamW with lr / weight-decay / EMA schedules
+indexed by step, atomic checkpoints and exact resume, a non-finite loss stops the run, one log
+line. It knows no method: a pre-training script gives it
+
+- `model_args` and `make_model`: make_model(**model_args) builds the teacher-student module,
+  whose forward(*inputs) returns (loss, stats: a dict of detached tensors),
+  update_teacher(m) does the EMA step, summarize(stats, world) turns stats into the logged
+  numbers (e.g. collapse monitors; it may all-reduce), and `ckpt_kind` names its checkpoints;
+- `views`: an nn.Module, views(wav (B, S), valid samples (B,), generator) -> the model's
+  inputs, run on the device under no_grad; its state (augmentation banks) is saved per rank.
+"""
+import contextlib
+import math
+import os
+import signal
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data import read_manifest, resolve_manifest, stream_loader
+from model import param_groups
+from plumbing import (Log, all_mean, cleanup_distributed, cosine_schedule, describe,
+                      ema_schedule, load_checkpoint, save_atomic, setup_distributed, step_seed,
+                      wrap_ddp)
+
+
+def train(cfg, model_args, make_model, views):
+    c = SimpleNamespace(**cfg)
+    d = setup_distributed(c.device)
+    d.print(describe(cfg))
+    os.makedirs(c.out_dir, exist_ok=True)
+    rows = read_manifest(resolve_manifest(c.data, "train", c.data_root or None))
+    micro = c.micro_batch or c.batch_size // d.world
+    accum = c.batch_size // (micro * d.world)
+    assert accum * micro * d.world == c.batch_size, \
+        f"batch_size {c.batch_size} is not micro_batch {micro} x {d.world} ranks x an integer"
+    per_epoch = len(rows) // c.batch_size
+    assert per_epoch > 0, f"{len(rows)} clips are fewer than one batch of {c.batch_size}"
+    total = c.max_steps or max(1, int(c.epochs * per_epoch))
+    warmup = min(int(c.warmup_epochs * per_epoch), total)
+    peak_lr = c.base_lr * c.batch_size / 256
+    d.print(f"{len(rows)} clips, {per_epoch} steps/epoch, {total} steps ({total / per_epoch:.1f} "
+            f"epochs), warmup {warmup}, batch {c.batch_size} = {micro} x {d.world} ranks x "
+            f"{accum} accum, peak lr {peak_lr:.3g}")
+
+    # model, optimizer, schedules
+    torch.manual_seed(c.seed)  # same initial weights on every rank and every launch
+    model, ddp = wrap_ddp(make_model(**model_args).to(d.device), d)
+    groups = param_groups(model)
+    d.print(f"parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
+            "trained; AdamW groups: " + ", ".join(
+                f"{'decay' if g['decay'] else 'no decay'} {len(g['params'])} tensors"
+                for g in groups))
+    opt = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999), eps=1e-6,
+                            fused=d.device.type == "cuda")
+    lr_s = cosine_schedule(peak_lr, c.min_lr, total, warmup)
+    wd_s = cosine_schedule(c.wd_start, c.wd_end, total)
+    m_s = ema_schedule(c.ema_m0, total)
+    views.to(d.device)
+
+    # resume
+    ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
+    bank_path = os.path.join(c.out_dir, f"augment_rank{d.rank}.pt")
+    step = 0
+    if os.path.exists(ckpt_path):
+        ck = load_checkpoint(ckpt_path)
+        if ck["model_args"] != model_args:
+            raise ValueError(f"{ckpt_path} holds a model {ck['model_args']}, this run builds "
+                             f"{model_args}: use another --out_dir")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        step = ck["step"]
+        bank = torch.load(bank_path, map_location=d.device) if os.path.exists(bank_path) else {}
+        if bank.get("step") == step:
+            views.load_state_dict(bank["views"])
+        else:
+            print(f"rank {d.rank}: no augmentation state saved at step {step}; starting empty")
+        d.print(f"resumed from {ckpt_path} at step {step}")
+    start = step
+
+    loader = stream_loader(rows, c.seconds, micro, d, c.seed, step * accum, c.num_workers)
+    batches = iter(loader)
+    log = Log(c.out_dir, d.master)
+    gen = torch.Generator(device=d.device)
+    pbar = tqdm(total=total, initial=step, disable=not d.master, dynamic_ncols=True)
+    t_log, steps_log = time.time(), 0
+    while True:
+        last = step == total
+        if step > start and (step % c.ckpt_every == 0 or last):
+            save_atomic(dict(views=views.state_dict(), step=step), bank_path)
+            if d.master:
+                save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step,
+                                 model_args=model_args, config=cfg, kind=model.ckpt_kind),
+                            ckpt_path, summary=dict(step=step, total=total,
+                                                    model_args=model_args, config=cfg))
+        if last:
+            break
+        if step == c.die_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        torch.manual_seed(step_seed(c.seed, step, d.rank))  # drop-path
+        gen.manual_seed(step_seed(c.seed, step, d.rank))    # masks and augmentations
+        for g in opt.param_groups:
+            g["lr"] = lr_s[step].item()
+            g["weight_decay"] = wd_s[step].item() if g["decay"] else 0.0
+        log_now = (step + 1) % c.log_every == 0 or step + 1 == total
+        loss_val, gnorm, stats = run_step(model, ddp, opt, views, batches, accum, d, gen, log_now)
+        if not math.isfinite(loss_val):
+            last_good = ckpt_path if os.path.exists(ckpt_path) else "none written yet"
+            raise SystemExit(f"non-finite loss ({loss_val}) at step {step}: stopping without "
+                             f"an optimizer step; last good checkpoint: {last_good}")
+        model.update_teacher(m_s[step].item())
+        step += 1
+        steps_log += 1
+        pbar.update(1)
+        if log_now:
+            dt = (time.time() - t_log) / steps_log
+            rec = dict(step=step, loss=loss_val, lr=lr_s[step - 1].item(),
+                       wd=wd_s[step - 1].item(), ema=m_s[step - 1].item(), gnorm=gnorm,
+                       **model.summarize(stats, d.world), ms=dt * 1000,
+                       clips_s=c.batch_size / dt)
+            monitors = " | ".join(f"{k} {v:.4f}" for k, v in rec.items() if k not in (
+                "step", "loss", "lr", "wd", "ema", "gnorm", "ms", "clips_s"))
+            log(rec, f"step {step}/{total} | loss {loss_val:.4f} | lr {rec['lr']:.3g} | wd "
+                     f"{rec['wd']:.3f} | ema {rec['ema']:.5f} | gnorm {gnorm:.3f} | "
+                     f"{monitors} | {rec['ms']:.0f} ms/step | {rec['clips_s']:.1f} clips/s")
+            t_log, steps_log = time.time(), 0
+    pbar.close()
+    check_replicas(model, d)
+    d.print(f"done: {ckpt_path} (step {step})")
+    cleanup_distributed()
+    return model
+
+
+def run_step(model, ddp, opt, views, batches, accum, d, gen, want_gnorm=False):
+    """One optimizer step over `accum` micro-batches: views on the device, forward/backward,
+    then AdamW (the caller updates the teacher). Returns (loss averaged over ranks, grad norm
+    or None, the stats of the last micro-batch). The optimizer does not step when the loss is
+    not finite."""
+    loss_sum = torch.zeros((), device=d.device)
+    for k in range(accum):
+        wav, valid = next(batches)
+        with torch.no_grad():
+            inputs = views(wav.to(d.device, non_blocking=True), valid.to(d.device), gen)
+        sync = ddp.no_sync() if d.world > 1 and k < accum - 1 else contextlib.nullcontext()
+        with sync:
+            with d.ctx:
+                loss, stats = ddp(*inputs)
+            (loss / accum).backward()
+        loss_sum += loss.detach()
+    loss_val = all_mean(loss_sum / accum, d).item()
+    gnorm = None
+    if math.isfinite(loss_val):
+        if want_gnorm:
+            gnorm = torch.nn.utils.get_total_norm(
+                [p.grad for p in model.parameters() if p.grad is not None]).item()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_val, gnorm, stats
+
+
+@torch.no_grad()
+def check_replicas(model, d):
+    """All ranks must end with bit-identical weights (student and teacher)."""
+    if d.world == 1:
+        return
+    sums = torch.stack([torch.stack([p.double().sum(), (p.double().flatten() * torch.arange(
+        p.numel(), device=p.device, dtype=torch.float64).remainder(97)).sum()])
+        for p in model.parameters()]).flatten()
+    lo, hi = sums.clone(), sums.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        raise RuntimeError("ranks ended with different weights")
+    d.print(f"replica check: weights identical on {d.world} ranks")

@@ -1,0 +1,127 @@
+"""data.py: manifests, bad input, audio loading, the pre-training stream, labels and task
+splits, DESED TSVs; and the demo data of demo.py."""
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import data as D
+
+def test_stream_sampler_resumes_and_splits_ranks():
+    full = iter(D.StreamSampler(50, 4, rank=0, world=2, seed=3))
+    batches = [next(full) for _ in range(20)]
+    resumed = iter(D.StreamSampler(50, 4, rank=0, world=2, seed=3, start=13))
+    assert next(resumed) == batches[13]
+    other = next(iter(D.StreamSampler(50, 4, rank=1, world=2, seed=3)))
+    assert not {i for i, _ in batches[0]} & {i for i, _ in other}
+    epoch0 = [i for b in batches[:6] for i, _ in b]  # 6 batches per epoch of 50 // 8
+    assert len(set(epoch0)) == len(epoch0)
+
+
+def test_bad_input_errors_name_the_file(tmp_path):
+    good = tmp_path / "a.wav"
+    sf.write(good, np.zeros(1600, np.float32), 16000)
+    (tmp_path / "bad.wav").write_text("not audio")
+    sf.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
+    sf.write(tmp_path / "nan.wav", np.full(1600, np.nan, np.float32), 16000, subtype="FLOAT")
+    for name, msg in (("missing.wav", "not found"), ("bad.wav", "cannot read"),
+                      ("empty.wav", "zero length"), ("nan.wav", "NaN")):
+        with pytest.raises(D.AudioError, match=msg) as e:
+            D.load_audio(str(tmp_path / name), 1.0, np.random.default_rng(0), "m.csv line 3")
+        assert name in str(e.value) and "m.csv line 3" in str(e.value)
+    (tmp_path / "empty.csv").write_text("path\n")
+    with pytest.raises(ValueError, match="empty.csv: manifest is empty"):
+        D.read_manifest(str(tmp_path / "empty.csv"))
+    (tmp_path / "nopath.csv").write_text("file\na.wav\n")
+    with pytest.raises(ValueError, match="no 'path' column"):
+        D.read_manifest(str(tmp_path / "nopath.csv"))
+    with pytest.raises(FileNotFoundError, match="expected .*as20k"):
+        D.resolve_manifest("as20k", "train", str(tmp_path))
+
+
+def test_load_audio_crops_pads_resamples(tmp_path):
+    sr = 44100
+    t = np.arange(int(2.5 * sr)) / sr
+    stereo = np.stack([np.sin(2 * np.pi * 440 * t), np.zeros_like(t)], 1).astype(np.float32)
+    sf.write(tmp_path / "s.wav", stereo, sr)
+    wav, valid = D.load_audio(str(tmp_path / "s.wav"), 4.0)
+    assert wav.shape == (64000,) and abs(valid - 40000) <= 2 and wav[valid:].abs().max() == 0
+    assert abs(wav[:valid].abs().max().item() - 0.5) < 0.02  # mono = mean of the channels
+    wav, valid = D.load_audio(str(tmp_path / "s.wav"), 1.0, np.random.default_rng(0))
+    assert wav.shape == (16000,) and valid == 16000
+    assert D.write_manifest(str(tmp_path), str(tmp_path / "m" / "all.csv")) == 1
+    assert D.read_manifest(str(tmp_path / "m" / "all.csv"))[0]["path"] == str(tmp_path / "s.wav")
+
+
+def test_demo_data_is_real_audio_with_labels(data_root):
+    rows = D.read_manifest(D.resolve_manifest("demo_events", "test", data_root), "label")
+    assert len({r["label"] for r in rows}) == 8
+    info = sf.info(rows[0]["path"])
+    assert info.samplerate == 22050 and info.channels == 2
+    tags = D.read_manifest(D.resolve_manifest("demo_tags", "train", data_root), "labels")
+    assert any(";" in r["labels"] for r in tags)
+    wav, valid = D.load_audio(D.read_manifest(D.resolve_manifest("demo", "train", data_root))[0]
+                              ["path"], 10.0)
+    assert valid == 160000 and wav.abs().max() > 0.05
+
+
+def test_labels_and_bad_labels():
+    rows = [dict(label=c, _where=f"t.csv line {i + 2}") for i, c in enumerate("bab")]
+    lab = D.Labels(rows)
+    assert lab.classes == ["a", "b"] and lab.encode(rows).tolist() == [1, 0, 1]
+    with pytest.raises(ValueError, match=r"u.csv line 7: label 'c' is not one of the 2"):
+        lab.encode([dict(label="c", _where="u.csv line 7")])
+    multi = D.Labels([dict(labels="x;y", _where="m"), dict(labels="y", _where="m")])
+    assert multi.multi and multi.encode([dict(labels="y;x", _where="m")]).tolist() == [[1, 1]]
+    with pytest.raises(ValueError, match="no 'label' or 'labels' column"):
+        D.Labels([dict(path="a.wav", _where="v.csv line 2")])
+
+
+def test_sed_tsv_errors_name_the_row(tmp_path):
+    def tsv(name, text):
+        (tmp_path / name).write_text(text)
+        return str(tmp_path / name)
+    head = "filename\tonset\toffset\tevent_label\n"
+    durs = {"a.wav": 10.0}
+    cases = [(head + "a.wav\t1\t2\tcat\n", "line 2: event label 'cat' is not in the class"),
+             (head + "a.wav\t1\t2\tdog\na.wav\t3\t2\tdog\n", "line 3: onset 3.0 is not before"),
+             (head + "a.wav\t1\t12\tdog\n", "line 2: event ends at 12.0 s, after"),
+             (head + "b.wav\t1\t2\tdog\n", "line 2: clip b.wav is missing from the durations"),
+             (head + "a.wav\t1\t3\tdog\na.wav\t2\t4\tdog\n", "line 3: overlaps")]
+    for i, (text, msg) in enumerate(cases):
+        with pytest.raises(ValueError, match=msg):
+            D.read_strong(tsv(f"s{i}.tsv", text), ["dog"], durs)
+    with pytest.raises(ValueError, match=r"w.tsv line 2: event label\(s\) \['cat'\]"):
+        D.read_weak(tsv("w.tsv", "filename\tevent_labels\na.wav\tdog,cat\n"), ["dog"])
+
+
+def _manifest(path, rows, header="path,label"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + "\n" + "".join(",".join(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_task_splits_hold_out_valid_and_never_use_test(tmp_path):
+    """A named dataset without valid.csv: a fixed 10% of train is held out for validation,
+    disjoint from what trains; test is its own file. With valid.csv it is used as is. A CSV
+    needs --test_csv. --folds: fold k is the test set and the other folds train."""
+    rows = [(f"a{i}.wav", "xy"[i % 2]) for i in range(50)]
+    _manifest(tmp_path / "task" / "train.csv", rows)
+    _manifest(tmp_path / "task" / "test.csv", [("t.wav", "x")])
+    train, valid, test = D.task_splits("task", str(tmp_path), seed=3)
+    names = lambda rs: {os.path.basename(r["path"]) for r in rs}
+    assert len(valid) == 5 and len(train) == 45 and not names(train) & names(valid)
+    assert names(train) | names(valid) == {r[0] for r in rows} and names(test) == {"t.wav"}
+    assert names(D.task_splits("task", str(tmp_path), seed=3)[1]) == names(valid)  # fixed
+    assert names(D.task_splits("task", str(tmp_path), seed=4)[1]) != names(valid)
+    _manifest(tmp_path / "task" / "valid.csv", [("v.wav", "y")])
+    train, valid, _ = D.task_splits("task", str(tmp_path))
+    assert len(train) == 50 and names(valid) == {"v.wav"}
+    with pytest.raises(ValueError, match="give its test split with --test_csv"):
+        D.task_splits(str(tmp_path / "task" / "train.csv"))
+    folds = [(f"f{i}.wav", "x", str(1 + i % 5)) for i in range(20)]
+    _manifest(tmp_path / "us" / "train.csv", folds, "path,label,fold")
+    train, valid, test = D.task_splits("us", str(tmp_path), folds=5, fold=2)
+    assert names(test) == {f"f{i}.wav" for i in range(1, 20, 5)}
+    assert not names(test) & (names(train) | names(valid)) and len(train) + len(valid) == 16

@@ -1,0 +1,431 @@
+"""model.py: the mel front-end, the Encoder, the ATST teacher-student pair and its EMA,
+parameter groups, the embedding API and checkpoint loading, downstream heads."""
+import math
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+import torchaudio
+
+import data as D
+import finetune
+import model as M
+import plumbing as P
+from augment import group_mask
+from conftest import mel_batch
+
+def test_front_end_matches_spec_parameters():
+    """Same as an independent STFT -> HTK mel (60-7800 Hz) -> dB -> fixed min-max pipeline."""
+    torch.manual_seed(0)
+    wav = torch.randn(2, 16000) * 0.1
+    spec = torch.stft(wav, 1024, 160, 1024, torch.hann_window(1024), center=True,
+                      pad_mode="reflect", return_complex=True).abs() ** 2      # (B, 513, T)
+    fb = torchaudio.functional.melscale_fbanks(513, 60.0, 7800.0, 64, 16000, mel_scale="htk")
+    db = 10 * torch.log10((fb.T @ spec).clamp(min=1e-10))
+    db = torch.maximum(db, db.amax(dim=(1, 2), keepdim=True) - 80)             # per clip
+    ref = (db + 79.6482) / (50.6842 + 79.6482) * 2 - 1
+    out = M.MelFrontEnd()(wav)
+    assert out.shape == (2, 64, 101)
+    assert torch.allclose(out, ref, atol=1e-4)
+
+
+def test_front_end_gain_and_per_clip_cutoff():
+    """x10 in amplitude is +20 dB everywhere (the top_db floor moves with the clip's maximum),
+    i.e. +40/130.3324 in the normalised domain; a quiet clip batched with a loud one gets the
+    same output as alone (one cut-off per clip, not per batch)."""
+    torch.manual_seed(0)
+    w = torch.randn(1, 32000) * 0.01
+    fe = M.MelFrontEnd()
+    shift = fe(w * 10) - fe(w)
+    assert torch.allclose(shift, torch.full_like(shift, 40 / (50.6842 + 79.6482)), atol=1e-4)
+    batch = fe(torch.cat([w * 100, w]))
+    assert torch.allclose(batch[1], fe(w)[0], atol=1e-5)
+
+
+def test_ten_seconds_is_1001_frames_and_250_tokens():
+    wav = torch.zeros(1, 10 * M.SAMPLE_RATE).uniform_(-0.1, 0.1)
+    mel = M.MelFrontEnd()(wav)
+    assert mel.shape == (1, 64, 1001) and M.frames_for(160000) == 1001
+    assert M.tokens_for(160000) == 250 and M.tokens_for(6 * 16000) == 150
+    enc = M.Encoder(dim=32, depth=2, heads=2, mask_token=True)
+    assert enc(mel).shape == (1, 250, 32)
+    clip = M.Encoder(dim=32, depth=2, heads=2, cls_token=True)
+    assert clip(mel[..., :601]).shape == (1, 151, 32)
+    with pytest.raises(ValueError, match="positional table"):
+        enc(torch.zeros(1, 64, 1005))
+
+
+def test_tokens_are_mel_major_four_frame_stacks():
+    """Token n holds frames 4n..4n+3 of every mel bin at index mel*4 + offset (SPEC 2)."""
+    enc = M.Encoder(dim=8, depth=1, heads=1)
+    seen = {}
+    enc.patch_embed.register_forward_hook(lambda m, i, o: seen.update(x=i[0]))
+    mel = torch.arange(64 * 9, dtype=torch.float32).view(1, 64, 9)  # value = mel * 9 + frame
+    enc(mel)
+    x = seen["x"]
+    assert x.shape == (1, 2, 256)  # trailing 9 mod 4 = 1 frame dropped
+    assert x[0, 1, 5 * 4 + 2] == 5 * 9 + (4 + 2)
+
+
+def test_padding_mask_gives_same_tokens_as_unpadded():
+    torch.manual_seed(0)
+    enc = M.Encoder(dim=32, depth=2, heads=4, cls_token=True).eval()
+    mel = torch.randn(1, 64, 400)
+    padded = F.pad(mel, (0, 600), value=0.3)
+    alone = enc(mel)
+    both = enc(torch.cat([padded, torch.randn(1, 64, 1000)]), n_valid=torch.tensor([100, 250]))
+    assert torch.allclose(both[0, :101], alone[0], atol=1e-5)
+
+
+def test_ema_update():
+    torch.manual_seed(0)
+    model = M.ATST("frame", **M.PRESETS["tiny"])
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in model.teacher.parameters()]
+    model.update_teacher(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.teacher.parameters()))
+    model.update_teacher(0.5)
+    mid = [(a + s) / 2 for a, s in zip(before, model.student.parameters())]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(mid, model.teacher.parameters()))
+    model.update_teacher(0.0)
+    assert all(torch.equal(t, s) for t, s in
+               zip(model.teacher.parameters(), model.student.parameters()))
+
+
+def test_weight_decay_groups():
+    """One rule (SPEC 3): decay on matrices, none on biases and norms, in pre-training and in
+    fine-tuning (layer_decay_groups keeps it per lr scale)."""
+    enc = M.Encoder(dim=32, depth=2, heads=2)
+    groups = M.param_groups(enc, 0.05)
+    assert [(g["decay"], g["weight_decay"]) for g in groups] == [(True, 0.05), (False, 0.0)]
+    assert all(p.ndim >= 2 for p in groups[0]["params"])
+    assert all(p.ndim == 1 for p in groups[1]["params"])
+    model = M.Classifier(M.AudioEncoder(enc, "frame"), 5)
+    wd = {id(p): g["weight_decay"] for g in M.layer_decay_groups(model, 0.75, 0.05)
+          for p in g["params"]}
+    for n, p in model.named_parameters():
+        assert wd[id(p)] == (0.05 if p.ndim >= 2 else 0.0), n
+
+
+def test_classifier_checkpoints_load_strictly(tmp_path):
+    """Our fine-tuned layout (encoder.* + head.*) round-trips through export / load_export and
+    load_classifier; an unexpected or missing key is an error naming it."""
+    torch.manual_seed(0)
+    a = M.Classifier(M.AudioEncoder(M.Encoder(dim=32, depth=2, heads=2, cls_token=True),
+                                    "clip"), 3).eval()
+    P.save_atomic(dict(kind="atst-finetune", model=a.export(), classes=["x", "y", "z"],
+                       encoder_args=a.ae.encoder.args), str(tmp_path / "ft.pt"))
+    b = M.load_classifier(str(tmp_path / "ft.pt"))
+    mel, n = mel_batch(B=2, T=601), torch.tensor([150, 100])
+    assert torch.equal(a(mel, n), b(mel, n)) and b.classes == ["x", "y", "z"]
+    state = a.export()
+    with pytest.raises(KeyError, match="missing \\[\\], unexpected \\['extra.w'\\]"):
+        b.load_export({**state, "extra.w": torch.zeros(1)})
+    del state["head.fc.bias"]
+    with pytest.raises(KeyError, match="missing \\['head.fc.bias'\\]"):
+        b.load_export(state)
+    torch.save({"kind": "atst-pretrain", "model": {}}, tmp_path / "pre.pt")
+    with pytest.raises(ValueError, match="pre.pt: not a fine-tuned checkpoint"):
+        M.load_classifier(str(tmp_path / "pre.pt"))
+
+
+def _official(enc, kind):
+    """Our encoder's weights renamed to the released layout (SPEC 9)."""
+    inverse = {v: k for k, v in M.OFFICIAL_NAMES.items()}
+    if kind == "clip":  # ATST-Clip keeps `norm`
+        inverse = {k: v for k, v in inverse.items() if not k.startswith("norm")}
+    return {inverse.get(k, k): v.clone() for k, v in enc.state_dict().items()}
+
+
+def _layouts(enc, kind):
+    sd = _official(enc, kind)
+    noise = {"weight": torch.zeros(3, 3)}
+    if kind == "frame":
+        yield "lightning", {"state_dict": {
+            **{f"model.teacher.encoder.{k}": v for k, v in sd.items()},
+            **{f"model.student.encoder.{k}": v * 0 for k, v in sd.items()},
+            "model.teacher.projector.0.weight": noise["weight"]}}
+        yield "finetuned", {"state_dict": {**{f"encoder.encoder.{k}": v for k, v in sd.items()},
+                                           "head.weight": noise["weight"]}}
+    else:
+        yield "dino", {"teacher": {**{f"module.backbone.{k}": v for k, v in sd.items()},
+                                   "module.head.mlp.0.weight": noise["weight"]}, "epoch": 3}
+        yield "dino_nomodule", {"teacher": {**{f"backbone.{k}": v for k, v in sd.items()},
+                                            "head.last_layer.weight": noise["weight"]}}
+
+
+@pytest.mark.parametrize("kind", ["frame", "clip"])
+def test_load_encoder_reads_every_layout_identically(kind, tmp_path):
+    torch.manual_seed(0)
+    enc = M.Encoder(dim=128, depth=2, heads=2, drop_path=0.0, cls_token=kind == "clip",
+                    mask_token=kind == "frame")
+    ref = M.AudioEncoder(enc, kind).eval()
+    audio = torch.randn(2, 3 * 16000) * 0.1
+    want = ref(audio, layers="all")
+    for name, ck in _layouts(enc, kind):
+        path = str(tmp_path / f"{name}.ckpt")
+        torch.save(ck, path)
+        got = M.load_encoder(path)
+        assert got.kind == kind and got.encoder.depth == 2 and got.encoder.dim == 128, name
+        e = got(audio, layers="all")
+        assert torch.equal(e.frames, want.frames) and torch.equal(e.clip, want.clip), name
+    # ours: a pre-training checkpoint (teacher encoder), heads taken from model_args
+    torch.manual_seed(0)
+    atst = M.ATST(kind, **M.PRESETS["tiny"])
+    path = str(tmp_path / "ours.pt")
+    P.save_atomic(dict(model=atst.state_dict(), model_args=dict(method=kind, **M.PRESETS["tiny"]),
+                       kind="atst-pretrain"), path)
+    got = M.load_encoder(path)
+    assert got.encoder.blocks[0].attn.heads == 4
+    x = M.MelFrontEnd()(audio)[..., :600]
+    assert torch.equal(got.encoder(x), atst.teacher.encoder.eval()(x))
+
+
+def test_load_encoder_names_missing_and_unexpected_keys(tmp_path):
+    enc = M.Encoder(dim=128, depth=2, heads=2, mask_token=True)
+    _, ck = next(_layouts(enc, "frame"))
+    sd = ck["state_dict"]
+    del sd["model.teacher.encoder.blocks.1.mlp.fc2.bias"]
+    torch.save(ck, tmp_path / "missing.ckpt")
+    with pytest.raises(KeyError, match=r"missing: \['blocks.1.mlp.fc2.bias'\]"):
+        M.load_encoder(str(tmp_path / "missing.ckpt"))
+    _, ck = next(_layouts(enc, "frame"))
+    ck["state_dict"]["model.teacher.encoder.blocks.0.attn.qkv.bias"] = torch.zeros(384)
+    torch.save(ck, tmp_path / "extra.ckpt")
+    with pytest.raises(KeyError, match=r"unexpected: \['blocks.0.attn.qkv.bias'\]"):
+        M.load_encoder(str(tmp_path / "extra.ckpt"))
+    torch.save({"weights": 1}, tmp_path / "odd.ckpt")
+    with pytest.raises(ValueError, match="odd.ckpt: not a checkpoint layout"):
+        M.load_encoder(str(tmp_path / "odd.ckpt"))
+
+
+def _tiny_encoder(kind, seed=0):
+    torch.manual_seed(seed)
+    enc = M.Encoder(dim=64, depth=3, heads=4, drop_path=0.0, cls_token=kind == "clip",
+                    mask_token=kind == "frame")
+    return M.AudioEncoder(enc, kind).eval()
+
+
+@pytest.mark.parametrize("kind", ["frame", "clip"])
+def test_long_stereo_44k_audio_is_chunked_without_losing_frames(kind):
+    ae = _tiny_encoder(kind)
+    torch.manual_seed(1)
+    stereo = torch.randn(1, 2, int(25 * 44100)) * 0.1
+    e = ae(stereo, sample_rate=44100)
+    # 25 s -> 2501 frames -> 625 tokens of 40 ms, centred at 20, 60, 100, ... 24980 ms
+    assert e.frames.shape == (1, 625, 64) and e.lengths.tolist() == [625]
+    assert e.timestamps[:3].tolist() == [20.0, 60.0, 100.0] and e.timestamps[-1] == 24980.0
+    mono = torchaudio.functional.resample(stereo.mean(1), 44100, 16000)
+    mel = ae.front(mono)
+    C = 250 if kind == "frame" else 150           # chunk tokens (10 s / 6 s)
+    skip = 1 if kind == "clip" else 0
+    for k in range(625 // C + 1):                 # every chunk equals the encoder on its slice
+        part = mel[..., 4 * C * k: 4 * min(C * (k + 1), 625)]
+        assert torch.allclose(e.frames[:, C * k: C * (k + 1)], ae.encoder(part)[:, skip:],
+                              atol=1e-5)
+    assert e.clip.shape == (1, 64 * (2 if kind == "clip" else 1))
+
+
+@pytest.mark.parametrize("kind", ["frame", "clip"])
+def test_padded_batch_gives_the_embeddings_of_the_clip_alone(kind):
+    ae = _tiny_encoder(kind)
+    torch.manual_seed(2)
+    short, long = torch.randn(3 * 16000) * 0.1, torch.randn(10 * 16000) * 0.1
+    batch = torch.stack([F.pad(short, (0, 7 * 16000)), long])
+    both = ae(batch, lengths=[3 * 16000, 10 * 16000], layers="all")
+    alone = ae(short, layers="all")
+    assert both.lengths.tolist() == [75, 250] and alone.frames.shape[1] == 75
+    assert torch.allclose(both.frames[0, :75], alone.frames[0], atol=1e-5)
+    assert both.frames[0, 75:].abs().max() == 0
+    assert torch.allclose(both.clip[0], alone.clip[0], atol=1e-5)
+    # and the alone path is the plain encoder on the clip's mel (no mask, no chunk padding)
+    direct = torch.cat(ae.encoder(ae.front(short[None]), layers=[0, 1, 2]), -1)
+    assert torch.allclose(alone.frames, direct[:, 1 if kind == "clip" else 0:], atol=1e-5)
+
+
+def test_hear_api_as_the_runner_calls_it(tmp_path):
+    import hear
+    enc = M.Encoder(dim=128, depth=2, heads=2, mask_token=True)
+    _, ck = next(_layouts(enc, "frame"))
+    torch.save(ck, tmp_path / "frame.ckpt")
+    model = hear.load_model(str(tmp_path / "frame.ckpt"))
+    assert isinstance(model, torch.nn.Module) and model.sample_rate == 16000
+    assert model.timestamp_embedding_size == model.scene_embedding_size == 2 * 128
+    for seconds in (0.5, 2.0, 12.3):
+        audio = torch.rand(3, int(seconds * 16000)) * 2 - 1  # (n_sounds, n_samples)
+        emb, ts = hear.get_timestamp_embeddings(audio, model)
+        n = int(seconds * 100 + 1) // 4
+        assert emb.shape == (3, n, model.timestamp_embedding_size) and emb.dtype == torch.float32
+        assert ts.shape == (3, n) and (ts.diff(dim=1) == 40).all() and (ts[:, 0] == 20).all()
+        assert ts[0, -1] <= seconds * 1000
+        scene = hear.get_scene_embeddings(audio, model)
+        assert scene.shape == (3, model.scene_embedding_size) and torch.isfinite(scene).all()
+
+
+@pytest.mark.parametrize("kind", ["frame", "clip"])
+def test_linear_features_are_every_block_and_12s_centre_in_chunks(kind, tmp_path):
+    """12 blocks: features are 12*D (Frame mean) / 2*12*D (Clip [CLS, mean]); a 25 s clip is
+    centre-cropped to 12 s and split into chunks; Clip: two 6 s chunks, both counted; Frame:
+    10 s + 2 s, the 2 s trailing chunk (under half a chunk) is not counted."""
+    torch.manual_seed(0)
+    enc = M.Encoder(dim=16, depth=12, heads=2, drop_path=0.0, cls_token=kind == "clip",
+                    mask_token=kind == "frame")
+    ae = M.AudioEncoder(enc, kind).eval()
+    assert ae.dims("all")[1] == (2 * 12 * 16 if kind == "clip" else 12 * 16)
+    t = np.arange(25 * 16000) / 16000
+    sig = (0.1 * np.sin(2 * np.pi * (200 + 40 * t) * t)).astype(np.float32)  # a slow chirp
+    sf.write(tmp_path / "long.wav", sig, 16000)
+    ds = D.LabelledClips([dict(path=str(tmp_path / "long.wav"), _where="x")], torch.zeros(1),
+                         12.0)
+    wav, valid, _ = ds[0]
+    centre = torch.from_numpy(sig[int(6.5 * 16000):int(18.5 * 16000)])
+    assert valid == 12 * 16000 and torch.allclose(wav, centre, atol=1e-4)  # 16-bit file
+    e = ae(wav[None], layers="all")
+    assert e.clip.shape == (1, ae.dims("all")[1]) and e.frames.shape[1] == 300  # 12 s
+    f = e.frames[0]                                                         # (300, 12 * 16)
+    if kind == "clip":  # per block [CLS, mean]: the means average two 150-token chunks
+        means = e.clip.view(12, 2, 16)[:, 1].flatten()
+        assert torch.allclose(means, (f[:150].mean(0) + f[150:].mean(0)) / 2, atol=1e-5)
+        assert not torch.allclose(means, f[:150].mean(0), atol=1e-3)
+    else:  # 250 + 50 tokens: the 50-token trailing chunk is not counted
+        assert torch.allclose(e.clip[0], f[:250].mean(0), atol=1e-5)
+        assert not torch.allclose(e.clip[0], f.mean(0), atol=1e-3)
+
+
+def test_layer_wise_lr_scales_follow_spec():
+    enc = M.Encoder(dim=16, depth=12, heads=2)
+    model = M.Classifier(M.AudioEncoder(enc, "frame"), 5)
+    scale = {id(p): g["lr_scale"] for g in M.layer_decay_groups(model, 0.75)
+             for p in g["params"]}
+    assert scale[id(model.head.fc.weight)] == 1.0
+    assert math.isclose(scale[id(enc.norm.weight)], 0.75)
+    for i in range(12):
+        assert math.isclose(scale[id(enc.blocks[i].mlp.fc1.weight)], 0.75 ** (12 - i))
+    for p in (enc.patch_embed.weight, enc.pos_embed):
+        assert math.isclose(scale[id(p)], 0.75 ** 12)
+    assert len(scale) == len(list(model.parameters()))
+
+
+def test_distillation_teacher_is_frozen_in_eval_mode():
+    torch.manual_seed(0)
+    teacher = M.Classifier(M.AudioEncoder(M.Encoder(dim=32, depth=2, heads=2, cls_token=True),
+                                          "clip"), 4).train()
+    student = M.Classifier(M.AudioEncoder(M.Encoder(dim=32, depth=2, heads=2, mask_token=True),
+                                          "frame"), 4).train()
+    M.freeze(teacher)
+    assert not any(m.training for m in teacher.modules())
+    before = [p.clone() for p in teacher.parameters()]
+    mel, n_tok = mel_batch(B=4, T=400), torch.full((4,), 100)
+    with torch.no_grad():
+        t1, t2 = teacher(mel, n_tok), teacher(mel, n_tok)
+    assert torch.equal(t1, t2)  # no drop-path, BN running statistics
+    loss = 0.5 * finetune.task_loss(student(mel, n_tok), torch.tensor([0, 1, 2, 3]), False) + \
+        0.5 * finetune.kd_loss(student(mel, n_tok), t1, False)
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
+    assert student.head.fc.weight.grad is not None
+
+
+def test_attention_pooling_equals_the_formula():
+    head = M.SedHead(2, 3)
+    with torch.no_grad():
+        head.strong.weight.copy_(torch.tensor([[1., 0], [0, 1], [1, 1]]))
+        head.strong.bias.zero_()
+        head.attn.weight.copy_(torch.tensor([[2., 0], [0, 0], [0, -1]]))
+        head.attn.bias.zero_()
+    h = torch.tensor([[[1., 0], [0, 2], [3, 1]]])                   # (1, T=3, D=2)
+    s, w = head(h)
+    want_s = torch.sigmoid(h @ torch.tensor([[1., 0, 1], [0, 1, 1]]))
+    a = torch.softmax(h @ torch.tensor([[2., 0, 0], [0, 0, -1]]), -1).clamp(1e-7, 1)
+    assert torch.allclose(s, want_s)
+    assert torch.allclose(w, (want_s * a).sum(1) / a.sum(1))
+    s2, w2 = head(torch.cat([h, torch.full((1, 2, 2), 9.0)], 1),
+                  torch.tensor([[True] * 3 + [False] * 2]))           # padding is ignored
+    assert torch.allclose(w2, w)
+
+
+# ---------------------------------------------------------------------------------- ATST
+
+
+def _atst(method, **kw):
+    torch.manual_seed(0)
+    return M.ATST(method, dim=32, depth=2, heads=2, proj_hidden=64, proj_dim=16, **kw).train()
+
+
+def _frame_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    v1, v2 = mel_batch(B=3, T=400, seed=seed), mel_batch(B=3, T=400, seed=seed + 1)
+    n_valid = torch.tensor([100, 80, 60])
+    mask = group_mask(n_valid, 100, generator=g)
+    return v1, v2, mask, n_valid
+
+
+def _byol(q, z):  # SPEC 3 on L2-normalised rows: 2 - 2 cos
+    return (2 - 2 * (q * z).sum(-1)).mean()
+
+
+def test_frame_loss_rows_are_the_masked_tokens_teacher_unmasked():
+    """ATST-Frame (SPEC 3): the loss is symmetric BYOL over the masked tokens of both views
+    only; the student sees them replaced by the mask token, the teacher sees the view unmasked
+    and is read at the same positions. So changing the input inside masked tokens changes the
+    teacher's rows but not the student's; with mask_teacher (config C) neither."""
+    v1, v2, mask, n_valid = _frame_inputs()
+    m = mask.sum().item()
+    for mask_teacher in (False, True):
+        model = _atst("frame", drop_path=0.0, mask_teacher=mask_teacher)
+        loss, st = model(v1, v2, mask, n_valid)
+        assert st["s"].shape == st["t"].shape == (2 * m, 16)           # masked rows, 2 views
+        q1, q2, z1, z2 = *st["s"].chunk(2), *st["t"].chunk(2)
+        assert torch.allclose(loss, (_byol(q1, z2) + _byol(q2, z1)) / 2, atol=1e-6)
+        inside = mask.repeat_interleave(4, 1)[:, None, :].expand_as(v1[..., :400])
+        noisy = [v.clone().masked_fill_(inside, 0.7) for v in (v1, v2)]  # masked frames only
+        _, st2 = model(*noisy, mask, n_valid)
+        assert torch.allclose(st2["s"], st["s"], atol=1e-5)           # student: mask token
+        assert torch.allclose(st2["t"], st["t"], atol=1e-5) == mask_teacher
+        past = [v.clone() for v in (v1, v2)]                           # padding: ignored
+        for v in past:
+            v[2, :, 4 * 60:] = 5.0
+        assert torch.allclose(model(*past, mask, n_valid)[1]["t"], st["t"], atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["frame", "clip"])
+def test_projector_batchnorm_sees_both_views_as_one_batch(method):
+    """As the reference concatenates the views: every BatchNorm of the projectors and the
+    predictor normalises the rows of both views together, in one call."""
+    model = _atst(method)
+    calls = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.BatchNorm1d):
+            mod.register_forward_hook(
+                lambda m, i, o, name=name: calls.append((name, i[0].shape[0])))
+    if method == "frame":
+        v1, v2, mask, n_valid = _frame_inputs()
+        model(v1, v2, mask, n_valid)
+        rows = 2 * mask.sum().item()
+    else:
+        model(mel_batch(B=3, T=601), mel_batch(B=3, T=601, seed=1))
+        rows = 2 * 3
+    assert sorted(n for n, _ in calls) == ["predictor.1", "student.projector.1",
+                                           "teacher.projector.1"]
+    assert all(b == rows for _, b in calls)
+
+
+def test_teacher_has_the_student_drop_path_unless_switched_off():
+    """The reference's teacher runs in train mode with the student's stochastic depth (0 ->
+    0.1 over blocks); teacher_drop_path=False gives it none."""
+    v1, v2, mask, n_valid = _frame_inputs()
+    for on in (True, False):
+        model = _atst("frame", drop_path=0.1, teacher_drop_path=on)
+        rates = [b.drop_path.p for b in model.teacher.encoder.blocks]
+        assert rates == ([b.drop_path.p for b in model.student.encoder.blocks] if on else
+                         [0.0, 0.0]) and (rates[-1] == pytest.approx(0.1)) == on
+        outs = []
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            outs.append(model(v1, v2, mask, n_valid)[1]["t"])
+        assert torch.equal(outs[0], outs[1]) != on                    # stochastic when on

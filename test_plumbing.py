@@ -1,0 +1,128 @@
+"""plumbing.py: config flags and their precedence, schedules, atomic files."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import finetune
+import plumbing as P
+import pretrain_clip
+import pretrain_frame
+import sed
+from conftest import HERE
+
+
+def test_schedules_hit_end_points():
+    lr = P.cosine_schedule(1e-3, 1e-6, 1000, warmup_steps=100)
+    assert len(lr) == 1001 and lr[0] == 0 and math.isclose(lr[100].item(), 1e-3)
+    assert math.isclose(lr[-1].item(), 1e-6) and (lr[:101].diff() > 0).all()
+    assert (lr[100:].diff() <= 0).all()
+    wd = P.cosine_schedule(0.04, 0.4, 500)
+    assert math.isclose(wd[0].item(), 0.04) and math.isclose(wd[-1].item(), 0.4)
+    m = P.ema_schedule(0.996, 500)
+    assert math.isclose(m[0].item(), 0.996) and m[-1].item() == 1.0 and (m.diff() >= 0).all()
+    assert math.isclose(m[250].item(), 1 - 0.004 / 2, rel_tol=1e-9)  # half way: cos = 0
+
+
+def _script(tmp_path, **edits):
+    """A config block as shipped (lr 0.1, epochs 100, max_steps 500), with `edits` applied
+    the way a user edits the file; returns its globals."""
+    g = dict(lr=0.1, epochs=100, max_steps=500, flag=False, name="a", preset="base",
+             mode="group", span=5)
+    g.update(edits)
+    path = tmp_path / "s.py"
+    path.write_text("".join(f"{k} = {v!r}  # the {k}\n" for k, v in g.items()))
+    return dict(g, __file__=str(path), __doc__="a script")
+
+
+PRESETS = {"base": dict(lr=0.1, epochs=100, max_steps=500),
+           "tiny": dict(lr=0.5, epochs=4, max_steps=0)}
+MODES = {"group": dict(span=5), "random": dict(span=1)}
+IMPLIES = dict(epochs=dict(max_steps=0))
+
+
+def _cfg(g, *argv):
+    return P.configure(g, dict(preset=PRESETS, mode=MODES), IMPLIES, list(argv))
+
+
+def test_config_precedence_block_row_edit_flag(tmp_path):
+    """shipped block < the chosen row < an edited global < a flag; set_by_user says which."""
+    cfg = _cfg(_script(tmp_path))
+    assert (cfg["lr"], cfg["max_steps"], cfg["set_by_user"]) == (0.1, 500, [])
+    cfg = _cfg(_script(tmp_path), "--preset", "tiny")
+    assert (cfg["lr"], cfg["epochs"], cfg["max_steps"]) == (0.5, 4, 0)
+    cfg = _cfg(_script(tmp_path, lr=0.2), "--preset", "tiny")      # the edit wins over the row
+    assert (cfg["lr"], cfg["epochs"]) == (0.2, 4) and cfg["set_by_user"] == ["lr", "preset"]
+    cfg = _cfg(_script(tmp_path, lr=0.2), "--preset", "tiny", "--lr", "0.3")   # the flag wins
+    assert cfg["lr"] == 0.3
+    cfg = _cfg(_script(tmp_path, preset="tiny"))                     # an edited preset applies
+    assert cfg["lr"] == 0.5
+    assert _cfg(_script(tmp_path), "--mode", "random")["span"] == 1
+    assert _cfg(_script(tmp_path), "--mode", "random", "--span", "3")["span"] == 3
+    assert _cfg(_script(tmp_path), "--flag", "true")["flag"] is True
+    with pytest.raises(SystemExit, match="choose one of"):
+        _cfg(_script(tmp_path), "--preset", "huge")
+
+
+def test_setting_epochs_clears_max_steps(tmp_path):
+    """epochs set by a flag or an edit takes effect (max_steps 0 = derive from epochs), unless
+    max_steps is set too."""
+    assert _cfg(_script(tmp_path), "--epochs", "50")["max_steps"] == 0
+    assert _cfg(_script(tmp_path, epochs=50))["max_steps"] == 0
+    assert _cfg(_script(tmp_path, epochs=50), "--max_steps", "7")["max_steps"] == 7
+    assert _cfg(_script(tmp_path, epochs=50, max_steps=9))["max_steps"] == 9
+
+
+def test_help_shows_what_the_command_would_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _cfg(_script(tmp_path), "--preset", "tiny", "--help")
+    out = capsys.readouterr().out
+    assert "the lr (default 0.5)" in out and "the max_steps (default 0)" in out
+
+
+@pytest.mark.parametrize("module,tables", [
+    (pretrain_frame, ["PRESETS", "MASK_MODES"]), (pretrain_clip, ["PRESETS"]),
+    (finetune, ["TASKS"]), (sed, ["TASKS"])])
+def test_first_row_of_every_table_repeats_the_config_block(module, tables):
+    """configure() tells an edited global from a shipped one by the first row: it must equal
+    the block as shipped, and every row must list the same names."""
+    for name in tables:
+        rows = getattr(module, name)
+        first = next(iter(rows.values()))
+        assert first == {k: getattr(module, k) for k in first}, (module.__name__, name)
+        assert all(r.keys() == first.keys() for r in rows.values())
+
+
+@pytest.mark.parametrize("script,edit,want", [
+    ("finetune.py", ("lr = 0.1 ", "lr = 0.2 "), "--lr LR peak lr"),
+    ("pretrain_frame.py", ("epochs = 200.0", "epochs = 30.0"), "--max_steps MAX_STEPS"),
+])
+def test_an_edited_script_runs_with_its_edit(tmp_path, script, edit, want):
+    """Edit the config block as a user would and ask the script what it would run: the edit
+    wins over the default task (finetune: demo_events has lr 0.5) and epochs takes effect."""
+    text = open(os.path.join(HERE, script)).read()
+    assert edit[0] in text
+    (tmp_path / script).write_text(text.replace(edit[0], edit[1], 1))
+    env = dict(os.environ, PYTHONPATH=HERE)
+    out = subprocess.run([sys.executable, str(tmp_path / script), "--help"], env=env,
+                         capture_output=True, text=True, timeout=120).stdout
+    flat = " ".join(out.split())
+    assert want in flat
+    if script == "finetune.py":
+        assert "(default 0.2)" in flat.split("--lr LR")[-1].split("--")[0]
+    else:
+        assert "(default 0)" in flat.split("--max_steps MAX_STEPS")[-1].split("--")[0]
+
+
+def test_atomic_files_leave_no_temporaries_and_bad_files_are_named(tmp_path):
+    path = str(tmp_path / "ck.pt")
+    P.save_atomic(dict(w=torch.ones(3)), path, summary=dict(step=3))
+    P.save_json(dict(a=1), str(tmp_path / "r" / "result.json"))
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt", "ck.pt.json", "r"]
+    assert torch.equal(P.load_checkpoint(path)["w"], torch.ones(3))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="cannot read checkpoint .*junk.pt"):
+        P.load_checkpoint(str(tmp_path / "junk.pt"))

@@ -1,0 +1,138 @@
+"""pretrain.py (the loop) and the views of pretrain_frame.py / pretrain_clip.py: the Table II
+and III switches, then real pre-training runs on the demo data (loss, collapse, DDP on gloo,
+kill and resume, non-finite loss, a bad manifest row)."""
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import data as D
+import model as M
+import pretrain_clip
+import pretrain_frame
+from conftest import TINY, read_log, run
+from plumbing import load_checkpoint
+
+
+def _config(module, **over):
+    c = {k: getattr(module, k) for k in dir(module) if k.islower() and not k.startswith("_")
+         and type(getattr(module, k)) in (int, float, bool, str)}
+    return SimpleNamespace(**dict(c, preset="tiny", **over))
+
+
+def _waves(B=4, seconds=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(seconds * 16000) / 16000
+    f = 200 + 3000 * torch.rand(B, 1, generator=g)          # a different chirp per clip
+    wav = 0.3 * torch.sin(2 * torch.pi * f * t * (1 + t / 4)) * torch.rand(B, 1, generator=g)
+    return wav, torch.full((B,), seconds * 16000)
+
+
+@pytest.mark.parametrize("aug_views", [0, 1, 2])
+def test_frame_views_follow_table_three(aug_views):
+    """aug_views 0 (A): both views clean; 1 (D): view 1 clean, view 2 Mixup + warp; 2 (E):
+    both augmented, differently. One mask per clip over its valid tokens."""
+    views = pretrain_frame.FrameViews(_config(pretrain_frame, aug_views=aug_views))
+    wav, valid = _waves()
+    g = torch.Generator().manual_seed(0)
+    views(*_waves(seed=1), g)                                 # fill the Mixup bank
+    v1, v2, mask, n_valid = views(wav, valid, g)
+    mel = views.front(wav)
+    changed = lambda v: (v - mel).abs().amax((1, 2)).min() > 1e-3  # every clip altered
+    assert (torch.equal(v1, mel), torch.equal(v2, mel)) == (aug_views < 2, aug_views == 0)
+    assert changed(v2) == (aug_views >= 1) and changed(v1) == (aug_views == 2)
+    assert mask.shape == (4, 250) and n_valid.tolist() == [250] * 4
+    assert 0.35 < mask.float().mean() < 0.65
+
+
+def test_frame_views_mask_modes():
+    """group: spans of 5 tokens; random (config B): single tokens at the same 50% share, and
+    --mask_prob is honoured in random mode (it is the share of masked tokens)."""
+    wav, valid = _waves(B=64)
+    for mode, prob, frac in (("group", 0.65, 0.50), ("random", 0.5, 0.50), ("random", 0.3, 0.30)):
+        span = 5 if mode == "group" else 1
+        views = pretrain_frame.FrameViews(_config(pretrain_frame, mask_mode=mode, mask_span=span,
+                                                  mask_prob=prob))
+        mask = views(wav, valid, torch.Generator().manual_seed(0))[2]
+        assert abs(mask.float().mean().item() - frac) < 0.03, (mode, prob)
+        starts = mask[:, 1:] & ~mask[:, :-1]
+        ends = ~mask[:, 1:] & mask[:, :-1]
+        isolated = (starts[:, :-1] & ends[:, 1:]).sum().item()  # masked runs of one token
+        assert (isolated > 100) == (mode == "random")
+
+
+@pytest.mark.parametrize("segments,sec,sec2", [("two", 6.0, 0.0), ("single", 6.0, 0.0),
+                                               ("two", 1.0, 0.0), ("two", 9.0, 6.0)])
+def test_clip_views_follow_table_two(segments, sec, sec2):
+    """single: both views from one crop; two: independent crops; crop_sec sets the segment
+    length (1 s -> 101 frames, 6 s -> 601), crop_sec2 a second length (9 + 6 s)."""
+    views = pretrain_clip.ClipViews(_config(pretrain_clip, segments=segments, crop_sec=sec,
+                                            crop_sec2=sec2))
+    views.rrc.forward = lambda x, g=None: x                   # look at the crops themselves
+    v1, v2, mask, n_valid = views(*_waves(), torch.Generator().manual_seed(0))  # empty bank
+    assert mask is None and n_valid is None
+    assert v1.shape == (4, 64, M.frames_for(int(sec * 16000)))
+    assert v2.shape[-1] == M.frames_for(int((sec2 or sec) * 16000))
+    assert torch.equal(v1, v2) == (segments == "single")
+
+
+@pytest.mark.parametrize("kind", ["frame", "clip"])
+def test_pretrain_demo_loss_falls_and_no_collapse(kind, pretrained):
+    log = read_log(pretrained[kind])
+    assert [r["step"] for r in log] == [4, 8, 12, 16, 20, 24]
+    assert log[-1]["loss"] < 0.8 * log[0]["loss"]
+    assert min(r["std_t"] for r in log) > 0.03 and min(r["std_s"] for r in log) > 0.01
+    ck = load_checkpoint(os.path.join(pretrained[kind], "ckpt.pt"))
+    assert ck["step"] == 24 and ck["model_args"]["method"] == kind
+    model = M.ATST(**ck["model_args"])
+    model.load_state_dict(ck["model"])  # strict
+
+
+def test_torchrun_two_ranks_gloo_identical_weights(data_root, tmp_path):
+    out = str(tmp_path / "ddp")
+    p = run("pretrain_frame.py", *TINY, "--max_steps", "4", "--log_every", "2", "--out_dir",
+            out, data_root=data_root, nproc=2)
+    assert "weights identical on 2 ranks" in p.stdout
+    assert "= 16 x 2 ranks x 1 accum" in p.stdout
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 4
+
+
+def test_killed_run_resumes_to_the_same_weights(data_root, tmp_path):
+    args = [*TINY, "--max_steps", "6", "--warmup_epochs", "0.25", "--ckpt_every", "2",
+            "--log_every", "2", "--micro_batch", "16"]  # 2 accumulation steps per step
+    run("pretrain_frame.py", *args, "--out_dir", str(tmp_path / "a"), data_root=data_root)
+    killed = run("pretrain_frame.py", *args, "--out_dir", str(tmp_path / "b"), "--die_at_step",
+                 "5", data_root=data_root, check=False)
+    assert killed.returncode == -9
+    assert load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))["step"] == 4
+    p = run("pretrain_frame.py", *args, "--out_dir", str(tmp_path / "b"), data_root=data_root)
+    assert "resumed from" in p.stdout and "at step 4" in p.stdout
+    a = load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))
+    b = load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
+    assert a["step"] == b["step"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(x, y) for x, y in zip(
+        a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
+    banks = [torch.load(tmp_path / r / "augment_rank0.pt") for r in "ab"]   # the Mixup FIFO
+    assert banks[0]["step"] == banks[1]["step"] == 6
+    assert all(torch.equal(banks[0]["views"][k], banks[1]["views"][k]) for k in banks[0]["views"])
+
+
+def test_non_finite_loss_stops_with_a_message(data_root, tmp_path):
+    p = run("pretrain_frame.py", *TINY, "--max_steps", "4", "--warmup_epochs", "0",
+            "--base_lr", "1e30", "--out_dir", str(tmp_path / "nan"), data_root=data_root,
+            check=False)
+    assert p.returncode == 1 and "non-finite loss" in p.stderr
+
+
+def test_bad_manifest_row_is_reported(data_root, tmp_path):
+    rows = D.read_manifest(D.resolve_manifest("demo", "train", data_root))
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("path\n" + "".join(r["path"] + "\n" for r in rows[:40]) +
+                        str(tmp_path / "gone.wav") + "\n")
+    p = run("pretrain_clip.py", *TINY, "--data", str(csv_path), "--max_steps", "3",
+            "--batch_size", "41", "--out_dir", str(tmp_path / "o"), data_root=data_root,
+            check=False)
+    assert p.returncode != 0
+    assert "m.csv line 42" in p.stderr and "gone.wav" in p.stderr and "not found" in p.stderr

@@ -1,0 +1,71 @@
+"""tables.py and run_all.sh: cells, averages and checks from result files; a rerun over
+finished results runs no stage."""
+import json
+import os
+import subprocess
+
+from conftest import HERE
+
+PRETRAIN_RUNS = ["clip", "frame", "clip_single_1s", "clip_two_1s", "clip_single_6s", "frame_A",
+                 "frame_B", "frame_C", "frame_E"]
+
+
+def fake_results(out, linear, sed_psds1):
+    """What run_all.sh leaves behind at demo scale, with chosen scores."""
+    def put(path, obj):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(obj if isinstance(obj, str) else json.dumps(obj))
+    for n in PRETRAIN_RUNS:
+        put(os.path.join(out, "pretrain", n, "ckpt.pt.json"), dict(
+            step=48, total=48, model_args=dict(proj_dim=128),
+            config=dict(preset="tiny", data="demo", batch_size=32)))
+        put(os.path.join(out, "pretrain", n, "log.jsonl"), "".join(
+            json.dumps(dict(step=s, loss=1.0 / s, std_t=0.05)) + "\n" for s in (16, 32, 48)))
+    for name, score in linear.items():
+        put(os.path.join(out, "linear", f"{name}.json"), dict(test=score))
+    for n in ("clip", "frame", "c2f", "f2c"):
+        put(os.path.join(out, "finetune", f"{n}_demo_events", "result.json"), dict(test=0.5))
+    for n in ("clip_linear", "frame_linear", "clip_finetune", "frame_finetune", "c2f", "f2c"):
+        put(os.path.join(out, "sed", n, "result.json"), dict(
+            psds1=sed_psds1.get(n, 0.1), psds2=0.2, psds1_exact=0.1, psds2_exact=0.2,
+            f1_intersection=0.5))
+
+
+def test_tables_cells_averages_and_checks(tmp_path):
+    import tables
+    out = str(tmp_path)
+    linear = {"frame_demo_events": 0.8, "frame_random_demo_events": 0.6,
+              "clip_demo_events": 0.5, "clip_random_demo_events": 0.7, "frame_us8k": 0.855}
+    fake_results(out, linear, {"frame_finetune": 0.3, "clip_finetune": 0.2})
+    md = open(tables.main(out)).read()
+    row = next(line for line in md.splitlines() if line.startswith("| ATST-Frame |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # Table IV: AS-20K, SPCV2, VOX1, NSYNTH, US8K, FSD50K, then the demo column
+    assert cells[1] == "- (33.0)" and cells[5] == "85.5 (85.8)" and cells[7] == "80.0"
+    # Table II averages the last four tasks: the paper's own 74.9 for single / 1 s
+    row = next(line for line in md.splitlines() if line.startswith("| single | 1 |"))
+    assert "- (74.9)" in row
+    row = next(line for line in md.splitlines() if line.startswith("| A | 0 |"))
+    assert "- (42.8)" in row  # Table III averages all five
+    assert "ATST-Frame 80.0 beats the same encoder with random weights 60.0" in md
+    assert "ATST-Clip 50.0 does NOT beat the same encoder with random weights 70.0" in md
+    assert "SED (finetune): ATST-Frame PSDS1 0.300 beats ATST-Clip 0.200" in md
+    assert os.path.getsize(os.path.join(out, "plots", "pretrain_main.png")) > 1000
+
+
+def test_run_all_skips_finished_work(data_root, tmp_path):
+    """A rerun over finished results runs nothing but the tables (issue 6: rerun < 1 min)."""
+    out = str(tmp_path / "res")
+    names = ["clip", "frame", "clip_random", "frame_random"]
+    linear = {f"{n}_{t}": 0.5 for n in names for t in ("demo_events", "demo_tags")}
+    linear.update({f"{n}_demo_events": 0.5 for n in PRETRAIN_RUNS[2:] + ["clip_two_6s",
+                                                                          "frame_D"]})
+    fake_results(out, linear, {})
+    env = dict(os.environ, OUT=out, ATST_DATA=data_root)
+    p = subprocess.run(["bash", "run_all.sh"], cwd=HERE, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "pre-train" not in p.stdout and "tables ->" in p.stdout
+    assert os.path.islink(os.path.join(out, "pretrain", "frame_D"))  # = the main Frame run
+    assert "| D | 1 |" in open(os.path.join(out, "tables.md")).read()
