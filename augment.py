@@ -140,19 +140,30 @@ class Mixup(nn.Module):
         return f"bank_size={self.bank_size}, ratio={self.ratio}"
 
 
-def random_crops(x, n, valid=None, g=None):
+def random_crops(x, n, valid=None, g=None, shift=None):
     """One random crop of n samples along the last axis of x (B, ..., S) per clip, by gather
     (ATST-Clip segments, on the waveform as the reference). The crop starts inside the clip's
     real audio: start ~ U{0 .. valid - n}; a clip shorter than n (valid <= n) is taken from its
     start, so its crop is the clip followed by the zero padding (the reference pads only such
-    clips). valid: (B,) real samples per clip (default: all of S)."""
+    clips). valid: (B,) real samples per clip (default: all of S). shift: (B,) circular rolls
+    of the real audio applied before cropping (ASiT), gathered in the same pass."""
     B, S = x.shape[0], x.shape[-1]
     if S < n:
         raise ValueError(f"crop of {n} from an input of {S}: read longer clips")
     valid = torch.full((B,), S, device=x.device) if valid is None else valid.clamp(max=S)
     start = _randint_upto((valid - n).clamp(min=0), g)
     idx = start[:, None] + torch.arange(n, device=x.device)         # (B, n)
+    if shift is not None:                                           # rolled[t] = x[t - shift]
+        v = valid.clamp(min=1)[:, None]
+        idx = torch.where(idx < v, (idx - shift[:, None]) % v, idx)
     return x.gather(-1, idx.view(B, *[1] * (x.dim() - 2), n).expand(*x.shape[:-1], n))
+
+
+def roll_shifts(valid, g, p=0.5):
+    """ASiT's roll: with probability p a clip's real audio is rolled circularly by a uniform
+    offset in [0, valid] (random_crops applies it). (B,) offsets, 0 for the others."""
+    shift = _randint_upto(valid, g)
+    return shift * (torch.rand(valid.shape, generator=g, device=valid.device) < p)
 
 
 def group_mask(n_valid, n_tokens, span=5, prob=0.65, generator=None, min_spans=2):
@@ -179,6 +190,59 @@ def group_mask(n_valid, n_tokens, span=5, prob=0.65, generator=None, min_spans=2
     starts = F.pad(starts, (span - 1, n_tokens - max(n_starts, 0)))  # (B, N + span - 1)
     # a token is masked when a span starts at one of the span-1 tokens before it or at it
     return F.max_pool1d(starts.unsqueeze(1), span, stride=1).squeeze(1).bool()  # (B, N)
+
+
+def gmml(x, g, p_replace=0.5, zeros=(0.5, 0.7), replace=0.3, max_block=0.3, align=1,
+         chunk=62):
+    """ASiT's group masking (SPEC_ASIT 3), batched on the device: x (B, F, T) clean crops ->
+    (corrupted, mask), mask 1 on corrupted pixels. Per clip, with probability 1 - p_replace
+    ("zeros") a target share a ~ U(zeros) of the T x F pixels is set to 0; else ("replace") a
+    share `replace` is pasted from the clean crop of a random clip of the batch (maybe
+    itself) at the same place. Rectangles as the reference draws them: top-left corner uniform
+    (aligned to `align`), height in [align, max_block * T), width in [align, max_block * F),
+    clipped at the edges, overlaps allowed, added in order until the covered share reaches the
+    target. Candidates are drawn `chunk` (<= 62, the bits of an int64) at a time for the whole
+    batch; pixel (f, t) belongs to the first candidate covering it, so the covered share after
+    k candidates is a cumulative count, and a clip keeps its candidates up to the first that
+    reaches its target."""
+    B, Fm, T = x.shape
+    dev = x.device
+    use_replace = torch.rand(B, generator=g, device=dev) < p_replace
+    target = torch.where(use_replace, torch.full((B,), replace, device=dev),
+                         _uniform(B, *zeros, g, dev)) * (Fm * T)
+    donor = (torch.rand(B, generator=g, device=dev) * B).long()
+
+    def spans(n, size):  # (B, n) starts and lengths along an axis of `size` pixels
+        start = (torch.rand(B, n, generator=g, device=dev) * (size - align)).long()
+        start = start // align * align
+        hi = int(size * max_block)
+        length = align + (torch.rand(B, n, generator=g, device=dev) * (hi - align)).long()
+        length = torch.minimum(length, size - start)
+        return start, (length.float() / align).round().long() * align
+
+    inf = float("inf")
+    first = torch.full((B, Fm, T), inf, device=dev, dtype=torch.float64)  # first cover
+    f, t, done = torch.arange(Fm, device=dev), torch.arange(T, device=dev), 0
+    bit = 2 ** torch.arange(chunk, device=dev)                       # candidate j -> bit j
+    while True:
+        (t0, th), (f0, fw) = spans(chunk, T), spans(chunk, Fm)
+        rows = (f >= f0[..., None]) & (f < (f0 + fw)[..., None])      # (B, chunk, F)
+        cols = (t >= t0[..., None]) & (t < (t0 + th)[..., None])      # (B, chunk, T)
+        # the candidates covering (f, t) are the common bits of its row and column sets;
+        # the lowest common bit is the first of them (x & -x keeps it; log2 is exact)
+        both = (rows * bit[:, None]).sum(1)[:, :, None] & (cols * bit[:, None]).sum(1)[:, None]
+        low = (both & -both).double()                                 # (B, F, T)
+        first = torch.minimum(first, torch.where(both > 0, done + low.log2(), inf))
+        done += chunk
+        counts = torch.zeros(B, done + 1, device=dev).scatter_add_(
+            1, first.clamp(max=done).long().view(B, -1), torch.ones(B, Fm * T, device=dev))
+        covered = counts[:, :done].cumsum(1)                         # after candidate k
+        if (covered[:, -1] >= target).all():
+            break
+    n_used = (covered < target[:, None]).sum(1) + 1                 # up to the first hit
+    mask = first < n_used[:, None, None]
+    fill = torch.where(use_replace[:, None, None], x[donor], torch.zeros_like(x))
+    return torch.where(mask, fill, x), mask.to(x.dtype)
 
 
 def mixup_labels(x, y, alpha, rng):

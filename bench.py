@@ -1,12 +1,14 @@
 """
-Benchmark: one full pre-training step (mel, augment, mask, 2 teacher forwards, 2 student
-forward/backward, AdamW, EMA) for a preset and batch on this device, next to the same step
-done the way the reference code did it (fp32, hand-written attention, mel and augmentation per
-sample on the CPU); then the data path (clips/s of one DataLoader worker reading 10 s files).
+Benchmark: one full pre-training step (front-end, views, teacher and student forwards,
+student backward, AdamW, EMA) for a method, preset and batch on this device, next to the same
+step done the way the reference code did it (fp32, hand-written attention, front-end and
+augmentation per clip on the CPU: for ASiT torchaudio's per-clip Kaldi fbank and its Python
+GMML loop); then the data path (clips/s of one DataLoader worker reading 10 s files).
 Prints numbers; asserts nothing. Compare numbers as ratios within one run.
 
     python bench.py --preset tiny --batch 32
     python bench.py --preset small --batch 64 --method clip
+    python bench.py --preset tiny --batch 32 --method asit
     python bench.py --preset base --batch 108          # one GPU's share of the paper's 864
 """
 import contextlib
@@ -24,6 +26,7 @@ import torch
 
 import model as M
 import pretrain
+import pretrain_asit
 import pretrain_clip
 import pretrain_frame
 from augment import Mixup
@@ -32,7 +35,7 @@ from plumbing import configure, setup_distributed
 
 # -------------------------------------------------------------------------------- config
 preset = "tiny"      # tiny | small | base
-method = "frame"     # frame | clip
+method = "frame"     # frame | clip | asit
 batch = 32           # clips per step (one device)
 steps = 5            # timed steps (after warmup_steps untimed ones)
 warmup_steps = 2
@@ -57,21 +60,81 @@ def manual_attention(self, x, attn_mask=None):
 
 def step_flops(model_args, n_tokens, batch):
     """Matmul FLOPs of one step: per token per block 24 D^2 + 4 N D; the student runs two
-    views forward and backward (x3), the teacher two views forward."""
+    views forward and backward (x3), the teacher two views forward (heads not counted)."""
     D, L = model_args["dim"], model_args["depth"]
     per_view = batch * n_tokens * L * (24 * D * D + 4 * n_tokens * D)
     return per_view * (2 * 3 + 2)
 
 
+# method -> (script, model class, views class, tokens per view at the default crop)
+METHODS = {"frame": (pretrain_frame, M.ATST, "FrameViews", M.MAX_TOKENS),
+           "clip": (pretrain_clip, M.ATST, "ClipViews", 150),
+           "asit": (pretrain_asit, M.ASiT, "AsitViews", M.ASIT_TOKENS)}
+
+
+def reference_gmml(x, rng, p_replace=0.5, zeros=(0.5, 0.7), replace=0.3, max_block=0.3):
+    """ASiT's corruption the way the reference code does it: per clip, a Python loop adding
+    one rectangle at a time until the target share is covered (zeros for every crop in the
+    workers, then the replace pass over the batch in the collate function)."""
+    B, Fm, T = x.shape
+    out, masks = x.clone(), torch.zeros_like(x)
+    hi_t, hi_f = int(T * max_block), int(Fm * max_block)
+
+    def rectangles(target):
+        mask = torch.zeros(Fm, T)
+        while mask.sum() < target * Fm * T:
+            r, c = rng.integers(0, T - 1), rng.integers(0, Fm - 1)
+            h, w = min(rng.integers(1, hi_t), T - r), min(rng.integers(1, hi_f), Fm - c)
+            mask[c:c + w, r:r + h] = 1
+        return mask.bool()
+    for i in range(B):
+        masks[i] = rectangles(rng.uniform(*zeros))
+        out[i] = x[i].masked_fill(masks[i].bool(), 0)
+    for i in range(B):
+        donor = x[rng.integers(B)]
+        if rng.random() < p_replace:
+            m = rectangles(replace)
+            out[i], masks[i] = torch.where(m, donor, x[i]), m
+    return out, masks
+
+
+def reference_asit_views(c, rng):
+    """The ASiT data path per clip as the reference: roll, two crops, torchaudio's Kaldi
+    fbank of each, then the Python GMML loops."""
+    import torchaudio
+    n = int(c.crop_sec * M.SAMPLE_RATE)
+
+    def views(wav, valid, g):
+        crops = [[], []]
+        for w in wav.cpu():
+            if rng.random() < c.roll_prob:
+                w = torch.roll(w, int(rng.integers(0, len(w) + 1)))
+            for k in range(2):
+                start = int(rng.integers(0, len(w) - n + 1))
+                x = w[start:start + n]
+                fb = torchaudio.compliance.kaldi.fbank(
+                    (x - x.mean())[None], htk_compat=True, sample_frequency=16000,
+                    use_energy=False, window_type="hanning", num_mel_bins=128, dither=0.0,
+                    frame_shift=10)
+                crops[k].append(((fb[:fb.shape[0] // 16 * 16] - M.ASIT_MEAN) /
+                                 (2 * M.ASIT_STD)).T)
+        clean = [torch.stack(cr) for cr in crops]
+        corrupt, mask = zip(*(reference_gmml(x, rng) for x in clean))
+        return tuple(torch.cat(t).to(wav.device) for t in (clean, corrupt, mask))
+    return views
+
+
 def time_step(c, d, style):
-    mod = pretrain_frame if c.method == "frame" else pretrain_clip
+    mod, Model, views_name, n_tokens = METHODS[c.method]
     defaults = SimpleNamespace(**{k: getattr(mod, k) for k in dir(mod) if not k.startswith("_")})
     defaults.preset = c.preset
+    defaults.crop_sec = getattr(mod, "PRESETS", {}).get(c.preset, {}).get("crop_sec", 6.0)
     torch.manual_seed(c.seed)
-    m = M.ATST(**mod.model_args(defaults)).to(d.device)
+    m = Model(**mod.model_args(defaults)).to(d.device)
     opt = torch.optim.AdamW(M.param_groups(m, 0.05), lr=1e-4, eps=1e-6,
                             fused=d.device.type == "cuda")
-    views = (mod.FrameViews if c.method == "frame" else mod.ClipViews)(defaults)
+    views = getattr(mod, views_name)(defaults)
+    kwargs = dict(teacher_temp=0.04) if c.method == "asit" else {}
     wav = torch.randn(c.batch, 160000) * 0.1
     valid = torch.full((c.batch,), 160000)
     dd = d
@@ -85,6 +148,8 @@ def time_step(c, d, style):
             outs = [one_by_one(w[i:i + 1].cpu(), v[i:i + 1].cpu(), None)
                     for i in range(w.shape[0])]
             return tuple(None if o[0] is None else torch.cat(o).to(d.device) for o in zip(*outs))
+        if c.method == "asit":
+            views = reference_asit_views(defaults, np.random.default_rng(0))
 
         M.Attention.forward, saved = manual_attention, M.Attention.forward
         dd = dataclasses.replace(d, ctx=contextlib.nullcontext())
@@ -100,7 +165,7 @@ def time_step(c, d, style):
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 t0 = time.time()
-            pretrain.run_step(m, m, opt, views, batches, 1, dd, gen)
+            pretrain.run_step(m, m, opt, views, batches, 1, dd, gen, kwargs=kwargs)
             m.update_teacher(0.999)
         if cuda:
             torch.cuda.synchronize()
@@ -110,17 +175,44 @@ def time_step(c, d, style):
     dt = (time.time() - t0) / c.steps
     mem = (torch.cuda.max_memory_allocated() if cuda else
            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
-    n_tokens = M.MAX_TOKENS if c.method == "frame" else M.tokens_for(6 * M.SAMPLE_RATE)
     mfu = ""
     if cuda:
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
         if peak:
-            mfu = f" | MFU {step_flops(M.PRESETS[c.preset], n_tokens, c.batch) / dt / peak:.1%}"
+            flops = step_flops(mod.model_args(defaults), n_tokens, c.batch)
+            mfu = f" | MFU {flops / dt / peak:.1%}"
     mem_kind = "peak CUDA memory" if cuda else "peak RSS (process)"
     print(f"{style:9s} step: {dt * 1000:8.1f} ms/step | {c.batch / dt:7.1f} clips/s | "
           f"{mem_kind} {mem:.2f} GiB{mfu}", flush=True)
     return dt
+
+
+def time_views(c, d):
+    """The ASiT data path alone (roll, crops, Kaldi fbank, GMML on a batch): ours batched on
+    the device against the reference's per-clip way, in one run."""
+    defaults = SimpleNamespace(**{k: getattr(pretrain_asit, k) for k in dir(pretrain_asit)
+                                  if not k.startswith("_")})
+    defaults.crop_sec = pretrain_asit.PRESETS[c.preset]["crop_sec"]
+    wav = (torch.randn(c.batch, 160000) * 0.1).to(d.device)
+    valid = torch.full((c.batch,), 160000, device=d.device)
+    ours = pretrain_asit.AsitViews(defaults).to(d.device)
+    ref = reference_asit_views(defaults, np.random.default_rng(0))
+    g = torch.Generator(device=d.device).manual_seed(0)
+    times = {}
+    for name, fn in (("ours", ours), ("reference", ref)):
+        fn(wav, valid, g)                                          # warm-up
+        if d.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.time()
+        for _ in range(3):
+            fn(wav, valid, g)
+        if d.device.type == "cuda":
+            torch.cuda.synchronize()
+        times[name] = (time.time() - t0) / 3
+        print(f"ASiT views {name:9s}: {times[name] * 1000:8.1f} ms/batch | "
+              f"{c.batch / times[name]:7.1f} clips/s", flush=True)
+    print(f"speed-up of the ASiT data path: {times['reference'] / times['ours']:.2f}x")
 
 
 def time_data(c, d):
@@ -157,5 +249,7 @@ if __name__ == "__main__":
     if c.reference:
         ref = time_step(c, d, "reference")
         print(f"speed-up over the reference-style step: {ref / ours:.2f}x")
+        if c.method == "asit":
+            time_views(c, d)
     if c.data_files:
         time_data(c, d)

@@ -54,9 +54,10 @@ def mel_batch(B=4, T=301, seed=0):
 
 @pytest.fixture(scope="session")
 def pretrained(data_root, tmp_path_factory):
-    """Tiny ATST-Frame and ATST-Clip pre-trained on the demo data for 24 steps (real runs)."""
+    """Tiny ATST-Frame, ATST-Clip and ASiT pre-trained on the demo data for 24 steps (real
+    runs)."""
     out = {}
-    for kind in ("frame", "clip"):
+    for kind in ("frame", "clip", "asit"):
         out[kind] = str(tmp_path_factory.mktemp(f"pre_{kind}"))
         run(f"pretrain_{kind}.py", *TINY, "--max_steps", "24", "--warmup_epochs", "1",
             "--log_every", "4", "--out_dir", out[kind], data_root=data_root)

@@ -33,6 +33,8 @@ FRAMES_PER_TOKEN = 4   # 4 frames -> one 40 ms token
 N_MELS = 64
 TOKEN_S = HOP * FRAMES_PER_TOKEN / SAMPLE_RATE  # 0.04 s: one encoder token (40 ms)
 DB_MIN, DB_MAX = -79.6482, 50.6842  # fixed min-max of the released models
+PATCH = 16                             # ASiT: 16 frames x 16 mel bins per token (160 ms)
+ASIT_MELS, ASIT_MEAN, ASIT_STD = 128, -4.2677393, 4.5689974  # AST's AudioSet statistics
 
 
 def frames_for(samples):
@@ -87,6 +89,38 @@ class MelFrontEnd(nn.Module):
         x = torch.maximum(x, top.amax(dim=(1, 2), keepdim=True) - 80)
         return (x - DB_MIN) / (DB_MAX - DB_MIN) * 2 - 1
 
+class KaldiFrontEnd(nn.Module):
+    """ASiT's front-end (SPEC_ASIT 1), batched on the device: waveform (B, S) at 16 kHz ->
+    (B, F=128, T) normalised log-mel, T cut to a multiple of 16 (6 s -> 598 -> 592 frames).
+    Per clip it equals torchaudio.compliance.kaldi.fbank(wav - wav.mean(), htk_compat=True,
+    use_energy=False, window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10)
+    then (x - mean) / (2 std): 25 ms frames every 10 ms (snip_edges), per-frame DC removal,
+    preemphasis 0.97, Hann window, 512-point FFT, power, mel banks 20 Hz - Nyquist, log with
+    an epsilon floor. Digital silence comes out near -1.278. Always fp32."""
+
+    def __init__(self, n_mels=ASIT_MELS):
+        super().__init__()
+        self.win, self.shift, self.n_fft = 400, HOP, 512
+        banks, _ = torchaudio.compliance.kaldi.get_mel_banks(
+            n_mels, self.n_fft, float(SAMPLE_RATE), 20.0, 0.0, 100.0, -500.0, 1.0)
+        self.register_buffer("banks", F.pad(banks, (0, 1)), persistent=False)  # (M, 257)
+        self.register_buffer("window", torch.hann_window(self.win, periodic=False),
+                             persistent=False)
+
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def forward(self, wav):
+        wav = wav.float()
+        wav = wav - wav.mean(-1, keepdim=True)                         # the clip's mean
+        x = wav.unfold(-1, self.win, self.shift)                      # (B, T, 400) frames
+        x = x - x.mean(-1, keepdim=True)                              # per-frame DC
+        x = x - 0.97 * torch.cat([x[..., :1], x[..., :-1]], -1)        # preemphasis
+        x = F.pad(x * self.window, (0, self.n_fft - self.win))
+        power = torch.fft.rfft(x).abs().pow(2)                        # (B, T, 257)
+        fbank = (power @ self.banks.T).clamp(min=torch.finfo(torch.float32).eps).log()
+        T = fbank.shape[1] // PATCH * PATCH
+        return ((fbank[:, :T] - ASIT_MEAN) / (2 * ASIT_STD)).transpose(1, 2)  # (B, M, T)
+
 # ----------------------------------------------------------------------------------------------
 # Encoder (SPEC 2)
 
@@ -116,10 +150,10 @@ class DropPath(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, qkv_bias=False):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, attn_mask=None):
@@ -139,9 +173,9 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, heads, drop_path):
+    def __init__(self, dim, heads, drop_path, qkv_bias=False):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads, qkv_bias)
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, 4 * dim)
         self.drop_path = DropPath(drop_path)
 
@@ -151,41 +185,59 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
-    """One encoder for every stage. cls_token: ATST-Clip; mask_token: ATST-Frame."""
+    """One encoder for every stage. cls_token: ATST-Clip, ASiT; mask_token: ATST-Frame.
+    tokens="atst": 4 frames x 64 mels per token (40 ms); "patch16": ASiT's 16 x 16 patches of
+    a 128-mel input, time-major (160 ms per time column), with qkv biases."""
 
     def __init__(self, dim=768, depth=12, heads=12, drop_path=0.1, cls_token=False,
-                 mask_token=False, max_tokens=MAX_TOKENS):
+                 mask_token=False, max_tokens=MAX_TOKENS, tokens="atst", qkv_bias=False):
         super().__init__()
-        self.dim, self.depth, self.max_tokens = dim, depth, max_tokens
+        assert tokens in ("atst", "patch16"), tokens
+        self.dim, self.depth, self.max_tokens, self.tokens = dim, depth, max_tokens, tokens
         self.args = dict(dim=dim, depth=depth, heads=heads, cls_token=cls_token,
-                         mask_token=mask_token, max_tokens=max_tokens)  # saved with checkpoints
-        self.patch_embed = nn.Linear(N_MELS * FRAMES_PER_TOKEN, dim)
+                         mask_token=mask_token, max_tokens=max_tokens, tokens=tokens,
+                         qkv_bias=qkv_bias)  # saved with checkpoints
+        self.patch_embed = nn.Linear(N_MELS * FRAMES_PER_TOKEN, dim)  # = PATCH * PATCH values
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + max_tokens, dim))  # slot 0: CLS
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim)) if mask_token else None
         rates = torch.linspace(0, drop_path, depth).tolist()
-        self.blocks = nn.ModuleList(Block(dim, heads, r) for r in rates)
+        self.blocks = nn.ModuleList(Block(dim, heads, r, qkv_bias) for r in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.apply(_init_weights)
+        if tokens == "patch16":  # ASiT's Conv2d patch embedding keeps PyTorch's default init
+            self.patch_embed.reset_parameters()
         for p in (self.pos_embed, self.cls_token, self.mask_token):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
 
+    def tokenize(self, mel):
+        """(B, F, T) -> (B, N, 256) token inputs in sequence order. atst: token n = frames
+        4n..4n+3 of all 64 mels, flattened mel-major (mel * 4 + offset); patch16: 16 x 16
+        patches, time-major (token k = time block k // (F / 16), mel block k % (F / 16)),
+        flattened (time offset, mel offset) as Conv2d(1, D, 16, 16) weights reshaped to
+        (D, 256). Trailing frames that fill no token are dropped."""
+        B, Fm, T = mel.shape
+        if self.tokens == "atst":
+            N = T // FRAMES_PER_TOKEN
+            x = mel[:, :, :N * FRAMES_PER_TOKEN].reshape(B, Fm, N, FRAMES_PER_TOKEN)
+            return x.permute(0, 2, 1, 3).reshape(B, N, Fm * FRAMES_PER_TOKEN)
+        nT, nF = T // PATCH, Fm // PATCH
+        x = mel[:, :, :nT * PATCH].reshape(B, nF, PATCH, nT, PATCH)   # (B, nF, f, nT, t)
+        return x.permute(0, 3, 1, 4, 2).reshape(B, nT * nF, PATCH * PATCH)
+
     def forward(self, mel, n_valid=None, mask=None, layers=None):
-        """mel (B, F, T) -> (B, [1+]N, D) after the final norm, N = T // 4.
+        """mel (B, F, T) -> (B, [1+]N, D) after the final norm (N tokens, see tokenize).
 
         n_valid: (B,) valid tokens per clip, or None when nothing is padded.
         mask: (B, N) bool, True = replace by the mask token.
         layers: block indices to return (a list of (B, [1+]N, D), each after the final norm).
         """
-        B, Fm, T = mel.shape
-        N = T // FRAMES_PER_TOKEN
+        x = self.patch_embed(self.tokenize(mel))                         # (B, N, D)
+        B, N, _ = x.shape
         if N > self.max_tokens:
-            raise ValueError(f"input has {N} tokens ({N * TOKEN_S:.2f} s) but the positional "
-                             f"table holds {self.max_tokens}: chunk long audio before encoding")
-        x = mel[:, :, :N * FRAMES_PER_TOKEN].reshape(B, Fm, N, FRAMES_PER_TOKEN)
-        x = x.permute(0, 2, 1, 3).reshape(B, N, Fm * FRAMES_PER_TOKEN)  # (B, N, 256) mel*4+offset
-        x = self.patch_embed(x)                                          # (B, N, D)
+            raise ValueError(f"input has {N} tokens but the positional table holds "
+                             f"{self.max_tokens}: chunk long audio before encoding")
         if mask is not None:
             x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         x = x + self.pos_embed[:, 1:N + 1]
@@ -305,6 +357,159 @@ class ATST(nn.Module):
     def update_teacher(self, m):
         """EMA: teacher <- m * teacher + (1 - m) * student (parameters only)."""
         ema_update(list(self.teacher.parameters()), list(self.student.parameters()), m)
+
+
+# ----------------------------------------------------------------------------------------------
+# ASiT: group masked model learning with local and global self-distillation (SPEC_ASIT 2-5)
+
+ASIT_PRESETS = {  # model args; tiny is for tests and the CPU demo
+    "tiny": dict(dim=64, depth=4, heads=4, head_hidden=256, bottleneck=64, global_k=512,
+                 local_k=128, recon_hidden=128),
+    "small": dict(dim=384, depth=12, heads=6, head_hidden=2048, bottleneck=256,
+                  global_k=8192, local_k=1024, recon_hidden=768),
+    "base": dict(dim=768, depth=12, heads=12, head_hidden=2048, bottleneck=256,
+                 global_k=8192, local_k=1024, recon_hidden=768),
+}
+ASIT_TOKENS = 37 * 8  # 592 frames x 128 mels in 16 x 16 patches: the positional table
+
+
+class DinoHead(nn.Module):
+    """One MLP shared by all tokens (D -> hidden -> hidden -> bottleneck, GELU), L2-normalised,
+    then two bias-free prototype layers whose rows are unit vectors (weight normalisation with
+    the norm fixed at 1, not trained): logits are cosines. Global (CLS) and local (patches)."""
+
+    def __init__(self, dim, hidden, bottleneck, global_k, local_k):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden),
+                                 nn.GELU(), nn.Linear(hidden, bottleneck))
+        self.apply(_init_weights)
+        self.global_protos = nn.Linear(bottleneck, global_k, bias=False).weight  # default init
+        self.local_protos = nn.Linear(bottleneck, local_k, bias=False).weight
+
+    def forward(self, h):
+        """h (B, 1+N, D) -> global logits (B, Kg), local logits (B, N, Kl), and the unit
+        vectors of the CLS (B, bottleneck) for the collapse monitor."""
+        z = F.normalize(self.mlp(h), dim=-1)
+        return (F.linear(z[:, 0], F.normalize(self.global_protos, dim=-1)),
+                F.linear(z[:, 1:], F.normalize(self.local_protos, dim=-1)), z[:, 0])
+
+
+class ReconHead(nn.Module):
+    """Per patch token: D -> hidden -> hidden -> bottleneck (GELU after each), then a 16 x 16
+    transposed convolution to one channel: each token paints its own patch."""
+
+    def __init__(self, dim, hidden=768, bottleneck=128):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden),
+                                 nn.GELU(), nn.Linear(hidden, bottleneck), nn.GELU())
+        self.apply(_init_weights)
+        self.deconv = nn.ConvTranspose2d(bottleneck, 1, PATCH, stride=PATCH)
+
+    def forward(self, tokens, n_time):
+        """tokens (B, N, D), time-major with n_time columns -> pixels (B, F, T)."""
+        x = self.mlp(tokens).transpose(1, 2).unflatten(2, (n_time, -1))  # (B, C, nT, nF)
+        return self.deconv(x)[:, 0].transpose(1, 2)                     # (B, 16 nF, 16 nT)
+
+
+def dino_ce(s_logits, t_logits, center, t_temp, s_temp=0.1):
+    """Mean over rows of the cross-entropy of softmax(s / s_temp) against the centred,
+    sharpened teacher softmax((t - center) / t_temp) (no gradient to the teacher)."""
+    t = F.softmax((t_logits.float() - center) / t_temp, dim=-1).detach()
+    return -(t * F.log_softmax(s_logits.float() / s_temp, dim=-1)).sum(-1).mean()
+
+
+def masked_l1(pred, target, mask):
+    """L1 over the corrupted pixels only (mask = 1), pooled over the batch."""
+    return ((pred.float() - target.float()).abs() * mask).sum() / mask.sum().clamp(min=1)
+
+
+class ASiT(nn.Module):
+    """ASiT teacher-student (SPEC_ASIT 2-5): student and teacher each hold an encoder (16 x 16
+    patches, qkv biases, CLS), a DinoHead and a reconstruction head; the teacher is an EMA copy
+    of all of it, sees the clean crops and has no drop-path. Inputs: two crops stacked on the
+    batch axis, clean (2B, F, T), corrupted (2B, F, T) and the corruption mask (2B, F, T).
+
+    - global: CE of the student's CLS (one crop) against the teacher's (the other), symmetric;
+    - local: CE per patch token, same crop and position, teacher clean / student corrupted;
+    - reconstruction: L1 on the corrupted pixels; total = global + local + 2 reconstruction.
+    The teacher's logits are centred (a momentum-0.9 mean over all rows of all ranks, one
+    centre per head, updated in every forward) and sharpened by teacher_temp (a per-step value
+    the loop passes); the student's temperature is 0.1."""
+    ckpt_kind = "asit-pretrain"
+
+    def __init__(self, dim, depth, heads, head_hidden, bottleneck, global_k, local_k,
+                 recon_hidden, drop_path=0.1, student_temp=0.1, center_momentum=0.9,
+                 max_tokens=ASIT_TOKENS):
+        super().__init__()
+        enc = dict(dim=dim, depth=depth, heads=heads, cls_token=True, tokens="patch16",
+                   qkv_bias=True, max_tokens=max_tokens)
+        self.encoder_args = enc
+        self.student_temp, self.center_momentum = student_temp, center_momentum
+
+        def branch(rate):
+            return nn.ModuleDict(dict(
+                encoder=Encoder(drop_path=rate, **enc),
+                head=DinoHead(dim, head_hidden, bottleneck, global_k, local_k),
+                recon=ReconHead(dim, recon_hidden)))
+        self.student, self.teacher = branch(drop_path), branch(0.0)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        self.register_buffer("center_global", torch.zeros(1, global_k))
+        self.register_buffer("center_local", torch.zeros(1, local_k))
+
+    def forward(self, clean, corrupt, mask, teacher_temp=0.04):
+        """Returns (loss, stats: the three losses and the teacher's entropies, detached)."""
+        h = self.student.encoder(corrupt)                               # (2B, 1+N, D)
+        s_g, s_l, _ = self.student.head(h)
+        recon = self.student.recon(h[:, 1:], clean.shape[-1] // PATCH)
+        with torch.no_grad():
+            t_g, t_l, t_z = self.teacher.head(self.teacher.encoder(clean))
+        t_g, t_l = t_g.float(), t_l.float().flatten(0, 1)              # (2B, Kg), (2B N, Kl)
+        (s0, s1), (t0, t1) = s_g.chunk(2), t_g.chunk(2)
+        ce = lambda s, t, c: dino_ce(s, t, c, teacher_temp, self.student_temp)
+        loss_g = (ce(s1, t0, self.center_global) + ce(s0, t1, self.center_global)) / 2
+        loss_l = ce(s_l.flatten(0, 1), t_l, self.center_local)
+        loss_r = masked_l1(recon, clean, mask)
+        stats = dict(loss_g=loss_g.detach(), loss_l=loss_l.detach(), loss_r=loss_r.detach(),
+                     ent_g=_entropy(t_g, self.center_global, teacher_temp),
+                     ent_l=_entropy(t_l, self.center_local, teacher_temp), z=t_z.float())
+        self.update_centers(t_g, t_l)
+        return loss_g + loss_l + 2 * loss_r, stats
+
+    @torch.no_grad()
+    def update_centers(self, t_g, t_l):
+        """c <- m c + (1 - m) mean of the teacher's logits over all rows of all ranks."""
+        for c, t in ((self.center_global, t_g), (self.center_local, t_l)):
+            stats = torch.cat([t.sum(0), t.new_tensor([t.shape[0]])])
+            if torch.distributed.is_initialized():
+                torch.distributed.all_reduce(stats)
+            c.mul_(self.center_momentum).add_(stats[:-1] / stats[-1] * (1 - self.center_momentum))
+
+    @staticmethod
+    def summarize(stats, world=1):
+        """The losses and entropies averaged over ranks, and std_t: the collapse std of the
+        teacher's CLS unit vectors over all rows of all ranks (about 1/sqrt(bottleneck) when
+        spread; toward 0 when every clip gets the same vector, which the centring turns into
+        flat teacher distributions: entropy near log K)."""
+        scalars = {k: v for k, v in stats.items() if k != "z"}
+        v = torch.stack(list(scalars.values())).float()
+        if world > 1:
+            torch.distributed.all_reduce(v)
+            v /= world
+        return dict(zip(scalars, v.tolist()), std_t=collapse_std(stats["z"], world))
+
+    @torch.no_grad()
+    def update_teacher(self, m):
+        """EMA over all parameters: teacher <- m * teacher + (1 - m) * student."""
+        ema_update(list(self.teacher.parameters()), list(self.student.parameters()), m)
+
+
+@torch.no_grad()
+def _entropy(t_logits, center, temp):
+    """Mean entropy (nats) of the teacher's distributions: log K when flat, 0 when collapsed
+    to one prototype per row (the DINO collapse monitor)."""
+    p = F.softmax((t_logits - center) / temp, dim=-1)
+    return -(p * p.clamp(min=1e-12).log()).sum(-1).mean()
 
 
 @torch.no_grad()

@@ -9,7 +9,12 @@ line. It knows no method: a pre-training script gives it
   update_teacher(m) does the EMA step, summarize(stats, world) turns stats into the logged
   numbers (e.g. collapse monitors; it may all-reduce), and `ckpt_kind` names its checkpoints;
 - `views`: an nn.Module, views(wav (B, S), valid samples (B,), generator) -> the model's
-  inputs, run on the device under no_grad; its state (augmentation banks) is saved per rank.
+  inputs, run on the device under no_grad; its state (augmentation banks) is saved per rank;
+- optionally `schedules(total_steps, steps_per_epoch)` -> {name: tensor indexed by step}:
+  per-step values of the method (ASiT's teacher temperature), passed to the model's forward
+  as keyword arguments and logged.
+The config also names the optimizer's eps (`adam_eps`) and the per-tensor gradient-norm
+clip (`clip_grad`, 0 = none).
 """
 import contextlib
 import math
@@ -29,7 +34,7 @@ from plumbing import (Log, all_mean, cleanup_distributed, cosine_schedule, descr
                       wrap_ddp)
 
 
-def train(cfg, model_args, make_model, views):
+def train(cfg, model_args, make_model, views, schedules=None):
     c = SimpleNamespace(**cfg)
     d = setup_distributed(c.device)
     d.print(describe(cfg))
@@ -56,11 +61,12 @@ def train(cfg, model_args, make_model, views):
             "trained; AdamW groups: " + ", ".join(
                 f"{'decay' if g['decay'] else 'no decay'} {len(g['params'])} tensors"
                 for g in groups))
-    opt = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999), eps=1e-6,
+    opt = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999), eps=c.adam_eps,
                             fused=d.device.type == "cuda")
     lr_s = cosine_schedule(peak_lr, c.min_lr, total, warmup)
     wd_s = cosine_schedule(c.wd_start, c.wd_end, total)
     m_s = ema_schedule(c.ema_m0, total)
+    extra = schedules(total, per_epoch) if schedules else {}
     views.to(d.device)
 
     # resume
@@ -108,7 +114,9 @@ def train(cfg, model_args, make_model, views):
             g["lr"] = lr_s[step].item()
             g["weight_decay"] = wd_s[step].item() if g["decay"] else 0.0
         log_now = (step + 1) % c.log_every == 0 or step + 1 == total
-        loss_val, gnorm, stats = run_step(model, ddp, opt, views, batches, accum, d, gen, log_now)
+        now = {k: v[step].item() for k, v in extra.items()}
+        loss_val, gnorm, stats = run_step(model, ddp, opt, views, batches, accum, d, gen, log_now,
+                                          c.clip_grad, now)
         if not math.isfinite(loss_val):
             last_good = ckpt_path if os.path.exists(ckpt_path) else "none written yet"
             raise SystemExit(f"non-finite loss ({loss_val}) at step {step}: stopping without "
@@ -121,7 +129,7 @@ def train(cfg, model_args, make_model, views):
             dt = (time.time() - t_log) / steps_log
             rec = dict(step=step, loss=loss_val, lr=lr_s[step - 1].item(),
                        wd=wd_s[step - 1].item(), ema=m_s[step - 1].item(), gnorm=gnorm,
-                       **model.summarize(stats, d.world), ms=dt * 1000,
+                       **now, **model.summarize(stats, d.world), ms=dt * 1000,
                        clips_s=c.batch_size / dt)
             monitors = " | ".join(f"{k} {v:.4f}" for k, v in rec.items() if k not in (
                 "step", "loss", "lr", "wd", "ema", "gnorm", "ms", "clips_s"))
@@ -136,11 +144,13 @@ def train(cfg, model_args, make_model, views):
     return model
 
 
-def run_step(model, ddp, opt, views, batches, accum, d, gen, want_gnorm=False):
-    """One optimizer step over `accum` micro-batches: views on the device, forward/backward,
+def run_step(model, ddp, opt, views, batches, accum, d, gen, want_gnorm=False, clip=0.0,
+             kwargs=None):
+    """One optimizer step over `accum` micro-batches: views on the device, forward/backward
+    (kwargs: this step's schedule values), per-tensor gradient clipping at `clip` (0 = none),
     then AdamW (the caller updates the teacher). Returns (loss averaged over ranks, grad norm
-    or None, the stats of the last micro-batch). The optimizer does not step when the loss is
-    not finite."""
+    before clipping or None, the stats of the last micro-batch). The optimizer does not step
+    when the loss is not finite."""
     loss_sum = torch.zeros((), device=d.device)
     for k in range(accum):
         wav, valid = next(batches)
@@ -149,18 +159,28 @@ def run_step(model, ddp, opt, views, batches, accum, d, gen, want_gnorm=False):
         sync = ddp.no_sync() if d.world > 1 and k < accum - 1 else contextlib.nullcontext()
         with sync:
             with d.ctx:
-                loss, stats = ddp(*inputs)
+                loss, stats = ddp(*inputs, **(kwargs or {}))
             (loss / accum).backward()
         loss_sum += loss.detach()
     loss_val = all_mean(loss_sum / accum, d).item()
     gnorm = None
     if math.isfinite(loss_val):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
         if want_gnorm:
-            gnorm = torch.nn.utils.get_total_norm(
-                [p.grad for p in model.parameters() if p.grad is not None]).item()
+            gnorm = torch.nn.utils.get_total_norm(grads).item()
+        if clip:
+            clip_per_tensor(grads, clip)
         opt.step()
     opt.zero_grad(set_to_none=True)
     return loss_val, gnorm, stats
+
+
+@torch.no_grad()
+def clip_per_tensor(grads, max_norm):
+    """Scale each gradient tensor whose norm exceeds max_norm down to it (DINO / ASiT clip
+    each parameter on its own, not the global norm)."""
+    norms = torch._foreach_norm(grads)
+    torch._foreach_mul_(grads, [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms])
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ drop_path = 0.1             # stochastic depth of the last student block (linear
 teacher_drop_path = True    # teacher has the student's drop-path (reference); false: none
 # data
 seconds = 10.0              # audio read per clip, from which the segments are cropped
-# optimizer (AdamW 0.9/0.999, eps 1e-6)
+# optimizer (AdamW 0.9/0.999)
 batch_size = 1536           # global batch over all GPUs and accumulation steps
 micro_batch = 0             # clips per GPU per forward; 0 = batch_size / GPUs
 base_lr = 2e-4              # peak lr = base_lr * batch_size / 256
@@ -45,6 +45,8 @@ min_lr = 1e-6               # lr at the last step (cosine)
 max_steps = 318000          # optimizer steps (the reference's); 0 = derive from epochs
 epochs = 200.0              # the paper's; setting it (edit or flag) sets max_steps to 0
 warmup_epochs = 10.0        # linear lr warmup
+adam_eps = 1e-6             # AdamW eps
+clip_grad = 0.0             # per-tensor gradient norm clip; 0 = none (SPEC 3)
 wd_start = 0.04             # weight decay, cosine to wd_end (matrices only)
 wd_end = 0.4
 ema_m0 = 0.9995             # teacher EMA momentum, cosine to 1

@@ -3,8 +3,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from augment import (FreqWarp, Mixup, RandomResizedCrop, group_mask, mixup_labels,
-                     random_crops, resample_boxes)
+from augment import (FreqWarp, Mixup, RandomResizedCrop, gmml, group_mask, mixup_labels,
+                     random_crops, resample_boxes, roll_shifts)
 from conftest import mel_batch
 
 
@@ -142,3 +142,80 @@ def test_mixup_labels_mixes_inputs_and_targets_alike():
     again = mixup_labels(x, y, 0.5, np.random.default_rng(0))
     assert torch.equal(again[0], xm) and torch.equal(again[1], ym)
     assert lam.min() < 0.1 and lam.max() > 0.9                # Beta(0.5, 0.5) is U-shaped
+
+
+def test_gmml_statistics_and_branches():
+    """SPEC_ASIT 3 on 592 x 128: the zeros branch covers U(0.5, 0.7) of the pixels and a bit
+    more (the last rectangle overshoots: mean 0.606 measured on the reference), covered pixels
+    exactly 0; the replace branch covers at least 0.30 (mean 0.314), its pixels are the clean
+    pixels of one donor clip at the same place; nothing else changes; a branch is taken half
+    the time; coverage never falls below the drawn target."""
+    g = torch.Generator().manual_seed(0)
+    f, t = torch.arange(128.0)[:, None], torch.arange(592.0)
+    x = torch.arange(1.0, 65)[:, None, None] * 1e6 + f * 1000 + t   # clip, mel bin, frame
+    zeros, pasted = [], []
+    for _ in range(4):
+        y, m = gmml(x, g)
+        keep = ~m.bool()
+        assert torch.equal(y[keep], x[keep]) and set(m.unique().tolist()) <= {0.0, 1.0}
+        for i in range(64):
+            vals = (y[i] - f * 1000 - t)[m[i].bool()]           # donor * 1e6 where pasted
+            share = m[i].mean().item()
+            if y[i][m[i].bool()].eq(0).all():
+                zeros.append(share)
+            else:
+                assert (vals == vals[0]).all() and vals[0] % 1e6 == 0   # one donor, in place
+                pasted.append(share)
+    zeros, pasted = torch.tensor(zeros), torch.tensor(pasted)
+    assert abs(zeros.mean() - 0.606) < 0.02 and zeros.min() >= 0.5 and zeros.max() < 0.79
+    assert 0.03 < zeros.std() < 0.08
+    assert pasted.min() >= 0.30 and abs(pasted.mean() - 0.314) < 0.01
+    fixed = gmml(x, g, p_replace=0.0, zeros=(0.6, 0.6))[1].mean((1, 2))
+    assert fixed.min() >= 0.6 and fixed.max() < 0.6 + 0.09     # one rectangle at most over
+    branch = [gmml(torch.arange(1.0, 513)[:, None, None].expand(512, 16, 32), g)[0]
+              for _ in range(2)]
+    replaced = torch.cat([(b == 0).sum((1, 2)) == 0 for b in branch]).float().mean()
+    assert abs(replaced - 0.5) < 0.05
+
+
+def test_gmml_rectangles_are_within_a_third_of_each_axis():
+    """With a tiny target one rectangle is kept: a solid box, 1 to 0.3 x 592 - 1 frames long
+    and 1 to 0.3 x 128 - 1 mel bins wide; align=16 puts its corners on the patch grid."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.ones(256, 128, 592)
+    for align in (1, 16):
+        _, m = gmml(x, g, p_replace=0.0, zeros=(1e-9, 1e-9), align=align)
+        rows, cols = m.amax(2), m.amax(1)                        # (B, F), (B, T)
+        h, w = cols.sum(1), rows.sum(1)
+        assert torch.equal(m.sum((1, 2)), h * w)                  # a solid rectangle
+        assert h.min() >= align and h.max() <= 176 and w.min() >= align and w.max() <= 37
+        if align == 1:
+            assert h.max() > 150 and w.max() > 30
+        else:
+            first_t = cols.argmax(1)
+            assert (first_t % 16 == 0).all() and (rows.argmax(1) % 16 == 0).all()
+
+
+def test_roll_then_crop_rotates_the_real_audio_only():
+    """ASiT rolls a clip's real audio circularly (p = 0.5, offset uniform in [0, valid]) before
+    cropping; the zero padding stays after the audio."""
+    wav = torch.arange(1.0, 11).expand(400, 10).clone()
+    valid = torch.tensor([10, 6] * 200)
+    wav[1::2, 6:] = 0
+    g = torch.Generator().manual_seed(0)
+    shift = roll_shifts(valid, g, p=0.5)
+    y = random_crops(wav, 10, valid, g, shift)                   # the whole clip: no crop
+    rolled = 0
+    for i in range(400):
+        v, s = valid[i].item(), shift[i].item()
+        assert 0 <= s <= v
+        assert torch.equal(y[i, :v], torch.roll(wav[i, :v], s)) and torch.equal(y[i, v:],
+                                                                                wav[i, v:])
+        rolled += not torch.equal(y[i], wav[i])
+    # p = 0.5, and a shift of 0 or `valid` (of valid + 1 equally likely) changes nothing
+    assert abs(rolled / 400 - 0.5 * (9 / 11 + 5 / 7) / 2) < 0.07
+    z = random_crops(wav, 4, valid, torch.Generator().manual_seed(1), shift)
+    for i in range(400):                                         # a crop of the rolled clip
+        rolled_clip = torch.cat([torch.roll(wav[i, :valid[i]], shift[i].item()),
+                                 wav[i, valid[i]:]])
+        assert any(torch.equal(z[i], rolled_clip[k:k + 4]) for k in range(valid[i] - 3))

@@ -429,3 +429,132 @@ def test_teacher_has_the_student_drop_path_unless_switched_off():
             torch.manual_seed(seed)
             outs.append(model(v1, v2, mask, n_valid)[1]["t"])
         assert torch.equal(outs[0], outs[1]) != on                    # stochastic when on
+
+
+# ---------------------------------------------------------------------------------- ASiT
+
+
+def test_kaldi_front_end_equals_torchaudio_per_clip():
+    """SPEC_ASIT 1: 6 s at 16 kHz -> 598 Kaldi frames -> 592; the batched front-end equals
+    torchaudio's per-clip kaldi.fbank (mean removed, normalised) for every clip of a batch;
+    digital silence normalises to about -1.278."""
+    torch.manual_seed(0)
+    wav = torch.randn(3, 6 * 16000) * 0.1 + 0.05               # a DC offset to remove
+    wav[1] *= 0.01
+    wav[2, :48000] = 0
+    out = M.KaldiFrontEnd()(wav)
+    assert out.shape == (3, 128, 592)
+    for i in range(3):
+        ref = torchaudio.compliance.kaldi.fbank(
+            wav[i:i + 1] - wav[i].mean(), htk_compat=True, sample_frequency=16000,
+            use_energy=False, window_type="hanning", num_mel_bins=128, dither=0.0,
+            frame_shift=10)
+        assert ref.shape == (598, 128)
+        ref = (ref[:592] + 4.2677393) / (2 * 4.5689974)
+        assert torch.allclose(out[i].T, ref, atol=1e-4), (out[i].T - ref).abs().max()
+    silence = M.KaldiFrontEnd()(torch.zeros(1, 16000))
+    assert silence.shape == (1, 128, 96) and torch.allclose(silence, torch.tensor(-1.2776),
+                                                            atol=1e-3)
+
+
+def _asit_encoder():
+    torch.manual_seed(0)
+    return M.Encoder(dim=32, depth=1, heads=2, cls_token=True, tokens="patch16", qkv_bias=True,
+                     max_tokens=M.ASIT_TOKENS, drop_path=0.0)
+
+
+def test_patch16_tokens_are_the_conv_patch_embedding_time_major():
+    """SPEC_ASIT 2: Conv2d(1, D, 16, 16) weights reshaped to (D, 256) give our tokens; token
+    k sits at time block k // 8, mel block k % 8; an input of n time columns uses the first
+    n rows of the 37 x 8 positional grid."""
+    enc = _asit_encoder()
+    conv = torch.nn.Conv2d(1, 32, 16, stride=16)
+    with torch.no_grad():
+        enc.patch_embed.weight.copy_(conv.weight.reshape(32, 256))
+        enc.patch_embed.bias.copy_(conv.bias)
+    mel = torch.randn(2, 128, 592)                                # (B, F, T)
+    ref = conv(mel.transpose(1, 2)[:, None]).flatten(2).transpose(1, 2)  # on (B, 1, T, M)
+    assert torch.allclose(enc.patch_embed(enc.tokenize(mel)), ref, atol=1e-5)
+    marker = torch.zeros(1, 128, 592)
+    marker[0, 16 * 5 + 3, 16 * 11 + 7] = 1.0                      # mel block 5, time block 11
+    toks = enc.tokenize(marker)[0]
+    k = toks.abs().sum(1).nonzero().item()
+    assert k == 11 * 8 + 5 and toks[k, 7 * 16 + 3] == 1            # (time, mel) offsets
+    seen = {}
+    enc.blocks[0].register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+    with torch.no_grad():
+        enc.patch_embed.weight.zero_()
+        enc.patch_embed.bias.zero_()
+    grid = enc.pos_embed[0, 1:].view(37, 8, 32)
+    for n in (1, 12, 37):
+        enc(torch.randn(1, 128, 16 * n))
+        assert torch.equal(seen["x"][0, 1:], grid[:n].reshape(n * 8, 32))
+
+
+def _asit(**kw):
+    torch.manual_seed(0)
+    return M.ASiT(dim=32, depth=2, heads=2, head_hidden=64, bottleneck=16, global_k=40,
+                  local_k=24, recon_hidden=32, **kw)
+
+
+def _asit_inputs(B=3, T=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randn(2 * B, 128, T, generator=g)
+    mask = (torch.rand(2 * B, 128, T, generator=g) < 0.5).float()
+    return clean, clean * (1 - mask), mask
+
+
+def test_asit_losses():
+    """Constant student logits give exactly log K; swapping the two crops leaves the global
+    loss unchanged (symmetric); one centre update from zero is 0.1 x the batch mean; the
+    reconstruction loss ignores uncorrupted pixels."""
+    K = 40
+    t = torch.randn(5, K)
+    assert math.isclose(M.dino_ce(torch.zeros(5, K), t, torch.zeros(1, K), 0.04).item(),
+                        math.log(K), rel_tol=1e-6)
+    clean, corrupt, mask = _asit_inputs()
+    swap = lambda x: torch.cat(x.chunk(2)[::-1])
+    a = _asit(drop_path=0.0)(clean, corrupt, mask)[1]
+    b = _asit(drop_path=0.0)(swap(clean), swap(corrupt), swap(mask))[1]
+    for k in ("loss_g", "loss_l", "loss_r"):
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    model = _asit()
+    tg, tl = torch.randn(6, 40), torch.randn(30, 24)
+    model.update_centers(tg, tl)
+    assert torch.allclose(model.center_global, 0.1 * tg.mean(0, keepdim=True), atol=1e-7)
+    assert torch.allclose(model.center_local, 0.1 * tl.mean(0, keepdim=True), atol=1e-7)
+    pred = torch.randn_like(clean)
+    other = torch.where(mask.bool(), pred, pred + 5.0)            # differs off the mask only
+    assert M.masked_l1(pred, clean, mask) == M.masked_l1(other, clean, mask)
+    assert torch.isclose(M.masked_l1(pred, clean, mask), (pred - clean).abs()[mask.bool()].mean())
+
+
+def test_asit_step_prototypes_teacher_and_clipping():
+    """After an optimizer step the prototype rows are still unit vectors (logits are cosines)
+    and no parameter holds their norm; the teacher gets no gradient and one EMA update is
+    exact; per-tensor clipping leaves every gradient norm <= 3."""
+    import pretrain
+    model = _asit()
+    names = {n for n, _ in model.student.head.named_parameters() if not n.startswith("mlp.")}
+    assert names == {"global_protos", "local_protos"}             # no trained norm (weight_g)
+    opt = torch.optim.AdamW(M.param_groups(model), lr=0.5)
+    loss, _ = model(*_asit_inputs(), teacher_temp=0.04)
+    loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    for p in grads:
+        p.mul_(100)
+    pretrain.clip_per_tensor(grads, 3.0)
+    assert max(g.norm().item() for g in grads) <= 3.0 + 1e-4
+    opt.step()
+    head = model.student.head
+    with torch.no_grad():
+        head.global_protos.mul_(7.0)                              # the norm does not matter
+        g_logits, l_logits, _ = head(torch.randn(2, 5, 32))
+    assert g_logits.abs().max() <= 1 + 1e-5 and l_logits.abs().max() <= 1 + 1e-5
+    protos = F.normalize(head.global_protos, dim=-1)
+    assert torch.allclose(protos.norm(dim=-1), torch.ones(40), atol=1e-6)
+    before = [p.clone() for p in model.teacher.parameters()]
+    model.update_teacher(0.9)
+    for t0, t, s in zip(before, model.teacher.parameters(), model.student.parameters()):
+        assert torch.allclose(t, 0.9 * t0 + 0.1 * s, atol=1e-6)

@@ -9,6 +9,7 @@ import torch
 
 import finetune
 import plumbing as P
+import pretrain_asit
 import pretrain_clip
 import pretrain_frame
 import sed
@@ -85,6 +86,7 @@ def test_help_shows_what_the_command_would_run(tmp_path, capsys):
 
 @pytest.mark.parametrize("module,tables", [
     (pretrain_frame, ["PRESETS", "MASK_MODES"]), (pretrain_clip, ["PRESETS"]),
+    (pretrain_asit, ["PRESETS"]),
     (finetune, ["TASKS"]), (sed, ["TASKS"])])
 def test_first_row_of_every_table_repeats_the_config_block(module, tables):
     """configure() tells an edited global from a shipped one by the first row: it must equal

@@ -117,8 +117,8 @@ def test_sed_demo_end_to_end_and_prediction_on_long_stereo_audio(pretrained, dat
 
 def test_every_script_prints_its_help():
     """--help renders every flag's comment (a '%' in a comment once broke argparse)."""
-    for script in ("pretrain_frame.py", "pretrain_clip.py", "linear_eval.py", "finetune.py",
-                   "distill.py", "sed.py", "demo.py", "bench.py", "tables.py"):
+    for script in ("pretrain_frame.py", "pretrain_clip.py", "pretrain_asit.py", "linear_eval.py",
+                   "finetune.py", "distill.py", "sed.py", "demo.py", "bench.py", "tables.py"):
         p = subprocess.run([sys.executable, script, "--help"], cwd=HERE, capture_output=True,
                            text=True, timeout=120)
         assert p.returncode == 0 and "usage:" in p.stdout, (script, p.stderr[-500:])
