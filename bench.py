@@ -38,12 +38,12 @@ preset = "tiny"      # tiny | small | base
 method = "frame"     # frame | clip | asit
 batch = 32           # clips per step (one device)
 steps = 5            # timed steps (after warmup_steps untimed ones)
-warmup_steps = 2
+warmup_steps = 2            # untimed steps first
 reference = True     # also time the reference-style step
 device = "auto"      # auto | cpu
 data_files = 48      # 10 s files written for the data-path benchmark (0 = skip it)
 data_batches = 6     # batches timed per format
-seed = 0
+seed = 0                    # initial weights
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
 
 

@@ -26,9 +26,10 @@ def data_root(tmp_path_factory):
     return root
 
 
-def run(script, *args, data_root, nproc=0, check=True):
+def run(script, *args, data_root, nproc=0, check=True, env=None):
     """Run a stage script as a user would; returns the completed process."""
-    env = dict(os.environ, ATST_DATA=data_root, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, ATST_DATA=data_root, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+               **(env or {}))
     cmd = [sys.executable, script, *args]
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",

@@ -15,10 +15,10 @@ the same augmented input as the student. The loop is finetune.train; every finet
 """
 import finetune
 from model import load_classifier
-from plumbing import configure
+from plumbing import configure, user_errors
 
 # -------------------------------------------------------------------------------- config
-# every flag of finetune.py, plus:
+# distillation (every flag of finetune.py applies too)
 teacher = ""                # fine-tuned checkpoint of the other kind (finetune.py's best.pt)
 kd_weight = 0.5             # loss = (1 - kd_weight) * task + kd_weight * KD
 
@@ -28,5 +28,6 @@ if __name__ == "__main__":
     cfg = configure(g, dict(data=finetune.TASKS), help_files=[finetune.__file__])
     if not cfg["teacher"]:
         raise SystemExit("distill.py needs --teacher (a fine-tuned checkpoint of finetune.py)")
-    teacher_model = load_classifier(cfg["teacher"], expect=["atst-finetune"])
-    finetune.train(cfg, teacher_model, cfg["kd_weight"], stage="distill")
+    with user_errors():
+        teacher_model = load_classifier(cfg["teacher"], expect=["atst-finetune"])
+        finetune.train(cfg, teacher_model, cfg["kd_weight"], stage="distill")

@@ -13,7 +13,7 @@ takes the last block only. Timestamps are token centres, 40 ms apart, starting a
 """
 import torch
 
-from model import load_encoder
+from model import SAMPLE_RATE, load_encoder
 
 
 def load_model(model_file_path="", layers="all", device=None):
@@ -29,7 +29,7 @@ def load_model(model_file_path="", layers="all", device=None):
 def _embed(audio, model):
     if torch.is_tensor(audio):  # the runner may move the audio, not the model, to the GPU
         model.to(audio.device)
-    return model(audio, layers=model.hear_layers)
+    return model(audio, sample_rate=SAMPLE_RATE, layers=model.hear_layers)
 
 
 def get_timestamp_embeddings(audio, model):
@@ -39,3 +39,12 @@ def get_timestamp_embeddings(audio, model):
 
 def get_scene_embeddings(audio, model):
     return _embed(audio, model).clip
+
+
+if __name__ == "__main__":
+    import argparse
+    argparse.ArgumentParser(
+        description="A module, not a stage: the HEAR 2021 API (load_model, "
+        "get_scene_embeddings, get_timestamp_embeddings) over any checkpoint load_encoder reads. "
+        "Evaluate with: python -m heareval.embeddings.runner hear --model CKPT --tasks-dir "
+        "tasks").parse_args()

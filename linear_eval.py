@@ -26,9 +26,9 @@ from tqdm import tqdm
 
 from data import Labels, LabelledClips, pad_collate, task_splits
 from metrics import score
-from model import TOKEN_S, Encoder, LinearHead, load_encoder
+from model import SAMPLE_RATE, TOKEN_S, LinearHead, load_encoder, random_weights
 from plumbing import (cleanup_distributed, configure, cosine_schedule, describe, gather_shards,
-                      my_shard, save_atomic, save_json, setup_distributed)
+                      my_shard, save_atomic, save_json, setup_distributed, user_errors)
 
 # -------------------------------------------------------------------------------- config
 ckpt = ""                   # pre-trained checkpoint: ours (teacher encoder) or a released one
@@ -42,14 +42,14 @@ cache_dir = "cache"         # extracted features, keyed by checkpoint + clips
 max_seconds = 12.0          # longer clips are centre-cropped to this
 lrs = "0.01,0.03,0.1,0.3,1,3"  # learning rates searched on the validation split
 epochs = 100                # head training epochs (cosine to min_lr)
-batch_size = 1024
-min_lr = 1e-6
+batch_size = 1024           # head training batch
+min_lr = 1e-6               # lr at the last step (cosine)
 random_init = False         # baseline: the same encoder with random weights
 chunk_seconds = 0.0         # encoder chunk; 0 = the model's (Clip 6 s, Frame 10 s); Table II: 1
 extract_batch = 32          # clips per forward during extraction
 num_workers = 4             # DataLoader workers (reading audio)
 device = "auto"             # auto | cpu
-seed = 0
+seed = 0                    # seed of the head's init, data order and held-out split
 
 
 def extract(ae, rows, c, d, tag):
@@ -65,7 +65,7 @@ def extract(ae, rows, c, d, tag):
                                          num_workers=c.num_workers)
     feats = []
     for wav, valid, _ in tqdm(loader, desc=f"features ({len(rows)} clips)", disable=not d.master):
-        feats.append(ae(wav, lengths=valid, layers="all").clip.half().cpu())
+        feats.append(ae(wav, SAMPLE_RATE, valid, layers="all").clip.half().cpu())
     feats = gather_shards(mine, torch.cat(feats), len(rows), d)
     if d.master:
         os.makedirs(c.cache_dir, exist_ok=True)
@@ -120,24 +120,17 @@ def evaluate_split(ae, c, d, fold=0):
                 metric="mAP" if labels.multi else "accuracy", feature_dim=Xs[0].shape[1])
 
 
-if __name__ == "__main__":
-    cfg = configure(globals())
+def main(cfg):
     c = SimpleNamespace(**cfg)
-    if not c.ckpt:
-        raise SystemExit("linear_eval.py needs --ckpt (a pre-trained checkpoint)")
     t0 = time.time()
     d = setup_distributed(c.device)
     d.print(describe(cfg))
     ae = load_encoder(c.ckpt, d.device, pretrained=True)
     if c.random_init:
-        torch.manual_seed(c.seed)
-        e = ae.encoder
-        ae.encoder = Encoder(e.dim, e.depth, e.blocks[0].attn.heads, 0.0, e.cls_token is not None,
-                             e.mask_token is not None, e.max_tokens).to(d.device).eval()
+        random_weights(ae, c.seed)
     if c.chunk_seconds:
         ae.chunk = min(round(c.chunk_seconds / TOKEN_S), ae.encoder.max_tokens)
-    d.print(f"{ae.source}: {ae.kind}, dim {ae.encoder.dim}, depth {ae.encoder.depth}"
-            f"{' (random weights)' if c.random_init else ''}")
+    d.print(f"{ae.source}: {ae.kind}, dim {ae.encoder.dim}, depth {ae.encoder.depth}")
     runs = [evaluate_split(ae, c, d, f) for f in (range(1, c.folds + 1) if c.folds else [0])]
     res = dict(runs[0], test=sum(r["test"] for r in runs) / len(runs),
                folds=runs if c.folds else None)
@@ -153,3 +146,11 @@ if __name__ == "__main__":
         d.print(f"linear_eval {c.data} | {ae.kind} | {res['metric']} {res['test']:.4f} (test) | "
                 f"lr {res['lr']:g} (valid {res['valid']:.4f}) | {res['elapsed_s']:.0f}s -> {path}")
     cleanup_distributed()
+
+
+if __name__ == "__main__":
+    cfg = configure(globals())
+    if not cfg["ckpt"]:
+        raise SystemExit("linear_eval.py needs --ckpt (a pre-trained checkpoint)")
+    with user_errors():
+        main(cfg)

@@ -14,7 +14,6 @@ How the Encoder differs from a vanilla ViT:
 - the same final LayerNorm is applied to every block output that is read.
 """
 import contextlib
-import os
 from typing import NamedTuple
 
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 import torchaudio
 
 from metrics import collapse_std
+from plumbing import UserError, load_checkpoint
 
 # ----------------------------------------------------------------------------------------------
 # Front-end (SPEC 1)
@@ -569,9 +569,15 @@ class AudioEncoder(nn.Module):
         self.chunk = min(CHUNK_TOKENS[kind], encoder.max_tokens)
 
     def layer_list(self, layers):
+        L = self.encoder.depth
         if layers is None:
-            return [self.encoder.depth - 1]
-        return list(range(self.encoder.depth)) if layers == "all" else sorted(layers)
+            return [L - 1]
+        if layers == "all":
+            return list(range(L))
+        bad = [i for i in layers if not 0 <= i < L]
+        if bad:
+            raise ValueError(f"layers {bad}: this encoder has blocks 0 to {L - 1}")
+        return sorted(layers)
 
     def dims(self, layers=None):
         """(frame embedding size, clip embedding size) for a choice of layers."""
@@ -579,7 +585,7 @@ class AudioEncoder(nn.Module):
         return n, n * (2 if self.kind == "clip" else 1)
 
     @torch.no_grad()
-    def forward(self, audio, sample_rate=SAMPLE_RATE, lengths=None, layers=None, chunk_batch=64):
+    def forward(self, audio, sample_rate=None, lengths=None, layers=None, chunk_batch=64):
         audio, lengths = self.prepare(audio, sample_rate, lengths)
         mel = self.front(audio, lengths)                              # (B, F, T)
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if audio.is_cuda else \
@@ -587,13 +593,40 @@ class AudioEncoder(nn.Module):
         with ctx:
             return self.encode(mel, tokens_for(lengths), layers, chunk_batch)
 
-    def prepare(self, audio, sample_rate=SAMPLE_RATE, lengths=None):
-        """Any audio -> ((B, S) mono 16 kHz on the model's device, (B,) valid samples)."""
+    def prepare(self, audio, sample_rate=None, lengths=None):
+        """Any audio -> ((B, S) mono 16 kHz fp32 on the model's device, (B,) valid samples).
+        audio: (S,) one clip; (B, S) a batch; (B, C, S) channels averaged; (S, C) with C <= 16,
+        as soundfile returns a multi-channel file, is one clip of C channels. Integer PCM is
+        scaled to [-1, 1) (int16 / 2^15, int32 / 2^31, uint8 (x - 128) / 128). sample_rate
+        (Hz) is required; other rates are resampled. Errors say what is wrong instead of
+        encoding nonsense: NaN, a "batch" with more rows than samples, empty clips."""
+        if sample_rate is None:
+            raise ValueError("sample_rate is required: pass the audio's rate in Hz, e.g. "
+                             "enc(x, sample_rate=sr) (it is resampled to 16 kHz)")
         dev = next(self.parameters()).device
-        audio = torch.as_tensor(audio, dtype=torch.float32, device=dev)
+        audio = torch.as_tensor(audio)
+        if not audio.is_floating_point():
+            pcm = {torch.int16: (0, 2 ** 15), torch.int32: (0, 2 ** 31), torch.uint8: (128, 128)}
+            if audio.dtype not in pcm:
+                raise ValueError(f"audio of dtype {audio.dtype}: pass float (-1..1) or "
+                                 "int16 / int32 / uint8 PCM")
+            offset, scale = pcm[audio.dtype]
+            audio = (audio.double() - offset) / scale
+        audio = audio.to(dev, torch.float32)
+        if audio.dim() == 2 and audio.shape[1] <= 16 < audio.shape[0]:  # soundfile's (S, C)
+            audio = audio.T[None]
         if audio.dim() == 3:
+            if audio.shape[1] > audio.shape[2]:
+                raise ValueError(f"audio of shape {tuple(audio.shape)}: expected (batch, "
+                                 "channels, samples)")
             audio = audio.mean(1)                                     # (B, C, S) -> (B, S)
         audio = audio[None] if audio.dim() == 1 else audio           # (B, S)
+        if audio.dim() != 2 or audio.shape[0] > audio.shape[1]:
+            raise ValueError(f"audio of shape {tuple(audio.shape)}: expected (samples,), "
+                             "(batch, samples) or (batch, channels, samples); a batch of more "
+                             "clips than samples is a (samples, channels) array: transpose it")
+        if not torch.isfinite(audio).all():
+            raise ValueError("audio has NaN or infinite samples")
         B = audio.shape[0]
         lengths = (torch.full((B,), audio.shape[-1]) if lengths is None else
                    torch.as_tensor(lengths)).to(dev).long()
@@ -722,17 +755,33 @@ class SedModel(nn.Module):
     export, load_export = Classifier.export, Classifier.load_export
 
 
+def random_weights(ae, seed=0):
+    """The same AudioEncoder with a freshly initialised encoder of the same shape: the
+    random-weights baseline every stage offers as --random_init."""
+    torch.manual_seed(seed)
+    dev = next(ae.parameters()).device
+    ae.encoder = Encoder(**dict(ae.encoder.args, drop_path=0.0)).to(dev).eval()
+    ae.source += ", random weights"
+    return ae
+
+
+CKPT_KINDS = {  # our checkpoint kinds, as errors name them
+    "atst-pretrain": "a pre-training checkpoint (pretrain_frame.py / pretrain_clip.py)",
+    "asit-pretrain": "an ASiT pre-training checkpoint (pretrain_asit.py)",
+    "atst-finetune": "a fine-tuned classifier (best.pt of finetune.py / distill.py)",
+    "atst-sed": "an SED model (best.pt of sed.py)"}
+
+
 def load_classifier(path, device="cpu", expect=("atst-finetune", "atst-sed")):
     """A fine-tuned Classifier (atst-finetune) or SedModel (atst-sed), in eval mode, from one
     of our checkpoints of a kind in `expect`."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = load_checkpoint(path)
     kinds = {"atst-finetune": Classifier, "atst-sed": SedModel}
     if not isinstance(ck, dict) or ck.get("kind") not in expect:
-        kind = ck.get("kind", "unknown layout") if isinstance(ck, dict) else type(ck).__name__
-        raise ValueError(f"{path}: not a fine-tuned checkpoint of ours ({kind}); this needs "
-                         f"one of kind {' or '.join(expect)} (finetune.py / distill.py / sed.py)")
+        kind = ck.get("kind") if isinstance(ck, dict) else None
+        what = CKPT_KINDS.get(kind, "not a fine-tuned checkpoint of ours")
+        raise UserError(f"{path}: {what}; this needs " +
+                        " or ".join(CKPT_KINDS[k] for k in expect))
     a = ck["encoder_args"]
     ae = AudioEncoder(Encoder(drop_path=0.0, **a), "clip" if a["cls_token"] else "frame")
     model = kinds[ck["kind"]](ae, len(ck["classes"])).load_export(ck["model"])
@@ -792,8 +841,11 @@ def encoder_state(ck, path="checkpoint"):
             sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
         return _rename(sd), None, "released ATST-Clip (DINO-style teacher)"
     keys = list(ck)[:8] if isinstance(ck, dict) else type(ck).__name__
-    raise ValueError(f"{path}: not a checkpoint layout load_encoder knows (top-level keys: "
-                     f"{keys}); see README 'Use a released checkpoint'")
+    if isinstance(ck, dict) and ck.get("kind") == "asit-pretrain":
+        raise UserError(f"{path}: {CKPT_KINDS['asit-pretrain']}; the downstream stages do not "
+                        "read ASiT checkpoints yet")
+    raise UserError(f"{path}: not a checkpoint layout load_encoder knows (top-level keys: "
+                    f"{keys}); see README 'Use a released checkpoint'")
 
 
 def _rename(sd):
@@ -805,12 +857,13 @@ def load_encoder(path, device="cpu", pretrained=False):
     Kind (Clip: has a CLS token) and size are read from the weights; loading is strict and a
     missing or unexpected key is an error that lists them. pretrained=True refuses
     fine-tuned checkpoints (for stages that start from pre-training)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = load_checkpoint(path)
     state, heads, what = encoder_state(ck, path)
-    if "pos_embed" not in state or "blocks.0.attn.qkv.weight" not in state:
-        raise ValueError(f"{path} ({what}): no encoder weights found (keys: {list(state)[:8]})")
+    need = [k for k in ("pos_embed", "blocks.0.attn.qkv.weight") if k not in state]
+    if need:  # the keys that give the encoder's size
+        raise UserError(f"{path} ({what}): " + (f"missing encoder keys {need}" if any(
+            k.startswith("blocks.") for k in state) else f"no encoder weights found (keys: "
+            f"{list(state)[:8]})"))
     dim = state["pos_embed"].shape[-1]
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     kind = "clip" if "cls_token" in state else "frame"
@@ -819,15 +872,15 @@ def load_encoder(path, device="cpu", pretrained=False):
                   max_tokens=state["pos_embed"].shape[1] - 1)
     expected, got = set(enc.state_dict()), set(state)
     if expected != got:
-        raise KeyError(f"{path} ({what}): encoder keys do not match a {kind} encoder of dim "
-                       f"{dim}, depth {depth}; missing: {sorted(expected - got)}; unexpected: "
-                       f"{sorted(got - expected)}")
+        raise UserError(f"{path} ({what}): encoder keys do not match a {kind} encoder of dim "
+                        f"{dim}, depth {depth}; missing: {sorted(expected - got)}; unexpected: "
+                        f"{sorted(got - expected)}")
     enc.load_state_dict(state, strict=True)
     ae = AudioEncoder(enc, kind).to(device).eval()
     ae.source = what
     ae.finetuned = (isinstance(ck, dict) and ck.get("kind") in ("atst-finetune", "atst-sed")) \
         or what.startswith("released fine-tuned")
     if pretrained and ae.finetuned:
-        raise ValueError(f"{path} is a fine-tuned checkpoint ({what}); this stage starts from a "
-                         "pre-trained one")
+        raise UserError(f"{path} is a fine-tuned checkpoint ({what}); this stage starts from "
+                        "a pre-trained one")
     return ae

@@ -6,6 +6,7 @@ checkpoints and result files, and the log. Nothing here knows a model or a metho
 import argparse
 import contextlib
 import datetime
+import glob
 import json
 import math
 import os
@@ -36,15 +37,20 @@ def config_keys(g):
             and type(v) in (int, float, bool, str)]
 
 
-def _parser(g, keys, helps, defaults=True):
+def _parser(g, keys, helps, sections=None, defaults=True):
+    """argparse for the config keys; with defaults (the real parser), --help groups the flags
+    by the section comments of the config block (`# I/O`, `# model`, ...)."""
     p = argparse.ArgumentParser(description=g.get("__doc__", "").split("\n\n")[0].strip(),
                                 add_help=defaults,
                                 argument_default=None if defaults else argparse.SUPPRESS)
+    groups = {}
     for k in keys:
         typ = str2bool if type(g[k]) is bool else type(g[k])
         kw = dict(default=g[k], help=(helps.get(k, "") + f" (default {g[k]!r})")
                   .replace("%", "%%")) if defaults else {}
-        p.add_argument(f"--{k}", type=typ, **kw)
+        name = (sections or {}).get(k)
+        where = p if name is None else groups.setdefault(name, p.add_argument_group(name))
+        where.add_argument(f"--{k}", type=typ, **kw)
     return p
 
 
@@ -64,13 +70,18 @@ def configure(g, tables=None, implies=None, argv=None, help_files=()):
     `set_by_user` lists the names set by an edit or a flag. help_files: more sources of
     comments (a script that extends another's config)."""
     keys, tables, implies = config_keys(g), tables or {}, implies or {}
-    helps = {}
+    helps, sections = {}, {}
     for path in (*help_files, g["__file__"]):
+        section = None
         with open(path) as f:
             for line in f:
-                m = re.match(r"^(\w+)\s*=.*?#\s*(.*)$", line)
+                m = re.match(r"^(\w+)\s*=(.*?#\s*(.*))?", line)
                 if m:
-                    helps[m.group(1)] = m.group(2)
+                    helps[m.group(1)] = m.group(3) or ""
+                    sections[m.group(1)] = section
+                header = re.match(r"^# (\w.*)$", line)  # a section comment starts a group
+                keep = m or line.startswith(" ")                  # an assignment or its comment
+                section = header.group(1) if header else section if keep else None
     argv = sys.argv[1:] if argv is None else argv
     given = vars(_parser(g, keys, helps, defaults=False).parse_known_args(argv)[0])
     edited = {k for rows in tables.values() for k, v in next(iter(rows.values())).items()
@@ -86,7 +97,7 @@ def configure(g, tables=None, implies=None, argv=None, help_files=()):
     for name, others in implies.items():
         if name in by_user:
             g.update({k: v for k, v in others.items() if k not in by_user})
-    g.update(vars(_parser(g, keys, helps).parse_args(argv)))  # --help, unknown flags, types
+    g.update(vars(_parser(g, keys, helps, sections).parse_args(argv)))  # --help, flags, types
     return dict({k: g[k] for k in keys}, set_by_user=sorted(by_user))
 
 
@@ -227,21 +238,70 @@ def save_text(text, path):
     _atomic(path, lambda f: f.write(text), "w")
 
 
+class UserError(RuntimeError):
+    """Bad input a user can fix (a file, a flag): stages print its one line and exit 1."""
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Around a stage's main: a UserError, also one re-raised from a DataLoader worker with its
+    traceback in the message, ends the run with its own last line, not a traceback."""
+    try:
+        yield
+    except UserError as e:
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        msg = lines[-1] if lines else type(e).__name__
+        msg = msg.split("Error: ", 1)[-1] if "Traceback" in str(e) else msg
+        tqdm.write(f"error: {msg}", file=sys.stderr)  # on a line of its own, above any bar
+        raise SystemExit(1) from None
+
+
 def load_checkpoint(path):
+    """torch.load of one of our (or a released) checkpoint files, on CPU; an unreadable file
+    is an error naming it."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise UserError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
+        raise UserError(f"{path}: not a readable checkpoint (a truncated or foreign file? "
+                        f"torch.load says: {type(e).__name__}: {e})") from None
+
+
+def clean_partial_writes(out_dir):
+    """Remove what saves interrupted by a kill left behind (save_atomic's temporary files);
+    returns their paths. Call before anything of this run writes."""
+    stale = glob.glob(os.path.join(glob.escape(out_dir), "*.tmp*"))
+    for p in stale:
+        os.remove(p)
+    return stale
+
+
+def warmup_steps(warmup_epochs, per_epoch, total, say=print):
+    """Steps of linear lr warmup. A warmup that would reach the last step (the lr would never
+    decay) is cut to a tenth of the run, and said."""
+    warmup = int(warmup_epochs * per_epoch)
+    if warmup >= total and warmup > 0:
+        say(f"warning: a warmup of {warmup_epochs:g} epochs ({warmup} steps) reaches the last "
+            f"step ({total}); warming up over {total // 10} steps (a tenth of the run) instead. "
+            "Set --warmup_epochs to choose.")
+        warmup = total // 10
+    return warmup
 
 
 class Log:
     """One fixed-format line per interval on rank 0, plus the same fields in out_dir/log.jsonl.
-    A record is a dict; the line shows its fields in order, `name value`."""
+    A record is a dict; the line shows its fields in order, `name value`. resume=(key, value):
+    a resumed run first drops the records past its checkpoint (rec[key] > value), which the
+    run it resumes wrote after saving, so that every step is logged once."""
 
-    def __init__(self, out_dir, master):
+    def __init__(self, out_dir, master, resume=None):
         self.path = os.path.join(out_dir, "log.jsonl") if master else None
+        if self.path and resume and os.path.exists(self.path):
+            key, upto = resume
+            with open(self.path) as f:
+                keep = [line for line in f if line.strip() and json.loads(line)[key] <= upto]
+            save_text("".join(keep), self.path)
 
     def __call__(self, rec, line=None):
         if self.path is None:

@@ -17,6 +17,7 @@ The config also names the optimizer's eps (`adam_eps`) and the per-tensor gradie
 clip (`clip_grad`, 0 = none).
 """
 import contextlib
+import glob
 import math
 import os
 import signal
@@ -29,9 +30,9 @@ from tqdm import tqdm
 
 from data import read_manifest, resolve_manifest, stream_loader
 from model import param_groups
-from plumbing import (Log, all_mean, cleanup_distributed, cosine_schedule, describe,
-                      ema_schedule, load_checkpoint, save_atomic, setup_distributed, step_seed,
-                      wrap_ddp)
+from plumbing import (Log, UserError, all_mean, clean_partial_writes, cleanup_distributed,
+                      cosine_schedule, describe, ema_schedule, load_checkpoint, save_atomic,
+                      setup_distributed, step_seed, warmup_steps, wrap_ddp)
 
 
 def train(cfg, model_args, make_model, views, schedules=None):
@@ -39,7 +40,12 @@ def train(cfg, model_args, make_model, views, schedules=None):
     d = setup_distributed(c.device)
     d.print(describe(cfg))
     os.makedirs(c.out_dir, exist_ok=True)
+    if d.master:  # nothing of this run writes before the model is broadcast (DDP's init)
+        for p in clean_partial_writes(c.out_dir):
+            print(f"removed {p}: a save interrupted by a kill")
+    t0 = time.time()
     rows = read_manifest(resolve_manifest(c.data, "train", c.data_root or None))
+    checked = time.time() - t0
     micro = c.micro_batch or c.batch_size // d.world
     accum = c.batch_size // (micro * d.world)
     assert accum * micro * d.world == c.batch_size, \
@@ -47,11 +53,12 @@ def train(cfg, model_args, make_model, views, schedules=None):
     per_epoch = len(rows) // c.batch_size
     assert per_epoch > 0, f"{len(rows)} clips are fewer than one batch of {c.batch_size}"
     total = c.max_steps or max(1, int(c.epochs * per_epoch))
-    warmup = min(int(c.warmup_epochs * per_epoch), total)
+    warmup = warmup_steps(c.warmup_epochs, per_epoch, total, d.print)
     peak_lr = c.base_lr * c.batch_size / 256
-    d.print(f"{len(rows)} clips, {per_epoch} steps/epoch, {total} steps ({total / per_epoch:.1f} "
-            f"epochs), warmup {warmup}, batch {c.batch_size} = {micro} x {d.world} ranks x "
-            f"{accum} accum, peak lr {peak_lr:.3g}")
+    d.print(f"{len(rows)} clips (every file present, checked in {checked:.1f} s), {per_epoch} "
+            f"steps/epoch, {total} steps ({total / per_epoch:.1f} epochs), warmup {warmup}, "
+            f"batch {c.batch_size} = {micro} x {d.world} ranks x {accum} accum, peak lr "
+            f"{peak_lr:.3g}")
 
     # model, optimizer, schedules
     torch.manual_seed(c.seed)  # same initial weights on every rank and every launch
@@ -71,34 +78,26 @@ def train(cfg, model_args, make_model, views, schedules=None):
 
     # resume
     ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
-    bank_path = os.path.join(c.out_dir, f"augment_rank{d.rank}.pt")
-    step = 0
-    if os.path.exists(ckpt_path):
-        ck = load_checkpoint(ckpt_path)
-        if ck["model_args"] != model_args:
-            raise ValueError(f"{ckpt_path} holds a model {ck['model_args']}, this run builds "
-                             f"{model_args}: use another --out_dir")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        step = ck["step"]
-        bank = torch.load(bank_path, map_location=d.device) if os.path.exists(bank_path) else {}
-        if bank.get("step") == step:
-            views.load_state_dict(bank["views"])
-        else:
-            print(f"rank {d.rank}: no augmentation state saved at step {step}; starting empty")
-        d.print(f"resumed from {ckpt_path} at step {step}")
-    start = step
+    step = resume(ckpt_path, model, opt, views, model_args, total, d) \
+        if os.path.exists(ckpt_path) else 0
+    start = saved = step
 
     loader = stream_loader(rows, c.seconds, micro, d, c.seed, step * accum, c.num_workers)
     batches = iter(loader)
-    log = Log(c.out_dir, d.master)
+    log = Log(c.out_dir, d.master, resume=("step", step))
     gen = torch.Generator(device=d.device)
     pbar = tqdm(total=total, initial=step, disable=not d.master, dynamic_ncols=True)
     t_log, steps_log = time.time(), 0
     while True:
         last = step == total
         if step > start and (step % c.ckpt_every == 0 or last):
-            save_atomic(dict(views=views.state_dict(), step=step), bank_path)
+            # views first, per rank and per step: a kill before the checkpoint is written
+            # leaves the views of the previous one, which is kept until the next save
+            save_atomic(dict(views=views.state_dict(), step=step), views_path(c.out_dir, d, step))
+            for old in glob.glob(views_path(glob.escape(c.out_dir), d, "*")):
+                if int(old.rsplit("step", 1)[1][:-3]) < saved:
+                    os.remove(old)
+            saved = step
             if d.master:
                 save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step,
                                  model_args=model_args, config=cfg, kind=model.ckpt_kind),
@@ -106,7 +105,7 @@ def train(cfg, model_args, make_model, views, schedules=None):
                                                     model_args=model_args, config=cfg))
         if last:
             break
-        if step == c.die_at_step:
+        if step == int(os.environ.get("ATST_DIE_AT_STEP", -1)):  # tests: a kill mid-run
             os.kill(os.getpid(), signal.SIGKILL)
         torch.manual_seed(step_seed(c.seed, step, d.rank))  # drop-path
         gen.manual_seed(step_seed(c.seed, step, d.rank))    # masks and augmentations
@@ -142,6 +141,35 @@ def train(cfg, model_args, make_model, views, schedules=None):
     d.print(f"done: {ckpt_path} (step {step})")
     cleanup_distributed()
     return model
+
+
+def views_path(out_dir, d, step):
+    return os.path.join(out_dir, f"views_rank{d.rank}_step{step}.pt")
+
+
+def resume(ckpt_path, model, opt, views, model_args, total, d):
+    """Load the checkpoint and this rank's views state saved at its step; returns the step.
+    A checkpoint of another model or past this run's last step is an error saying what to
+    do."""
+    ck = load_checkpoint(ckpt_path)
+    if ck["model_args"] != model_args:
+        raise UserError(f"{ckpt_path} holds a model {ck['model_args']}, this run builds "
+                        f"{model_args}: use another --out_dir")
+    step = ck["step"]
+    if step > total:
+        raise UserError(f"{ckpt_path} is at step {step}, past this run's last step {total} "
+                        f"(--max_steps / --epochs): resume with at least {step} steps, or "
+                        "start afresh in another --out_dir")
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    path = views_path(os.path.dirname(ckpt_path), d, step)
+    if os.path.exists(path):
+        views.load_state_dict(torch.load(path, map_location=d.device)["views"])
+    else:
+        print(f"rank {d.rank}: no views state (Mixup bank) saved at step {step}: it starts "
+              "empty, so this run will not match an uninterrupted one exactly")
+    d.print(f"resumed from {ckpt_path} at step {step}")
+    return step
 
 
 def run_step(model, ddp, opt, views, batches, accum, d, gen, want_gnorm=False, clip=0.0,

@@ -21,7 +21,7 @@ import torch
 import pretrain
 from augment import gmml, random_crops, roll_shifts
 from model import ASIT_PRESETS, ASiT, KaldiFrontEnd, SAMPLE_RATE
-from plumbing import configure
+from plumbing import configure, user_errors
 
 # -------------------------------------------------------------------------------- config
 # defaults = the authors' ViT-B run (SPEC_ASIT 6)
@@ -34,7 +34,6 @@ ckpt_every = 5000           # steps between checkpoints (and always at the end)
 num_workers = 8             # DataLoader workers per rank (they only read and crop audio)
 device = "auto"             # auto (CUDA when present) | cpu
 seed = 0                    # every random draw of a step derives from (seed, step, rank)
-die_at_step = -1            # testing: SIGKILL this process when it reaches this step
 # model
 preset = "base"             # tiny | small | base (model size; also sets the run defaults)
 drop_path = 0.1             # stochastic depth of the last student block (the teacher has none)
@@ -43,7 +42,7 @@ seconds = 10.0              # audio read per clip, from which the crops are take
 crop_sec = 6.0              # crop length (6 s -> 592 frames of 128 mels, 37 x 8 patches)
 roll_prob = 0.5             # probability of rolling a clip circularly before cropping
 zeros_min = 0.5             # zeros branch: covered share ~ U(zeros_min, zeros_max)
-zeros_max = 0.7
+zeros_max = 0.7             # (upper end of the zeros branch's share)
 replace_share = 0.3         # replace branch: share pasted from another clip's clean crop
 replace_prob = 0.5          # probability of the replace branch, per crop
 align = 1                   # corruption rectangles aligned to this many pixels (16: patches)
@@ -58,11 +57,11 @@ warmup_epochs = 10.0        # linear lr warmup
 adam_eps = 1e-8             # AdamW eps (torch's default, as the reference)
 clip_grad = 3.0             # per-tensor gradient norm clip (each parameter on its own)
 wd_start = 0.04             # weight decay, cosine to wd_end (matrices, positions and CLS)
-wd_end = 0.4
+wd_end = 0.4                # weight decay at the last step
 ema_m0 = 0.996              # teacher EMA momentum (all parameters), cosine to 1
 # self-distillation
 teacher_temp0 = 0.04        # teacher temperature, linear to teacher_temp over the warmup
-teacher_temp = 0.07
+teacher_temp = 0.07         # teacher temperature after the warmup
 teacher_temp_epochs = 30.0  # epochs of the temperature warmup (changed once per epoch)
 # --preset: model size (model.ASIT_PRESETS) and run defaults. Every row lists the same names;
 # the first repeats the block above, so an edited global wins over any row.
@@ -117,4 +116,5 @@ def model_args(c):
 if __name__ == "__main__":
     cfg = configure(globals(), dict(preset=PRESETS), implies=dict(epochs=dict(max_steps=0)))
     c = SimpleNamespace(**cfg)
-    pretrain.train(cfg, model_args(c), ASiT, AsitViews(c), schedules(c))
+    with user_errors():
+        pretrain.train(cfg, model_args(c), ASiT, AsitViews(c), schedules(c))

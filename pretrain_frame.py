@@ -19,7 +19,7 @@ import torch
 import pretrain
 from augment import FreqWarp, Mixup, group_mask
 from model import ATST, FRAMES_PER_TOKEN, PRESETS as MODEL_PRESETS, MelFrontEnd, tokens_for
-from plumbing import configure
+from plumbing import configure, user_errors
 
 # -------------------------------------------------------------------------------- config
 # defaults = the paper's ATST-Frame base run (Table I; steps as the reference code)
@@ -32,7 +32,6 @@ ckpt_every = 2000           # steps between checkpoints (and always at the end)
 num_workers = 8             # DataLoader workers per rank (they only read and crop audio)
 device = "auto"             # auto (CUDA when present) | cpu
 seed = 0                    # every random draw of a step derives from (seed, step, rank)
-die_at_step = -1            # testing: SIGKILL this process when it reaches this step
 # model
 preset = "base"             # tiny | small | base (model size; also sets the run defaults)
 drop_path = 0.1             # stochastic depth of the last student block (linear from 0)
@@ -50,7 +49,7 @@ warmup_epochs = 10.0        # linear lr warmup
 adam_eps = 1e-6             # AdamW eps
 clip_grad = 0.0             # per-tensor gradient norm clip; 0 = none (SPEC 3)
 wd_start = 0.04             # weight decay, cosine to wd_end (matrices only)
-wd_end = 0.4
+wd_end = 0.4                # weight decay at the last step
 ema_m0 = 0.9996             # teacher EMA momentum, cosine to 1
 # ATST-Frame views and masking (Table III ablations)
 aug_views = 1               # 0: none, 1: view 2 augmented (D, the paper), 2: both (E)
@@ -111,4 +110,5 @@ if __name__ == "__main__":
     cfg = configure(globals(), dict(preset=PRESETS, mask_mode=MASK_MODES),
                     implies=dict(epochs=dict(max_steps=0)))
     c = SimpleNamespace(**cfg)
-    pretrain.train(cfg, model_args(c), ATST, FrameViews(c))
+    with user_errors():
+        pretrain.train(cfg, model_args(c), ATST, FrameViews(c))

@@ -16,7 +16,6 @@ DESED detection TSVs.
     python sed.py --predict my_audio/ --ckpt out/sed_dcase2022_frame_finetune/best.pt \
         --out events.tsv
 """
-import glob
 import math
 import os
 import sys
@@ -28,46 +27,60 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (AUDIO_EXTS, SedClips, default_data_root, encode_strong, hold_out, load_audio,
+from data import (SedClips, audio_files, default_data_root, encode_strong, hold_out, load_audio,
                   read_durations, read_strong, read_weak, write_table)
 from demo import make_demo
 from metrics import detections, evaluate_sed, median_filter
 from model import (SAMPLE_RATE, TOKEN_S, SedModel, freeze, load_classifier, load_encoder,
-                   tokens_for)
+                   random_weights, tokens_for)
 from plumbing import (Log, cleanup_distributed, configure, cosine_schedule, describe,
                       gather_shards, load_checkpoint, my_shard, save_atomic, save_json,
-                      setup_distributed, step_seed, wrap_ddp)
+                      setup_distributed, step_seed, UserError, user_errors, warmup_steps,
+                      wrap_ddp)
 
 # -------------------------------------------------------------------------------- config
+# I/O
 ckpt = ""                   # pre-trained checkpoint (training) or an SED checkpoint (--predict)
 data = "dcase2022"          # dcase2022 (DESED layout under the data root) | demo_sed | a folder
 data_root = ""              # root of named datasets; '' = $ATST_DATA or ./data
 out_dir = ""                # '' = out/sed_<data>_<kind>_<mode>
+# the DESED files, relative to the --data folder or absolute (README: the real DESED tree)
+train_strong_tsv = "train_strong.tsv"      # strong labels: filename onset offset event_label
+train_weak_tsv = "train_weak.tsv"          # weak labels: filename event_labels
+test_tsv = "test.tsv"                      # test strong labels (DESED public validation)
+test_durations_tsv = "test_durations.tsv"  # test clip durations: filename duration
+train_strong_audio = "audio/train_strong"  # audio folder of the strong clips
+train_weak_audio = "audio/train_weak"      # audio folder of the weak clips
+test_audio = "audio/test"                  # audio folder of the test clips
+# training
 mode = "finetune"           # linear: head only | finetune: + last block and final norm
+random_init = False         # baseline: the same encoder with random weights
 teacher = ""                # SED checkpoint of the other kind: C2F / F2C distillation
 kd_weight = 0.5             # total = task + kd_weight * mean(BCE strong, BCE weak) vs teacher
 lr = 0.1                    # SGD, momentum 0.9
-epochs = 100
-warmup_epochs = 5.0
-min_lr = 1e-6
-grad_clip = 3.0
+epochs = 100                # training epochs
+warmup_epochs = 5.0         # linear lr warmup, then cosine to min_lr
+min_lr = 1e-6               # lr at the last step
+grad_clip = 3.0             # global gradient norm clip
 batch_strong = 128          # strong (synthetic) clips per step, all GPUs together
 batch_weak = 128            # weak clips per step
 weak_valid = 0.1            # weak clips held out for validation (the other 90% train)
 strong_valid = 0.1          # strong clips held out for validation (best epoch by their F1)
+# evaluation and --predict
 median_window = 7           # frames (40 ms) of the median filter
 class_windows = ""          # per-class windows, e.g. "Speech:7,Dishes:3" (others: median_window)
 n_thresholds = 50           # operating points for psds_eval: 0.01, 0.03, ..., 0.99
 threshold = 0.5             # --predict and the F1 / detection TSVs
 predict = ""                # files or a folder to detect events in (needs an SED --ckpt)
 out = ""                    # --predict output TSV; '' = stdout
+# runtime
 cache = False               # keep every clip's log-mel (linear: its frozen frames) and teacher
                             # output in memory after one pass: exact (no augmentation, frozen
                             # parts in eval mode), epochs skip audio I/O; RAM: ~0.26 MB per clip
                             # (linear: 4 bytes x 250 x dim), on every rank
-num_workers = 4
+num_workers = 4             # DataLoader workers per rank
 device = "auto"             # auto | cpu
-seed = 0
+seed = 0                    # every random draw of a step derives from (seed, step, rank)
 # --data NAME: per-task settings. Every row lists the same names; the first repeats the block
 # above (DESED, SPEC 7), so an edited global wins over any row. The demo is CPU-sized; its
 # intermittent events (clicks, plucks, tremolo) need a longer median filter than DESED's 7
@@ -91,6 +104,21 @@ def task_dir(c):
         raise FileNotFoundError(f"SED dataset {c.data!r}: expected the folder {path} "
                                 "(README 'Sound event detection' shows the layout)")
     return path
+
+
+SED_FILES = ("train_strong_tsv", "train_weak_tsv", "test_tsv", "test_durations_tsv",
+             "train_strong_audio", "train_weak_audio", "test_audio")
+
+
+def sed_files(c, root):
+    """The DESED files and folders of the flags above, resolved against the task folder; a
+    missing one is an error naming it and its flag."""
+    paths = {k: os.path.join(root, getattr(c, k)) for k in SED_FILES}
+    for k, p in paths.items():
+        if not (os.path.isdir(p) if k.endswith("_audio") else os.path.isfile(p)):
+            raise UserError(f"{p} not found (--{k} {getattr(c, k)}, relative to the --data "
+                            f"folder {root}); README 'Sound event detection' shows the flags")
+    return SimpleNamespace(**paths)
 
 
 @torch.no_grad()
@@ -167,17 +195,20 @@ def train(cfg):
     d = setup_distributed(c.device)
     d.print(describe(cfg))
     root = task_dir(c)
-    strong = read_strong(os.path.join(root, "train_strong.tsv"))
-    weak = read_weak(os.path.join(root, "train_weak.tsv"))
+    fs = sed_files(c, root)
+    strong = read_strong(fs.train_strong_tsv)
+    weak = read_weak(fs.train_weak_tsv)
     classes = sorted({e[2] for ev in strong.values() for e in ev} |
                      {lab for labels in weak.values() for lab in labels})  # the class list
-    durations = read_durations(os.path.join(root, "test_durations.tsv"))
-    test = read_strong(os.path.join(root, "test.tsv"), classes, durations)
+    durations = read_durations(fs.test_durations_tsv)
+    test = read_strong(fs.test_tsv, classes, durations)
     s_train, s_valid = hold_out(sorted(strong), c.strong_valid, c.seed)
     w_train, _ = hold_out(sorted(weak), c.weak_valid, c.seed)
     ae = load_encoder(c.ckpt, d.device, pretrained=True)
+    if c.random_init:
+        random_weights(ae, c.seed)
     out_dir = c.out_dir or os.path.join("out", f"sed_{os.path.basename(c.data)}_{ae.kind}_"
-                                               f"{c.mode}")
+                                               f"{c.mode}{'_random' if c.random_init else ''}")
     os.makedirs(out_dir, exist_ok=True)
     teacher = None
     if c.teacher:
@@ -194,11 +225,10 @@ def train(cfg):
             f"{len(s_valid)}, weak {len(w_train)}, test {len(test)} clips")
     opt = torch.optim.SGD(params, lr=c.lr, momentum=0.9)
     n_frames = tokens_for(10 * SAMPLE_RATE)
-    mk = lambda files, audio, tgt: SedClips(os.path.join(root, "audio", audio), files, tgt)
-    s_ds = mk(s_train, "train_strong", torch.stack([encode_strong(strong[f], classes, n_frames)
-                                                    for f in s_train]))
-    w_ds = mk(w_train, "train_weak", torch.tensor([[float(k in weak[f]) for k in classes]
-                                                   for f in w_train]))
+    s_ds = SedClips(fs.train_strong_audio, s_train, torch.stack(
+        [encode_strong(strong[f], classes, n_frames) for f in s_train]))
+    w_ds = SedClips(fs.train_weak_audio, w_train, torch.tensor(
+        [[float(k in weak[f]) for k in classes] for f in w_train]))
     features = c.cache and c.mode == "linear"
     v_cache = None  # this rank's shard of the validation clips, as predict_scores takes it
     if c.cache:  # one pass over the clips; the epochs then read memory (exact: see the flag)
@@ -206,8 +236,8 @@ def train(cfg):
         s_ds, w_ds = (torch.utils.data.TensorDataset(*clip_inputs(model, ds, c, d, features,
                                                                   teacher)) for ds in (s_ds, w_ds))
         mine = my_shard(len(s_valid), d)
-        v_cache = clip_inputs(model, mk([s_valid[i] for i in mine], "train_strong",
-                                        torch.zeros(len(mine))), c, d, features)
+        v_cache = clip_inputs(model, SedClips(fs.train_strong_audio, [s_valid[i] for i in mine],
+                                              torch.zeros(len(mine))), c, d, features)
         d.print(f"cached {'frames' if features else 'log-mels'} of {len(s_ds) + len(w_ds)} "
                 f"training clips in {time.time() - t_c:.0f}s")
     loaders = []
@@ -220,7 +250,8 @@ def train(cfg):
     per_epoch = len(loaders[0][1])
     assert per_epoch > 0 and len(loaders[1][1]) > 0, "fewer clips than one batch"
     total = c.epochs * per_epoch
-    sched = cosine_schedule(c.lr, c.min_lr, total, min(int(c.warmup_epochs * per_epoch), total))
+    sched = cosine_schedule(c.lr, c.min_lr, total,
+                            warmup_steps(c.warmup_epochs, per_epoch, total, d.print))
     windows = class_window_list(c, classes)
     valid_gt = os.path.join(out_dir, "valid_strong.tsv")
     valid_dur = os.path.join(out_dir, "valid_durations.tsv")
@@ -278,8 +309,7 @@ def train(cfg):
             opt.step()
             loss_sum += loss_val
             step += 1
-        scores = predict_scores(model, os.path.join(root, "audio", "train_strong"), s_valid, c, d,
-                                v_cache)
+        scores = predict_scores(model, fs.train_strong_audio, s_valid, c, d, v_cache)
         v = evaluate_sed(scores, s_valid, classes, valid_gt, valid_dur, windows, TOKEN_S,
                          c.n_thresholds, c.threshold, quick=True)[0] if d.master else {}
         if d.world > 1:
@@ -303,15 +333,16 @@ def train(cfg):
         dist.barrier()
     model.load_export(load_checkpoint(best_path)["model"])
     files = sorted(test)
-    scores = predict_scores(model, os.path.join(root, "audio", "test"), files, c, d)
+    scores = predict_scores(model, fs.test_audio, files, c, d)
     if d.master:
-        res, det = evaluate_sed(scores, files, classes, os.path.join(root, "test.tsv"),
-                                os.path.join(root, "test_durations.tsv"), windows, TOKEN_S,
+        res, det = evaluate_sed(scores, files, classes, fs.test_tsv, fs.test_durations_tsv,
+                                windows, TOKEN_S,
                                 c.n_thresholds, c.threshold, plot_dir=out_dir,
                                 title=f"{os.path.basename(out_dir)}:")
         write_table(os.path.join(out_dir, f"detections_{c.threshold:.2f}.tsv"),
                     list(det.columns), det.round(3).itertuples(index=False))
         res.update(stage="sed", dataset=c.data, checkpoint=c.ckpt, kind=ae.kind, mode=c.mode,
+                   random_init=c.random_init,
                    classes=classes,
                    teacher=c.teacher or None, best_epoch=best["epoch"], lr=c.lr, seed=c.seed,
                    elapsed_s=round(time.time() - t0, 1), config=cfg)
@@ -336,12 +367,11 @@ def detect(c):
         windows = class_window_list(c, model.classes)
     paths = []
     for p in c.predict.split(","):
-        paths += sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True)
-                        if f.lower().endswith(AUDIO_EXTS)) if os.path.isdir(p) else [p]
+        paths += audio_files(p) if os.path.isdir(p) else [p]   # an empty folder is an error
     rows = []
     for path in paths:
         wav, n = load_audio(path, where="--predict")
-        audio, lengths = model.ae.prepare(wav)
+        audio, lengths = model.ae.prepare(wav, SAMPLE_RATE)
         with torch.no_grad():
             s, _ = model(model.ae.front(audio, lengths), tokens_for(lengths))
         s = median_filter(s.float().cpu().numpy(), windows)
@@ -358,9 +388,8 @@ def detect(c):
 
 if __name__ == "__main__":
     cfg = configure(globals(), dict(data=TASKS))
-    if cfg["predict"]:
-        detect(SimpleNamespace(**cfg))
-    else:
-        if not cfg["ckpt"]:
-            raise SystemExit("sed.py needs --ckpt (a pre-trained checkpoint)")
-        train(cfg)
+    if not cfg["ckpt"]:
+        raise SystemExit("sed.py needs --ckpt (a pre-trained checkpoint, or with --predict an "
+                         "SED checkpoint)")
+    with user_errors():
+        detect(SimpleNamespace(**cfg)) if cfg["predict"] else train(cfg)

@@ -38,6 +38,28 @@ def test_bad_input_errors_name_the_file(tmp_path):
         D.read_manifest(str(tmp_path / "nopath.csv"))
     with pytest.raises(FileNotFoundError, match="expected .*as20k"):
         D.resolve_manifest("as20k", "train", str(tmp_path))
+    (tmp_path / "gone.csv").write_text("path\na.wav\nb.wav\n")
+    with pytest.raises(D.AudioError, match="1 of 2 audio files listed in .*gone.csv do not "
+                       "exist: .*gone.csv line 3: .*b.wav"):
+        D.read_manifest(str(tmp_path / "gone.csv"))
+
+
+def test_manifest_of_a_folder_skips_what_cannot_be_read(tmp_path):
+    """python data.py manifest: .oga and other libsndfile formats are found; corrupt and
+    0-byte files are left out and listed; an empty folder is an error."""
+    sf.write(tmp_path / "a.wav", np.zeros(1600, np.float32), 16000)
+    sf.write(tmp_path / "b.oga", np.zeros(1600, np.float32), 16000, format="OGG",
+             subtype="VORBIS")
+    (tmp_path / "corrupt.flac").write_text("not audio")
+    (tmp_path / "zero.wav").write_bytes(b"")
+    n, skipped = D.write_manifest(str(tmp_path), str(tmp_path / "m.csv"))
+    assert n == 2 and sorted(os.path.basename(p) for p, _ in skipped) == ["corrupt.flac",
+                                                                          "zero.wav"]
+    assert [os.path.basename(r["path"]) for r in D.read_manifest(str(tmp_path / "m.csv"))] == \
+        ["a.wav", "b.oga"]
+    (tmp_path / "none").mkdir()
+    with pytest.raises(D.UserError, match="no audio files"):
+        D.write_manifest(str(tmp_path / "none"), str(tmp_path / "n.csv"))
 
 
 def test_load_audio_crops_pads_resamples(tmp_path):
@@ -50,7 +72,7 @@ def test_load_audio_crops_pads_resamples(tmp_path):
     assert abs(wav[:valid].abs().max().item() - 0.5) < 0.02  # mono = mean of the channels
     wav, valid = D.load_audio(str(tmp_path / "s.wav"), 1.0, np.random.default_rng(0))
     assert wav.shape == (16000,) and valid == 16000
-    assert D.write_manifest(str(tmp_path), str(tmp_path / "m" / "all.csv")) == 1
+    assert D.write_manifest(str(tmp_path), str(tmp_path / "m" / "all.csv")) == (1, [])
     assert D.read_manifest(str(tmp_path / "m" / "all.csv"))[0]["path"] == str(tmp_path / "s.wav")
 
 
@@ -98,6 +120,8 @@ def test_sed_tsv_errors_name_the_row(tmp_path):
 
 def _manifest(path, rows, header="path,label"):
     path.parent.mkdir(parents=True, exist_ok=True)
+    for r in rows:                                   # the files must exist; their content not
+        (path.parent / r[0]).touch()
     path.write_text(header + "\n" + "".join(",".join(r) + "\n" for r in rows))
     return str(path)
 

@@ -129,7 +129,8 @@ def test_classifier_checkpoints_load_strictly(tmp_path):
     with pytest.raises(KeyError, match="missing \\['head.fc.bias'\\]"):
         b.load_export(state)
     torch.save({"kind": "atst-pretrain", "model": {}}, tmp_path / "pre.pt")
-    with pytest.raises(ValueError, match="pre.pt: not a fine-tuned checkpoint"):
+    with pytest.raises(P.UserError, match="pre.pt: a pre-training checkpoint .*; this needs a "
+                       "fine-tuned classifier .* or an SED model"):
         M.load_classifier(str(tmp_path / "pre.pt"))
 
 
@@ -165,13 +166,13 @@ def test_load_encoder_reads_every_layout_identically(kind, tmp_path):
                     mask_token=kind == "frame")
     ref = M.AudioEncoder(enc, kind).eval()
     audio = torch.randn(2, 3 * 16000) * 0.1
-    want = ref(audio, layers="all")
+    want = ref(audio, 16000, layers="all")
     for name, ck in _layouts(enc, kind):
         path = str(tmp_path / f"{name}.ckpt")
         torch.save(ck, path)
         got = M.load_encoder(path)
         assert got.kind == kind and got.encoder.depth == 2 and got.encoder.dim == 128, name
-        e = got(audio, layers="all")
+        e = got(audio, 16000, layers="all")
         assert torch.equal(e.frames, want.frames) and torch.equal(e.clip, want.clip), name
     # ours: a pre-training checkpoint (teacher encoder), heads taken from model_args
     torch.manual_seed(0)
@@ -191,15 +192,15 @@ def test_load_encoder_names_missing_and_unexpected_keys(tmp_path):
     sd = ck["state_dict"]
     del sd["model.teacher.encoder.blocks.1.mlp.fc2.bias"]
     torch.save(ck, tmp_path / "missing.ckpt")
-    with pytest.raises(KeyError, match=r"missing: \['blocks.1.mlp.fc2.bias'\]"):
+    with pytest.raises(P.UserError, match=r"missing: \['blocks.1.mlp.fc2.bias'\]"):
         M.load_encoder(str(tmp_path / "missing.ckpt"))
     _, ck = next(_layouts(enc, "frame"))
     ck["state_dict"]["model.teacher.encoder.blocks.0.attn.qkv.bias"] = torch.zeros(384)
     torch.save(ck, tmp_path / "extra.ckpt")
-    with pytest.raises(KeyError, match=r"unexpected: \['blocks.0.attn.qkv.bias'\]"):
+    with pytest.raises(P.UserError, match=r"unexpected: \['blocks.0.attn.qkv.bias'\]"):
         M.load_encoder(str(tmp_path / "extra.ckpt"))
     torch.save({"weights": 1}, tmp_path / "odd.ckpt")
-    with pytest.raises(ValueError, match="odd.ckpt: not a checkpoint layout"):
+    with pytest.raises(P.UserError, match="odd.ckpt: not a checkpoint layout"):
         M.load_encoder(str(tmp_path / "odd.ckpt"))
 
 
@@ -236,8 +237,8 @@ def test_padded_batch_gives_the_embeddings_of_the_clip_alone(kind):
     torch.manual_seed(2)
     short, long = torch.randn(3 * 16000) * 0.1, torch.randn(10 * 16000) * 0.1
     batch = torch.stack([F.pad(short, (0, 7 * 16000)), long])
-    both = ae(batch, lengths=[3 * 16000, 10 * 16000], layers="all")
-    alone = ae(short, layers="all")
+    both = ae(batch, 16000, lengths=[3 * 16000, 10 * 16000], layers="all")
+    alone = ae(short, 16000, layers="all")
     assert both.lengths.tolist() == [75, 250] and alone.frames.shape[1] == 75
     assert torch.allclose(both.frames[0, :75], alone.frames[0], atol=1e-5)
     assert both.frames[0, 75:].abs().max() == 0
@@ -284,7 +285,7 @@ def test_linear_features_are_every_block_and_12s_centre_in_chunks(kind, tmp_path
     wav, valid, _ = ds[0]
     centre = torch.from_numpy(sig[int(6.5 * 16000):int(18.5 * 16000)])
     assert valid == 12 * 16000 and torch.allclose(wav, centre, atol=1e-4)  # 16-bit file
-    e = ae(wav[None], layers="all")
+    e = ae(wav[None], 16000, layers="all")
     assert e.clip.shape == (1, ae.dims("all")[1]) and e.frames.shape[1] == 300  # 12 s
     f = e.frames[0]                                                         # (300, 12 * 16)
     if kind == "clip":  # per block [CLS, mean]: the means average two 150-token chunks
@@ -558,3 +559,63 @@ def test_asit_step_prototypes_teacher_and_clipping():
     model.update_teacher(0.9)
     for t0, t, s in zip(before, model.teacher.parameters(), model.student.parameters()):
         assert torch.allclose(t, 0.9 * t0 + 0.1 * s, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- user input
+
+
+def test_embedding_api_takes_what_users_pass(tmp_path):
+    """soundfile's (samples, channels) array is one multi-channel clip (it once became a batch
+    of two-sample clips: 17.9 GB, or rows of NaN); the rate must be given; int16 is scaled;
+    NaN, a batch wider than its clips and unknown layers are errors saying so."""
+    ae = _tiny_encoder("frame")
+    t = np.arange(int(20 * 44100)) / 44100
+    sf.write(tmp_path / "s.wav", np.stack([np.sin(2 * np.pi * 440 * t),
+                                           0.5 * np.sin(2 * np.pi * 660 * t)], 1) * 0.3, 44100)
+    x, sr = sf.read(tmp_path / "s.wav", dtype="float32")
+    assert x.shape == (882000, 2)
+    e = ae(torch.from_numpy(x), sample_rate=sr)
+    assert e.frames.shape == (1, 500, 64) and torch.isfinite(e.frames).all()
+    assert torch.allclose(e.frames, ae(torch.from_numpy(x.T)[None], sample_rate=sr).frames)
+    short = ae(torch.from_numpy(x[:2646]), sample_rate=sr)      # 0.06 s of stereo
+    assert short.frames.shape[:2] == (1, 1) and torch.isfinite(short.frames).all()
+    with pytest.raises(ValueError, match="sample_rate is required"):
+        ae(torch.from_numpy(x))
+    pcm = (torch.from_numpy(x[:16000, 0]) * 32767).round().to(torch.int16)
+    assert torch.allclose(ae(pcm, sample_rate=sr).frames,
+                          ae(pcm.float() / 32768, sample_rate=sr).frames, atol=1e-6)
+    with pytest.raises(ValueError, match="NaN"):
+        ae(torch.full((16000,), float("nan")), sample_rate=16000)
+    with pytest.raises(ValueError, match="transpose it"):
+        ae(torch.zeros(100, 50), sample_rate=16000)
+    with pytest.raises(ValueError, match=r"layers \[7\]: this encoder has blocks 0 to 2"):
+        ae(torch.zeros(16000), sample_rate=16000, layers=[7])
+
+
+def test_unreadable_checkpoints_are_named(tmp_path):
+    """A truncated file, random bytes, a text file, a pickle of something else: each is an error
+    naming the file, not a raw torch / pickle message; a classifier given where an SED model
+    is needed is called a classifier."""
+    ck = tmp_path / "good.pt"
+    P.save_atomic(dict(kind="atst-finetune", model=M.Classifier(_tiny_encoder("clip"), 3)
+                       .export(), classes=list("abc"), encoder_args=_tiny_encoder("clip")
+                       .encoder.args), str(ck))
+    data = ck.read_bytes()
+    import pickle
+    bad = {"truncated.pt": data[:len(data) // 2], "random.pt": bytes(range(256)) * 40,
+           "text.pt": b"this is not a checkpoint\n", "plain.pkl": pickle.dumps([1, 2, 3])}
+    for name, content in bad.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(P.UserError, match=f"{name}: not a readable checkpoint"):
+            M.load_encoder(str(tmp_path / name))
+    torch.save([1, 2, 3], tmp_path / "list.pt")                   # readable, but not ours
+    with pytest.raises(P.UserError, match="list.pt: not a checkpoint layout"):
+        M.load_encoder(str(tmp_path / "list.pt"))
+    with pytest.raises(P.UserError, match="good.pt: a fine-tuned classifier .*; this needs an "
+                       "SED model"):
+        M.load_classifier(str(ck), expect=["atst-sed"])
+    state = torch.load(ck, weights_only=False)
+    del state["model"]["encoder.pos_embed"]
+    torch.save(state, tmp_path / "nopos.pt")
+    with pytest.raises(P.UserError, match=r"missing encoder keys \['pos_embed'\]"):
+        M.load_encoder(str(tmp_path / "nopos.pt"))

@@ -126,5 +126,51 @@ def test_atomic_files_leave_no_temporaries_and_bad_files_are_named(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ck.pt", "ck.pt.json", "r"]
     assert torch.equal(P.load_checkpoint(path)["w"], torch.ones(3))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="cannot read checkpoint .*junk.pt"):
+    with pytest.raises(P.UserError, match="junk.pt: not a readable checkpoint"):
         P.load_checkpoint(str(tmp_path / "junk.pt"))
+
+
+@pytest.mark.parametrize("script", ["pretrain_frame.py", "pretrain_clip.py", "pretrain_asit.py",
+                                    "linear_eval.py", "finetune.py", "distill.py", "sed.py",
+                                    "bench.py"])
+def test_every_flag_is_documented_and_grouped(script, capsys):
+    """Every config global has a comment (its --help text), and --help groups the flags by
+    the block's section comments; the test-only kill switch is not a flag."""
+    import importlib
+    import re
+    module = importlib.import_module(script[:-3])
+    keys = ["teacher", "kd_weight"] if script == "distill.py" else \
+        P.config_keys(vars(module))
+    text = open(os.path.join(HERE, script)).read()
+    for k in keys:
+        assert re.search(rf"^{k}\s*=.*#\s*\S", text, re.M), (script, k)
+    assert "die_at_step" not in keys
+    if script.startswith("pretrain"):
+        out = subprocess.run([sys.executable, script, "--help"], cwd=HERE, capture_output=True,
+                             text=True, timeout=120).stdout
+        assert "\nI/O:\n" in out and "\nmodel:\n" in out
+
+
+def test_warmup_that_would_outlast_the_run_is_cut_and_said():
+    said = []
+    assert P.warmup_steps(4.0, 8, 300, said.append) == 32 and not said
+    assert P.warmup_steps(4.0, 375, 300, said.append) == 30          # 1500 >= 300 steps
+    assert "reaches the last step (300); warming up over 30 steps" in said[0]
+    assert P.warmup_steps(4.0, 1, 1, said.append) == 0 and len(said) == 2  # a one-step run
+    assert P.warmup_steps(0.0, 8, 1, said.append) == 0 and len(said) == 2
+
+
+def test_user_errors_end_with_one_line(capsys):
+    """A UserError, also as a DataLoader re-raises it (the worker's traceback in its message),
+    ends the run (exit 1) with its own last line."""
+    with pytest.raises(SystemExit) as e:
+        with P.user_errors():
+            raise P.UserError("Caught AudioError in DataLoader worker process 0.\nOriginal "
+                              "Traceback (most recent call last):\n  File \"data.py\", line 1"
+                              "\ndata.AudioError: m.csv line 3: audio file not found: x.wav\n")
+    assert e.value.code == 1
+    assert capsys.readouterr().err == "error: m.csv line 3: audio file not found: x.wav\n"
+    with pytest.raises(SystemExit):
+        with P.user_errors():
+            raise P.UserError("plain")
+    assert capsys.readouterr().err == "error: plain\n"

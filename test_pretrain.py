@@ -116,30 +116,46 @@ def test_torchrun_two_ranks_gloo_identical_weights(data_root, tmp_path, script):
     p = run(script, *TINY, "--max_steps", "4", "--log_every", "2", "--out_dir",
             out, data_root=data_root, nproc=2)
     assert "weights identical on 2 ranks" in p.stdout
+    # the tiny preset's 4 warmup epochs (32 steps) would outlast 4 steps: cut, and said
+    assert "reaches the last step (4); warming up over 0 steps" in p.stdout
     assert "= 16 x 2 ranks x 1 accum" in p.stdout
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 4
 
 
 @pytest.mark.parametrize("script", ["pretrain_frame.py", "pretrain_asit.py"])
 def test_killed_run_resumes_to_the_same_weights(data_root, tmp_path, script):
+    """Killed at step 5 (after logging it), with the debris of a save a kill interrupted, the
+    rerun removes the debris, drops the log past its checkpoint, and ends bit-identical to an
+    uninterrupted run; rerunning that finished folder with fewer steps says what to do."""
     args = [*TINY, "--max_steps", "6", "--warmup_epochs", "0.25", "--ckpt_every", "2",
-            "--log_every", "2", "--micro_batch", "16"]  # 2 accumulation steps per step
+            "--log_every", "1", "--micro_batch", "16"]  # 2 accumulation steps per step
     run(script, *args, "--out_dir", str(tmp_path / "a"), data_root=data_root)
-    killed = run(script, *args, "--out_dir", str(tmp_path / "b"), "--die_at_step",
-                 "5", data_root=data_root, check=False)
+    killed = run(script, *args, "--out_dir", str(tmp_path / "b"), data_root=data_root,
+                 check=False, env=dict(ATST_DIE_AT_STEP="5"))
     assert killed.returncode == -9
     assert load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))["step"] == 4
+    assert [r["step"] for r in read_log(tmp_path / "b")] == [1, 2, 3, 4, 5]
+    for debris in ("ckpt.pt.tmp4242", "views_rank0_step6.pt.tmp4243"):
+        (tmp_path / "b" / debris).write_bytes(b"half a checkpoint")
     p = run(script, *args, "--out_dir", str(tmp_path / "b"), data_root=data_root)
     assert "resumed from" in p.stdout and "at step 4" in p.stdout
+    assert not list((tmp_path / "b").glob("*.tmp*")) and "removed" in p.stdout
+    assert [r["step"] for r in read_log(tmp_path / "b")] == [1, 2, 3, 4, 5, 6]
     a = load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))
     b = load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
     assert a["step"] == b["step"] == 6
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(x, y) for x, y in zip(
         a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
-    banks = [torch.load(tmp_path / r / "augment_rank0.pt") for r in "ab"]   # the Mixup FIFO
+    banks = [torch.load(tmp_path / r / "views_rank0_step6.pt") for r in "ab"]  # Mixup FIFO
     assert banks[0]["step"] == banks[1]["step"] == 6
     assert all(torch.equal(banks[0]["views"][k], banks[1]["views"][k]) for k in banks[0]["views"])
+    assert sorted(x.name for x in (tmp_path / "a").glob("views_*")) == [
+        "views_rank0_step4.pt", "views_rank0_step6.pt"]                 # the last two saves
+    p = run(script, *args, "--max_steps", "5", "--out_dir", str(tmp_path / "a"),
+            data_root=data_root, check=False)
+    assert p.returncode == 1 and "is at step 6, past this run's last step 5" in p.stderr
+    assert "Traceback" not in p.stderr
 
 
 def test_non_finite_loss_stops_with_a_message(data_root, tmp_path):
@@ -149,13 +165,25 @@ def test_non_finite_loss_stops_with_a_message(data_root, tmp_path):
     assert p.returncode == 1 and "non-finite loss" in p.stderr
 
 
-def test_bad_manifest_row_is_reported(data_root, tmp_path):
+def test_bad_manifest_rows_are_reported_before_and_during_training(data_root, tmp_path):
+    """A missing file in the last row of a manifest stops the run before training (a short
+    run never reads that row); an unreadable file, found by a DataLoader worker, ends the run
+    with its one line, not a worker traceback."""
     rows = D.read_manifest(D.resolve_manifest("demo", "train", data_root))
     csv_path = tmp_path / "m.csv"
-    csv_path.write_text("path\n" + "".join(r["path"] + "\n" for r in rows[:40]) +
+    csv_path.write_text("path\n" + "".join(r["path"] + "\n" for r in rows[:100]) +
                         str(tmp_path / "gone.wav") + "\n")
-    p = run("pretrain_clip.py", *TINY, "--data", str(csv_path), "--max_steps", "3",
-            "--batch_size", "41", "--out_dir", str(tmp_path / "o"), data_root=data_root,
-            check=False)
-    assert p.returncode != 0
-    assert "m.csv line 42" in p.stderr and "gone.wav" in p.stderr and "not found" in p.stderr
+    p = run("pretrain_clip.py", *TINY, "--data", str(csv_path), "--max_steps", "1",
+            "--out_dir", str(tmp_path / "o"), data_root=data_root, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "1 of 101 audio files listed in" in p.stderr and "m.csv line 102" in p.stderr
+    assert "gone.wav" in p.stderr and "step 1/1" not in p.stdout
+    (tmp_path / "bad.wav").write_text("not audio")
+    csv_path.write_text("path\n" + "".join(r["path"] + "\n" for r in rows[:31]) +
+                        str(tmp_path / "bad.wav") + "\n")
+    p = run("pretrain_clip.py", *TINY, "--data", str(csv_path), "--max_steps", "1",
+            "--out_dir", str(tmp_path / "o2"), data_root=data_root, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    error = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "m.csv line 33" in error[0]
+    assert "cannot read audio file" in error[0] and "bad.wav" in error[0]

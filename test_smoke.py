@@ -3,6 +3,7 @@
 ways, sed.py (linear, fine-tune, C2F, --predict); and every script's --help."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -61,19 +62,43 @@ def test_downstream_scripts_end_to_end(pretrained, data_root, tmp_path):
     p = run("finetune.py", "--ckpt", os.path.join(ft["frame"], "best.pt"), "--data",
             "demo_events", "--out_dir", str(tmp_path / "bad"), data_root=data_root, check=False)
     assert p.returncode != 0 and "is a fine-tuned checkpoint" in p.stderr
+    assert "Traceback" not in p.stderr                            # one line, no traceback
     p = run("distill.py", "--ckpt", ck["frame"], "--teacher", ck["clip"], "--data",
             "demo_events", "--out_dir", str(tmp_path / "bad2"), data_root=data_root, check=False)
-    assert p.returncode != 0 and "not a fine-tuned checkpoint" in p.stderr
+    assert p.returncode != 0 and "a pre-training checkpoint" in p.stderr
+    assert "this needs a fine-tuned classifier" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_sed_demo_end_to_end_and_prediction_on_long_stereo_audio(pretrained, data_root,
                                                                   tmp_path, monkeypatch):
     """linear and fine-tune modes, and C2F (a Clip SED model teaches Frame), on the demo SED
-    task; PSDS reported with plots and TSVs; then events for a 25 s 44.1 kHz stereo file."""
+    task (once through renamed DESED files given by flags); PSDS reported with plots and TSVs;
+    then events for a 25 s 44.1 kHz stereo file, for silence, for an empty folder."""
     ck = {k: os.path.join(v, "ckpt.pt") for k, v in pretrained.items()}
+    sed_dir, desed = os.path.join(data_root, "demo", "sed"), tmp_path / "DESED"
+    (desed / "metadata").mkdir(parents=True)
+    (desed / "audio").mkdir()
+    renamed = []                       # DESED's own names differ from this project's layout
+    for flag, ours, theirs in (("train_strong_tsv", "train_strong.tsv", "metadata/synth.tsv"),
+                               ("train_weak_tsv", "train_weak.tsv", "metadata/weak.tsv"),
+                               ("test_tsv", "test.tsv", "metadata/val.tsv"),
+                               ("test_durations_tsv", "test_durations.tsv", "metadata/dur.tsv"),
+                               ("train_strong_audio", "audio/train_strong", "audio/synth_16k"),
+                               ("train_weak_audio", "audio/train_weak", "audio/weak_16k"),
+                               ("test_audio", "audio/test", "audio/val_16k")):
+        if flag.endswith("_audio"):
+            os.symlink(os.path.join(sed_dir, ours), desed / theirs)
+        else:
+            shutil.copy(os.path.join(sed_dir, ours), desed / theirs)
+        renamed += [f"--{flag}", str(desed / theirs)]
+    p = run("sed.py", "--ckpt", ck["frame"], "--data", "demo_sed", *renamed[:-1], "nowhere",
+            data_root=data_root, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "nowhere not found (--test_audio nowhere" in p.stderr
     outs = {}
     for name, kind, extra in (("lin", "frame", ["--mode", "linear"]),
-                              ("lin_nc", "frame", ["--mode", "linear", "--cache", "false"]),
+                              ("lin_nc", "frame", ["--mode", "linear", "--cache", "false",
+                                                   *renamed]),
                               ("clip", "clip", ["--mode", "finetune"]),
                               ("c2f", "frame", ["--mode", "finetune", "--cache", "false"])):
         outs[name] = str(tmp_path / name)
@@ -104,6 +129,15 @@ def test_sed_demo_end_to_end_and_prediction_on_long_stereo_audio(pretrained, dat
     for f, a, b, label in rows:
         assert f == "long.wav" and 0 <= float(a) < float(b) <= 25.0
         assert label in json.load(open(os.path.join(outs["lin"], "result.json")))["classes"]
+    sf.write(tmp_path / "quiet.wav", np.zeros(16000, np.float32), 16000)
+    p = run("sed.py", "--predict", str(tmp_path / "quiet.wav"), "--ckpt",
+            os.path.join(outs["lin"], "best.pt"), "--threshold", "0.999", data_root=data_root)
+    assert p.stdout.splitlines() == ["filename\tonset\toffset\tevent_label"]
+    assert "0 events in 1 files" in p.stderr                      # said, not silent
+    (tmp_path / "empty").mkdir()
+    p = run("sed.py", "--predict", str(tmp_path / "empty"), "--ckpt",
+            os.path.join(outs["lin"], "best.pt"), data_root=data_root, check=False)
+    assert p.returncode == 1 and "no audio files" in p.stderr and "Traceback" not in p.stderr
     # the median windows: the checkpoint's (the demo's 31), unless --median_window is set
     seen = []
     monkeypatch.setattr(sed, "median_filter", lambda s, w: seen.append(w) or s)
@@ -118,7 +152,11 @@ def test_sed_demo_end_to_end_and_prediction_on_long_stereo_audio(pretrained, dat
 def test_every_script_prints_its_help():
     """--help renders every flag's comment (a '%' in a comment once broke argparse)."""
     for script in ("pretrain_frame.py", "pretrain_clip.py", "pretrain_asit.py", "linear_eval.py",
-                   "finetune.py", "distill.py", "sed.py", "demo.py", "bench.py", "tables.py"):
+                   "finetune.py", "distill.py", "sed.py", "demo.py", "bench.py", "tables.py",
+                   "hear.py", "data.py"):
         p = subprocess.run([sys.executable, script, "--help"], cwd=HERE, capture_output=True,
                            text=True, timeout=120)
         assert p.returncode == 0 and "usage:" in p.stdout, (script, p.stderr[-500:])
+        if script in ("linear_eval.py", "finetune.py", "distill.py", "sed.py"):
+            assert "--random_init" in p.stdout, script              # one switch, one name
+        assert "--die_at_step" not in p.stdout

@@ -22,21 +22,26 @@ def fake_results(out, linear, sed_psds1):
             config=dict(preset="tiny", data="demo", batch_size=32)))
         put(os.path.join(out, "pretrain", n, "log.jsonl"), "".join(
             json.dumps(dict(step=s, loss=1.0 / s, std_t=0.05)) + "\n" for s in (16, 32, 48)))
-    for name, score in linear.items():
-        put(os.path.join(out, "linear", f"{name}.json"), dict(test=score))
+    for name, score in linear.items():  # (score, metric, test clips) or a bare score
+        score, metric, n = score if isinstance(score, tuple) else (score, None, None)
+        put(os.path.join(out, "linear", f"{name}.json"), dict(test=score, metric=metric,
+                                                             n=[0, 0, n]))
     for n in ("clip", "frame", "c2f", "f2c"):
         put(os.path.join(out, "finetune", f"{n}_demo_events", "result.json"), dict(test=0.5))
     for n in ("clip_linear", "frame_linear", "clip_finetune", "frame_finetune", "c2f", "f2c"):
         put(os.path.join(out, "sed", n, "result.json"), dict(
             psds1=sed_psds1.get(n, 0.1), psds2=0.2, psds1_exact=0.1, psds2_exact=0.2,
-            f1_intersection=0.5))
+            f1_intersection=0.5, dataset="dcase2022" if n == "frame_finetune" else "demo_sed"))
 
 
 def test_tables_cells_averages_and_checks(tmp_path):
     import tables
     out = str(tmp_path)
-    linear = {"frame_demo_events": 0.8, "frame_random_demo_events": 0.6,
-              "clip_demo_events": 0.5, "clip_random_demo_events": 0.7, "frame_us8k": 0.855}
+    acc = lambda x, n=160: (x, "accuracy", n)
+    linear = {"frame_demo_events": acc(0.8), "frame_random_demo_events": acc(0.6),
+              "clip_demo_events": acc(0.5), "clip_random_demo_events": acc(0.7),
+              "frame_us8k": acc(0.855, 873), "frame_random_us8k": acc(0.84, 873),
+              "frame_demo_tags": (0.62, "mAP", 120), "frame_random_demo_tags": (0.6, "mAP", 120)}
     fake_results(out, linear, {"frame_finetune": 0.3, "clip_finetune": 0.2})
     md = open(tables.main(out)).read()
     row = next(line for line in md.splitlines() if line.startswith("| ATST-Frame |"))
@@ -48,9 +53,21 @@ def test_tables_cells_averages_and_checks(tmp_path):
     assert "- (74.9)" in row
     row = next(line for line in md.splitlines() if line.startswith("| A | 0 |"))
     assert "- (42.8)" in row  # Table III averages all five
-    assert "ATST-Frame 80.0 beats the same encoder with random weights 60.0" in md
-    assert "ATST-Clip 50.0 does NOT beat the same encoder with random weights 70.0" in md
-    assert "SED (finetune): ATST-Frame PSDS1 0.300 beats ATST-Clip 0.200" in md
+    # checks: the standard error of a difference of accuracies, sqrt((.8 .2 + .6 .4) / 160)
+    # = 5.0 points; 20 points is beyond 2 SE, 1.5 on US8K (SE 1.7) is within
+    assert ("ATST-Frame 80.0 vs the same encoder with random weights 60.0: ahead by 20.0 "
+            "points, standard error of the difference 5.0 on 160 test clips: beyond noise") in md
+    assert "ATST-Clip 50.0 vs the same encoder with random weights 70.0: behind by 20.0" in md
+    assert "85.5 vs the same encoder with random weights 84.0: ahead by 1.5 points, standard " \
+        "error of the difference 1.7 on 873 test clips: within noise" in md
+    assert "62.0 vs the same encoder with random weights 60.0: ahead by 2.0 points (one seed; " \
+        "no standard error for mAP)" in md
+    assert "SED (finetune): ATST-Frame PSDS1 0.300 vs ATST-Clip 0.200: ahead by 0.100" in md
+    # Table VI: the paper's DESED columns hold ours only for a run on DESED
+    row = next(line for line in md.splitlines() if line.startswith("| Finetuning | ATST-Frame"))
+    assert "| 0.300 (0.361) | 0.200 (0.581) | dcase2022 |" in row
+    row = next(line for line in md.splitlines() if line.startswith("| Linear | ATST-Clip"))
+    assert "| - (0.115) | - (0.293) | demo_sed | 0.100 | 0.200 |" in row
     assert os.path.getsize(os.path.join(out, "plots", "pretrain_main.png")) > 1000
 
 
