@@ -1,10 +1,12 @@
 """
 Cross-model distillation, C2F and F2C (SPEC 6, paper Table V): a fine-tuned model of one kind
-(finetune.py's best.pt) teaches the fine-tuning of a pre-trained model of the other kind on
-the same task: loss = 0.5 task + 0.5 KD, KD = BCE(s, sigmoid(t)) for multi-label or Mixup,
-else CE(s, softmax(t)), no temperature. The teacher runs in eval mode without gradients, on
-the same augmented input as the student. The loop is finetune.train; every finetune.py flag
-(and its per-dataset TASKS defaults) applies here too.
+(finetune.py's best.pt) teaches the fine-tuning of a pre-trained model of another kind on
+the same task (any two of ATST-Clip, ATST-Frame, ASiT): loss = 0.5 task + 0.5 KD,
+KD = BCE(s, sigmoid(t)) for multi-label or Mixup, else CE(s, softmax(t)), no temperature. The
+teacher runs in eval mode without gradients, on the same augmented input as the student
+(across front-ends, ASiT <-> ATST: its own view of the same waveforms with the same Mixup draws,
+without RRC). The loop is finetune.train; every finetune.py flag (and its per-dataset TASKS
+defaults) applies here too.
 
     # C2F: fine-tune ATST-Clip, then let it teach ATST-Frame
     python finetune.py --ckpt out/clip_tiny/ckpt.pt --data demo_events
@@ -19,7 +21,7 @@ from plumbing import configure, user_errors
 
 # -------------------------------------------------------------------------------- config
 # distillation (every flag of finetune.py applies too)
-teacher = ""                # fine-tuned checkpoint of the other kind (finetune.py's best.pt)
+teacher = ""                # fine-tuned checkpoint of another kind (finetune.py's best.pt)
 kd_weight = 0.5             # loss = (1 - kd_weight) * task + kd_weight * KD
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """
 Fine-tuning (SPEC 6, paper Table V): the pre-trained teacher encoder and a BatchNorm + Linear
-head on the last block (Frame: mean of frames; Clip: [CLS, mean]) trained together: SGD
+head on the last block (Frame: mean of frames; Clip and ASiT: [CLS, mean]) trained together: SGD
 momentum 0.9, layer-wise lr decay 0.75, 5 warmup epochs then cosine to 1e-6, grad clip 3,
 Mixup with labels + Random Resized Crop where SPEC says so (BCE then). The best epoch on the
 validation split is kept and scored once on test. distill.py shares this loop (`train`).
@@ -29,8 +29,8 @@ from tqdm import tqdm
 from augment import RandomResizedCrop, mixup_labels
 from data import Labels, LabelledClips, pad_collate, task_splits
 from metrics import score
-from model import (FRAMES_PER_TOKEN, Classifier, freeze, layer_decay_groups, load_encoder,
-                   random_weights, set_drop_path, tokens_for)
+from model import (Classifier, freeze, layer_decay_groups, load_encoder, random_weights,
+                   set_drop_path)
 from plumbing import (Log, clean_partial_writes, cleanup_distributed, config_keys, configure,
                       cosine_schedule, describe, gather_shards, load_checkpoint, my_shard,
                       save_atomic, save_json, setup_distributed, step_seed, user_errors,
@@ -101,12 +101,11 @@ def predict(model, rows, targets, c, d):
     ds = LabelledClips([rows[i] for i in mine], targets[mine], c.max_seconds)
     loader = torch.utils.data.DataLoader(ds, batch_size=max(1, c.batch_size // d.world),
                                          collate_fn=pad_collate, num_workers=c.num_workers)
-    front = model.ae.front
     out = []
     for wav, valid, _ in loader:
         wav, valid = wav.to(d.device), valid.to(d.device)
         with d.ctx:
-            out.append(model(front(wav, valid), tokens_for(valid)).float().cpu())
+            out.append(model(*model.ae.features(wav, valid)).float().cpu())
     return gather_shards(mine, torch.cat(out), len(rows), d)
 
 
@@ -120,6 +119,19 @@ def kd_loss(student, teacher_logits, soft):
     if soft:
         return F.binary_cross_entropy_with_logits(student, torch.sigmoid(teacher_logits))
     return F.cross_entropy(student, teacher_logits.softmax(-1))
+
+
+def teacher_inputs(teacher, ae, x, n, wav, valid, onehot, c, seed):
+    """The teacher's input: the student's own (augmented) input when both share a front-end;
+    else (ASiT <-> ATST) the teacher's front-end on the waveforms, with the same Mixup draws
+    (same lambdas and partners) and no RRC, the teacher seeing the whole mixed clip."""
+    if teacher.ae.front.__class__ is ae.front.__class__:
+        return x, n
+    tx, tn = teacher.ae.features(wav, valid)
+    if c.mixup:
+        tx, _ = mixup_labels(tx, onehot, c.mixup_alpha, np.random.default_rng(seed))
+        tn = torch.full_like(tn, tx.shape[-1] // teacher.ae.unit)
+    return tx, tn
 
 
 def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
@@ -149,12 +161,12 @@ def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
             raise SystemExit(f"the teacher was fine-tuned on other classes ({len(teacher.classes)}"
                              f" vs {len(labels.classes)} here)")
         if teacher.ae.kind == ae.kind:
-            d.print(f"note: teacher and student are both ATST-{ae.kind} (C2F/F2C cross kinds)")
+            d.print(f"note: teacher and student are both {ae.name} (C2F/F2C cross kinds)")
     torch.manual_seed(c.seed)
     set_drop_path(ae.encoder, c.drop_path)
     model, ddp = wrap_ddp(Classifier(ae, len(labels.classes)).to(d.device).train(), d)
     groups = layer_decay_groups(model, c.layer_decay, c.weight_decay)
-    d.print(f"{ae.source}: ATST-{ae.kind}, {len(labels.classes)} classes "
+    d.print(f"{ae.source}: {ae.name}, {len(labels.classes)} classes "
             f"({'multi' if labels.multi else 'single'}-label), {len(train_rows)}/"
             f"{len(valid_rows)}/{len(test_rows)} clips; groups (lr scale, weight decay) "
             + ", ".join(f"{g['lr_scale']:.3g}/{g['weight_decay']:g} x{len(g['params'])}"
@@ -205,22 +217,22 @@ def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
             torch.manual_seed(seed)  # drop-path
             wav, valid, y = wav.to(d.device), valid.to(d.device), y.to(d.device)
             with torch.no_grad():
-                mel = model.ae.front(wav, valid)                        # (B, F, T)
-                n_tok = tokens_for(valid)
+                x, n = model.ae.features(wav, valid)                    # (B, F, T), (B,)
                 target = y.float() if labels.multi else y
+                onehot = target if labels.multi or not c.mixup else \
+                    F.one_hot(y, len(labels.classes)).float()
                 if c.mixup:  # RRC stretches time, so every clip is taken as full length
                     gen.manual_seed(seed)
-                    rng = np.random.default_rng(seed)
-                    onehot = target if labels.multi else F.one_hot(y, len(labels.classes)).float()
-                    mel, target = mixup_labels(mel, onehot, c.mixup_alpha, rng)
-                    mel = rrc(mel, gen)
-                    n_tok = torch.full_like(n_tok, mel.shape[-1] // FRAMES_PER_TOKEN)
+                    x, target = mixup_labels(x, onehot, c.mixup_alpha, np.random.default_rng(seed))
+                    x = rrc(x, gen)
+                    n = torch.full_like(n, x.shape[-1] // model.ae.unit)
             with d.ctx:
-                logits = ddp(mel, n_tok).float()
+                logits = ddp(x, n).float()
                 loss = task_loss(logits, target, soft)
                 if teacher is not None:
                     with torch.no_grad():
-                        t_logits = teacher(mel, n_tok).float()
+                        t_logits = teacher(*teacher_inputs(teacher, model.ae, x, n, wav, valid,
+                                                           onehot, c, seed)).float()
                     loss = (1 - kd_weight) * loss + kd_weight * kd_loss(logits, t_logits, soft)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -263,7 +275,7 @@ def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
                n=[len(train_rows), len(valid_rows), len(test_rows)], config=cfg)
     if d.master:
         save_json(res, os.path.join(out_dir, "result.json"))
-        d.print(f"{stage} {c.data} | ATST-{ae.kind} | {res['metric']} {test:.4f} (test) | valid "
+        d.print(f"{stage} {c.data} | {ae.name} | {res['metric']} {test:.4f} (test) | valid "
                 f"{best['valid']:.4f} at epoch {best['epoch']} | {res['elapsed_s']:.0f}s -> "
                 f"{out_dir}/result.json")
     cleanup_distributed()

@@ -1,6 +1,6 @@
 """
 HEAR 2021 API (hearbenchmark.com) for any checkpoint load_encoder reads: ours or the released
-ATST-Frame / ATST-Clip files.
+ATST-Frame / ATST-Clip / ASiT files.
 
     import hear
     model = hear.load_model("atst_frame_base.ckpt")
@@ -9,7 +9,8 @@ ATST-Frame / ATST-Clip files.
 
 audio: (n_sounds, n_samples) at 16 kHz, on the model's device. Embeddings concatenate the
 outputs of every block (the linear-evaluation features of SPEC 6); load_model(path, layers=None)
-takes the last block only. Timestamps are token centres, 40 ms apart, starting at 20 ms.
+takes the last block only. Timestamps are frame centres: ATST 40 ms apart from 20 ms, ASiT 160 ms
+apart from 80 ms.
 """
 import torch
 
@@ -18,7 +19,7 @@ from model import SAMPLE_RATE, load_encoder
 
 def load_model(model_file_path="", layers="all", device=None):
     if not model_file_path:
-        raise ValueError("hear.load_model needs the path of an ATST checkpoint")
+        raise ValueError("hear.load_model needs the path of an ATST or ASiT checkpoint")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_encoder(model_file_path, device)
     model.hear_layers = layers

@@ -1,8 +1,9 @@
 """
 Linear evaluation (SPEC 6, paper Table IV): the frozen teacher encoder of a pre-trained
-ATST-Clip or ATST-Frame checkpoint (ours or released) gives one feature per clip: every block,
-after the final norm; Clip [CLS, mean of frames] per block, Frame mean of frames per block
-(2*L*D / L*D); clips centre-cropped to 12 s, cut into 6 s / 10 s chunks, chunk features
+ATST-Clip, ATST-Frame or ASiT checkpoint (ours or released) gives one feature per clip: every
+block, after the final norm; Clip and ASiT [CLS, mean of frames] per block, Frame mean of frames
+per block (2*L*D / L*D); clips centre-cropped to 12 s, cut into 6 s / 10 s / 5.92 s (ASiT)
+chunks, chunk features
 averaged (a trailing chunk counts when longer than half a chunk). Features are extracted once
 and cached. A BatchNorm(affine=False) + Linear head is trained with SGD for each lr of a grid;
 the lr is chosen on the validation split (held out of train when the task has none); the test
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from data import Labels, LabelledClips, pad_collate, task_splits
 from metrics import score
-from model import SAMPLE_RATE, TOKEN_S, LinearHead, load_encoder, random_weights
+from model import SAMPLE_RATE, LinearHead, load_encoder, random_weights
 from plumbing import (cleanup_distributed, configure, cosine_schedule, describe, gather_shards,
                       my_shard, save_atomic, save_json, setup_distributed, user_errors)
 
@@ -45,7 +46,7 @@ epochs = 100                # head training epochs (cosine to min_lr)
 batch_size = 1024           # head training batch
 min_lr = 1e-6               # lr at the last step (cosine)
 random_init = False         # baseline: the same encoder with random weights
-chunk_seconds = 0.0         # encoder chunk; 0 = the model's (Clip 6 s, Frame 10 s); Table II: 1
+chunk_seconds = 0.0         # encoder chunk; 0 = the model's (Clip 6, Frame 10, ASiT 5.92 s)
 extract_batch = 32          # clips per forward during extraction
 num_workers = 4             # DataLoader workers (reading audio)
 device = "auto"             # auto | cpu
@@ -129,8 +130,9 @@ def main(cfg):
     if c.random_init:
         random_weights(ae, c.seed)
     if c.chunk_seconds:
-        ae.chunk = min(round(c.chunk_seconds / TOKEN_S), ae.encoder.max_tokens)
-    d.print(f"{ae.source}: {ae.kind}, dim {ae.encoder.dim}, depth {ae.encoder.depth}")
+        ae.chunk = min(round(c.chunk_seconds / ae.frame_s),
+                       ae.encoder.max_tokens // ae.per_frame)                  # Table II: 1 s
+    d.print(f"{ae.source}: {ae.name}, dim {ae.encoder.dim}, depth {ae.encoder.depth}")
     runs = [evaluate_split(ae, c, d, f) for f in (range(1, c.folds + 1) if c.folds else [0])]
     res = dict(runs[0], test=sum(r["test"] for r in runs) / len(runs),
                folds=runs if c.folds else None)
@@ -143,7 +145,7 @@ def main(cfg):
                                             f"{'_random' if c.random_init else ''}.json")
     if d.master:
         save_json(res, path)
-        d.print(f"linear_eval {c.data} | {ae.kind} | {res['metric']} {res['test']:.4f} (test) | "
+        d.print(f"linear_eval {c.data} | {ae.name} | {res['metric']} {res['test']:.4f} (test) | "
                 f"lr {res['lr']:g} (valid {res['valid']:.4f}) | {res['elapsed_s']:.0f}s -> {path}")
     cleanup_distributed()
 

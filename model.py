@@ -47,6 +47,11 @@ def tokens_for(samples):
     return frames_for(samples) // FRAMES_PER_TOKEN
 
 
+def kaldi_frames_for(samples):
+    """Kaldi fbank frames (25 ms every 10 ms, snip_edges) in `samples` samples (>= 400)."""
+    return (samples - 400) // HOP + 1
+
+
 class MelFrontEnd(nn.Module):
     """Waveform (B, S) at 16 kHz -> normalised log-mel (B, F=64, T = S // 160 + 1), batched on
     the device, always in fp32 (outside autocast).
@@ -109,9 +114,17 @@ class KaldiFrontEnd(nn.Module):
 
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
-    def forward(self, wav):
+    def forward(self, wav, lengths=None):
+        """lengths: valid samples per clip of a padded batch; each clip's mean is taken over
+        them, so its valid frames (those inside its samples) come out as for the clip alone."""
         wav = wav.float()
-        wav = wav - wav.mean(-1, keepdim=True)                         # the clip's mean
+        if lengths is None:
+            mean = wav.mean(-1, keepdim=True)
+        else:
+            lengths = torch.as_tensor(lengths, device=wav.device)[:, None]
+            inside = torch.arange(wav.shape[-1], device=wav.device) < lengths
+            mean = (wav * inside).sum(-1, keepdim=True) / lengths.clamp(min=1)
+        wav = wav - mean                                               # the clip's mean
         x = wav.unfold(-1, self.win, self.shift)                      # (B, T, 400) frames
         x = x - x.mean(-1, keepdim=True)                              # per-frame DC
         x = x - 0.97 * torch.cat([x[..., :1], x[..., :-1]], -1)        # preemphasis
@@ -536,37 +549,69 @@ def freeze(module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Inference: embeddings from audio of any length, and loading any ATST checkpoint (SPEC 6, 9)
+# Inference: embeddings from audio of any length, and loading any checkpoint (SPEC 6, 9;
+# SPEC_ASIT 7, 8)
 
-CHUNK_TOKENS = {"frame": 250, "clip": 150}  # 10 s / 6 s chunks, as pre-trained
+KIND_NAMES = {"frame": "ATST-Frame", "clip": "ATST-Clip", "asit": "ASiT"}
+CHUNK_FRAMES = {"frame": 250, "clip": 150, "asit": 37}  # output frames per chunk, as
+                                                        # pre-trained: 10 s / 6 s / 5.92 s
 
 
 class Embeddings(NamedTuple):
-    frames: torch.Tensor      # (B, N, D * layers): one row per 40 ms token; zero past `lengths`
-    timestamps: torch.Tensor  # (N,) centre of each token in ms: 20, 60, 100, ...
-    clip: torch.Tensor        # (B, D * layers) Frame: mean of frames; Clip: [CLS, mean] per layer
-    lengths: torch.Tensor     # (B,) valid tokens per clip
+    frames: torch.Tensor      # (B, N, D * layers): one row per output frame (ATST 40 ms, ASiT
+                              # 160 ms: the mean of a time column's 8 patch tokens); zero past
+                              # `lengths`
+    timestamps: torch.Tensor  # (N,) centre of each frame, ms: ATST 20, 60, ...; ASiT 80, 240, ...
+    clip: torch.Tensor        # (B, D * layers) Frame: mean of frames; Clip, ASiT: [CLS, mean]
+                              # per layer
+    lengths: torch.Tensor     # (B,) valid frames per clip
 
 
 class AudioEncoder(nn.Module):
-    """Front-end + Encoder: the inference and embedding entry point (what load_encoder returns).
+    """Front-end + Encoder: the inference and embedding entry point (what load_encoder returns),
+    for the three kinds: "frame" (ATST-Frame), "clip" (ATST-Clip), "asit" (ASiT, its own Kaldi
+    front-end and 16 x 16 patches).
 
     enc(audio, sample_rate) -> Embeddings. audio: (S,), (B, S) or (B, C, S) (channels are
     averaged), any sample rate (resampled to 16 kHz on the device); `lengths` gives the valid
-    samples of a padded batch. Audio longer than one chunk (Frame 10 s, Clip 6 s) is cut into
-    consecutive chunks that are encoded separately and concatenated: every 40 ms token of the
-    clip is kept. The clip embedding averages per-chunk embeddings (a Clip chunk: its CLS and
-    its frame mean); a trailing chunk counts only when longer than half a chunk (SPEC 6).
-    `layers`: None (last block), "all", or block indices; their outputs are concatenated.
-    """
+    samples of a padded batch. Audio longer than one chunk (Frame 10 s, Clip 6 s, ASiT 5.92 s)
+    is cut into consecutive chunks that are encoded separately and concatenated: every output
+    frame of the clip is kept. The clip embedding averages per-chunk embeddings (Clip and ASiT:
+    the chunk's CLS and its frame mean); a trailing chunk counts only when longer than half a
+    chunk (SPEC 6). A clip shorter than one output frame (ATST 30 ms, ASiT 175 ms) is zero-padded
+    to one. `layers`: None (last block), "all", or block indices; outputs are concatenated.
+
+    Stages call the two halves: features(wav, lengths) -> (front-end output, valid frames),
+    then encode(x, n). `unit` is the front-end frames per output frame (4 / 16), `frame_s` the
+    output frame hop in seconds (0.04 / 0.16)."""
 
     sample_rate = SAMPLE_RATE
 
     def __init__(self, encoder, kind):
         super().__init__()
-        assert kind in CHUNK_TOKENS, kind
-        self.front, self.encoder, self.kind = MelFrontEnd(), encoder, kind
-        self.chunk = min(CHUNK_TOKENS[kind], encoder.max_tokens)
+        assert kind in CHUNK_FRAMES, kind
+        self.encoder, self.kind, self.name = encoder, kind, KIND_NAMES[kind]
+        asit = kind == "asit"
+        self.front = KaldiFrontEnd() if asit else MelFrontEnd()
+        self.unit = PATCH if asit else FRAMES_PER_TOKEN
+        self.per_frame = ASIT_MELS // PATCH if asit else 1          # tokens per output frame
+        self.frame_s = self.unit * HOP / SAMPLE_RATE
+        self.min_samples = 400 + (PATCH - 1) * HOP if asit else (FRAMES_PER_TOKEN - 1) * HOP
+        self.chunk = min(CHUNK_FRAMES[kind], encoder.max_tokens // self.per_frame)
+
+    def frames_in(self, samples):
+        """Valid output frames of clips of `samples` samples (tensor)."""
+        if self.kind == "asit":
+            return kaldi_frames_for(samples.clamp(min=400)) // PATCH
+        return tokens_for(samples)
+
+    def features(self, wav, lengths):
+        """(B, S) mono 16 kHz and valid samples (B,) -> (front-end output (B, F, T), valid
+        output frames (B,)). Clips shorter than one output frame are zero-padded to one."""
+        if wav.shape[-1] < self.min_samples:
+            wav = F.pad(wav, (0, self.min_samples - wav.shape[-1]))
+        lengths = torch.as_tensor(lengths, device=wav.device).clamp(min=self.min_samples)
+        return self.front(wav, lengths), self.frames_in(lengths)
 
     def layer_list(self, layers):
         L = self.encoder.depth
@@ -582,16 +627,16 @@ class AudioEncoder(nn.Module):
     def dims(self, layers=None):
         """(frame embedding size, clip embedding size) for a choice of layers."""
         n = self.encoder.dim * len(self.layer_list(layers))
-        return n, n * (2 if self.kind == "clip" else 1)
+        return n, n * (1 if self.kind == "frame" else 2)
 
     @torch.no_grad()
     def forward(self, audio, sample_rate=None, lengths=None, layers=None, chunk_batch=64):
         audio, lengths = self.prepare(audio, sample_rate, lengths)
-        mel = self.front(audio, lengths)                              # (B, F, T)
+        x, n = self.features(audio, lengths)
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if audio.is_cuda else \
             contextlib.nullcontext()
         with ctx:
-            return self.encode(mel, tokens_for(lengths), layers, chunk_batch)
+            return self.encode(x, n, layers, chunk_batch)
 
     def prepare(self, audio, sample_rate=None, lengths=None):
         """Any audio -> ((B, S) mono 16 kHz fp32 on the model's device, (B,) valid samples).
@@ -637,28 +682,29 @@ class AudioEncoder(nn.Module):
             lengths = (lengths * SAMPLE_RATE + sample_rate - 1) // sample_rate
         return audio, lengths
 
-    def encode(self, mel, n_tok, layers=None, chunk_batch=None):
-        """Log-mel (B, F, T) with valid tokens n_tok (B,) -> Embeddings, chunked; keeps the
-        graph (fine-tuning calls it in train mode). chunk_batch bounds chunks per call."""
-        B, dev = mel.shape[0], mel.device
-        N, C = mel.shape[-1] // FRAMES_PER_TOKEN, self.chunk
+    def encode(self, x, n, layers=None, chunk_batch=None):
+        """Front-end output (B, F, T) with valid output frames n (B,) -> Embeddings, chunked;
+        keeps the graph (fine-tuning calls it in train mode). chunk_batch bounds chunks per
+        call. An output frame is one token (ATST) or the mean of a time column's tokens (ASiT)."""
+        B, Fm, dev = x.shape[0], x.shape[1], x.device
+        r, C, P = self.unit, self.chunk, self.per_frame
+        N = x.shape[-1] // r
         K = max(1, -(-N // C))                                        # chunks per clip
-        mel = F.pad(mel[..., :N * FRAMES_PER_TOKEN], (0, (K * C - N) * FRAMES_PER_TOKEN))
-        chunks = mel.reshape(B, N_MELS, K, C * FRAMES_PER_TOKEN).transpose(1, 2)
-        chunks = chunks.reshape(B * K, N_MELS, C * FRAMES_PER_TOKEN)  # (B*K, F, 4C)
-        n_valid = (n_tok[:, None] - torch.arange(K, device=dev) * C).clamp(0, C).flatten()
+        x = F.pad(x[..., :N * r], (0, (K * C - N) * r))
+        chunks = x.reshape(B, Fm, K, C * r).transpose(1, 2).reshape(B * K, Fm, C * r)
+        n_valid = (n[:, None] - torch.arange(K, device=dev) * C).clamp(0, C).flatten()
         keep = (n_valid > 0).nonzero().squeeze(1)                     # chunks holding audio
         layers = self.layer_list(layers)
-        cls_tok = 1 if self.kind == "clip" else 0
+        cls_tok = int(self.encoder.cls_token is not None)
         D = self.encoder.dim * len(layers)
         frames = torch.zeros(B * K, C, D, device=dev)
         cls = torch.zeros(B * K, D, device=dev)
         step = chunk_batch or len(keep)
         for i in range(0, len(keep), step):
             idx = keep[i:i + step]
-            out = torch.cat(self.encoder(chunks[idx], n_valid[idx], layers=layers), -1)
-            out = out.float()                                         # (b, [1+]C, D)
-            frames[idx] = out[:, cls_tok:]
+            out = torch.cat(self.encoder(chunks[idx], n_valid[idx] * P, layers=layers), -1)
+            out = out.float()                                         # (b, [1+]C P, D)
+            frames[idx] = out[:, cls_tok:].unflatten(1, (C, P)).mean(2)  # time-major tokens
             if cls_tok:
                 cls[idx] = out[:, 0]
         valid = torch.arange(C, device=dev) < n_valid[:, None]        # (B*K, C)
@@ -672,8 +718,8 @@ class AudioEncoder(nn.Module):
         w = counts.float().view(B, K, 1)
         clip = (mean.view(B, K, -1) * w).sum(1) / w.sum(1)
         frames = frames.view(B, K * C, D)[:, :N]
-        stamps = (torch.arange(N, device=dev) + 0.5) * (TOKEN_S * 1000)  # centres, ms
-        return Embeddings(frames, stamps, clip, n_tok)
+        stamps = (torch.arange(N, device=dev) + 0.5) * (self.frame_s * 1000)  # centres, ms
+        return Embeddings(frames, stamps, clip, n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -739,18 +785,22 @@ class SedHead(nn.Module):
 
 
 class SedModel(nn.Module):
-    """AudioEncoder + SedHead on the last block's frames (one per 40 ms)."""
+    """AudioEncoder + SedHead on the last block's frames. The strong output is on the 40 ms
+    label grid: ASiT's 160 ms frames are each repeated over their four 40 ms label frames
+    (SPEC_ASIT 7), so labels and the SED code are the same for every kind."""
 
     def __init__(self, ae, n_classes):
         super().__init__()
         self.ae, self.head = ae, SedHead(ae.encoder.dim, n_classes)
+        self.repeat = round(ae.frame_s / TOKEN_S)
 
-    def forward(self, x, n_tok, features=False):
-        """x: log-mel (B, F, T), or with features=True the encoder's frames (B, T, D) computed
-        before (a frozen encoder: sed.py --mode linear caches them). -> (strong, weak)."""
-        frames = x if features else self.ae.encode(x, n_tok).frames
-        return self.head(frames, torch.arange(frames.shape[1], device=x.device) <
-                         n_tok[:, None])
+    def forward(self, x, n, features=False):
+        """x: front-end output (B, F, T), or with features=True the encoder's frames (B, N, D)
+        computed before (a frozen encoder: sed.py --mode linear caches them); n: valid frames.
+        -> (strong (B, N * repeat, C), weak (B, C))."""
+        frames = x if features else self.ae.encode(x, n).frames
+        s, w = self.head(frames, torch.arange(frames.shape[1], device=x.device) < n[:, None])
+        return s.repeat_interleave(self.repeat, 1), w
 
     export, load_export = Classifier.export, Classifier.load_export
 
@@ -763,6 +813,11 @@ def random_weights(ae, seed=0):
     ae.encoder = Encoder(**dict(ae.encoder.args, drop_path=0.0)).to(dev).eval()
     ae.source += ", random weights"
     return ae
+
+
+def encoder_kind(enc):
+    """The AudioEncoder kind of an Encoder: asit (16 x 16 patches), clip (CLS) or frame."""
+    return "asit" if enc.tokens == "patch16" else "clip" if enc.cls_token is not None else "frame"
 
 
 CKPT_KINDS = {  # our checkpoint kinds, as errors name them
@@ -782,8 +837,8 @@ def load_classifier(path, device="cpu", expect=("atst-finetune", "atst-sed")):
         what = CKPT_KINDS.get(kind, "not a fine-tuned checkpoint of ours")
         raise UserError(f"{path}: {what}; this needs " +
                         " or ".join(CKPT_KINDS[k] for k in expect))
-    a = ck["encoder_args"]
-    ae = AudioEncoder(Encoder(drop_path=0.0, **a), "clip" if a["cls_token"] else "frame")
+    enc = Encoder(drop_path=0.0, **ck["encoder_args"])
+    ae = AudioEncoder(enc, encoder_kind(enc))
     model = kinds[ck["kind"]](ae, len(ck["classes"])).load_export(ck["model"])
     model.classes, model.config = ck["classes"], ck.get("config", {})
     return model.to(device).eval()
@@ -804,11 +859,14 @@ def layer_decay_groups(model, decay=0.75, weight_decay=0.0):
     return param_groups(model, weight_decay, scale)
 
 
-# released checkpoints (SPEC 9) -> our names; every other encoder key is named alike
+# released checkpoints (SPEC 9, SPEC_ASIT 8) -> our names; every other encoder key is named alike
 OFFICIAL_NAMES = {"patch_embed.patch_embed.weight": "patch_embed.weight",
                   "patch_embed.patch_embed.bias": "patch_embed.bias",
                   "mask_embed": "mask_token",
                   "norm_frame.weight": "norm.weight", "norm_frame.bias": "norm.bias"}
+ASIT_ARGS = dict(tokens="patch16", qkv_bias=True)                # what names cannot tell
+ASIT_NAMES = {"patch_embed.proj.weight": "patch_embed.weight",  # Conv2d(1, D, 16, 16)
+              "patch_embed.proj.bias": "patch_embed.bias"}      # (SPEC_ASIT 8)
 
 
 def _subtree(state, prefix):
@@ -816,49 +874,66 @@ def _subtree(state, prefix):
 
 
 def encoder_state(ck, path="checkpoint"):
-    """(encoder state dict in our names, heads or None, description) from any supported file:
-    ours (pre-training: teacher.encoder; fine-tuning / SED: encoder + encoder_args), ATST-Frame
-    Lightning (model.teacher.encoder / fine-tuned encoder.encoder), ATST-Clip DINO-style
-    (teacher, with module. / backbone. prefixes)."""
-    if isinstance(ck, dict) and ck.get("kind") == "atst-pretrain":
-        return _subtree(ck["model"], "teacher.encoder."), ck["model_args"]["heads"], \
-            f"our {ck['model_args']['method']} pre-training checkpoint"
+    """(encoder state dict in our names, Encoder args the file states (the rest is read from
+    the weights), description) from any supported file: ours (pre-training: teacher.encoder;
+    fine-tuning / SED: encoder + encoder_args), ATST-Frame Lightning (model.teacher.encoder /
+    fine-tuned encoder.encoder), DINO-style training checkpoints (`teacher`, with module. /
+    backbone. prefixes: ATST-Clip, and ASiT's training script), the flat `model.`-prefixed
+    ASiT release (ASIT_ssl.pt; ASIT_weak / ASIT_strong heads are left out)."""
+    kind = ck.get("kind") if isinstance(ck, dict) else None
+    if kind in ("atst-pretrain", "asit-pretrain"):
+        a = ck["model_args"]
+        hints = dict(heads=a["heads"], **(ASIT_ARGS if kind == "asit-pretrain" else {}))
+        method = "ASiT" if kind == "asit-pretrain" else a["method"]
+        return _subtree(ck["model"], "teacher.encoder."), hints, \
+            f"our {method} pre-training checkpoint"
     if isinstance(ck, dict) and "encoder_args" in ck:
-        return _subtree(ck["model"], "encoder."), ck["encoder_args"]["heads"], \
-            f"our {ck.get('kind', 'downstream')} checkpoint"
+        return _subtree(ck["model"], "encoder."), dict(ck["encoder_args"]), \
+            f"our {kind or 'downstream'} checkpoint"
     if isinstance(ck, dict) and "state_dict" in ck:  # PyTorch Lightning (ATST-Frame)
         sd = ck["state_dict"]
         for prefix, what in (("model.teacher.encoder.", "released ATST-Frame (teacher)"),
                              ("encoder.encoder.", "released fine-tuned ATST")):
             if any(k.startswith(prefix) for k in sd):
-                return _rename(_subtree(sd, prefix)), None, what
-    if isinstance(ck, dict) and "teacher" in ck:  # DINO-style (ATST-Clip)
+                return _rename(_subtree(sd, prefix), what)
+    if isinstance(ck, dict) and "teacher" in ck:  # DINO-style (ATST-Clip, ASiT's script)
         sd = {k[len("module."):] if k.startswith("module.") else k: v
               for k, v in ck["teacher"].items()}
         if any(k.startswith("backbone.") for k in sd):
             sd = _subtree(sd, "backbone.")
         else:  # no backbone prefix: everything but the DINO projection head
             sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-        return _rename(sd), None, "released ATST-Clip (DINO-style teacher)"
+        asit = "patch_embed.proj.weight" in sd
+        return _rename(sd, "ASiT training checkpoint (teacher backbone)" if asit else
+                       "released ATST-Clip (DINO-style teacher)")
+    if isinstance(ck, dict) and any(k.startswith("model.") for k in ck) and \
+            all(torch.is_tensor(v) for v in ck.values()):  # the ASiT release
+        heads = [k for k in ck if k.split(".")[0] in ("weak_head", "strong_head") or
+                 k.startswith(("model.weak_head.", "model.strong_head."))]
+        sd = _subtree({k: v for k, v in ck.items() if k not in heads}, "model.")
+        return _rename(sd, "released fine-tuned ASiT" if heads else "released ASiT (ASIT_ssl)")
     keys = list(ck)[:8] if isinstance(ck, dict) else type(ck).__name__
-    if isinstance(ck, dict) and ck.get("kind") == "asit-pretrain":
-        raise UserError(f"{path}: {CKPT_KINDS['asit-pretrain']}; the downstream stages do not "
-                        "read ASiT checkpoints yet")
     raise UserError(f"{path}: not a checkpoint layout load_encoder knows (top-level keys: "
                     f"{keys}); see README 'Use a released checkpoint'")
 
 
-def _rename(sd):
-    return {OFFICIAL_NAMES.get(k, k): v for k, v in sd.items()}
+def _rename(sd, what):
+    """Released names -> ours, and ASiT's Conv2d patch weight (D, 1, 16, 16) -> (D, 256)
+    (time offset, mel offset: the order Encoder.tokenize flattens a patch in)."""
+    if "patch_embed.proj.weight" not in sd:
+        return {OFFICIAL_NAMES.get(k, k): v for k, v in sd.items()}, {}, what
+    out = {ASIT_NAMES.get(k, k): v for k, v in sd.items()}
+    out["patch_embed.weight"] = sd["patch_embed.proj.weight"].flatten(1)
+    return out, dict(ASIT_ARGS), what
 
 
 def load_encoder(path, device="cpu", pretrained=False):
     """A ready AudioEncoder (front-end + encoder, eval mode) from any supported checkpoint.
-    Kind (Clip: has a CLS token) and size are read from the weights; loading is strict and a
-    missing or unexpected key is an error that lists them. pretrained=True refuses
-    fine-tuned checkpoints (for stages that start from pre-training)."""
+    Kind (ASiT: 16 x 16 patches; Clip: a CLS token; Frame) and size are read from the weights;
+    loading is strict and a missing or unexpected key is an error that lists them.
+    pretrained=True refuses fine-tuned checkpoints (for stages that start from pre-training)."""
     ck = load_checkpoint(path)
-    state, heads, what = encoder_state(ck, path)
+    state, hints, what = encoder_state(ck, path)
     need = [k for k in ("pos_embed", "blocks.0.attn.qkv.weight") if k not in state]
     if need:  # the keys that give the encoder's size
         raise UserError(f"{path} ({what}): " + (f"missing encoder keys {need}" if any(
@@ -866,15 +941,22 @@ def load_encoder(path, device="cpu", pretrained=False):
             f"{list(state)[:8]})"))
     dim = state["pos_embed"].shape[-1]
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    kind = "clip" if "cls_token" in state else "frame"
-    enc = Encoder(dim=dim, depth=depth, heads=heads or dim // 64, drop_path=0.0,
-                  cls_token="cls_token" in state, mask_token="mask_token" in state,
-                  max_tokens=state["pos_embed"].shape[1] - 1)
+    args = dict(dim=dim, depth=depth, heads=max(1, dim // 64), cls_token="cls_token" in state,
+                mask_token="mask_token" in state, max_tokens=state["pos_embed"].shape[1] - 1,
+                tokens="atst", qkv_bias=False)
+    enc = Encoder(drop_path=0.0, **dict(args, **hints))
+    kind = encoder_kind(enc)
     expected, got = set(enc.state_dict()), set(state)
     if expected != got:
-        raise UserError(f"{path} ({what}): encoder keys do not match a {kind} encoder of dim "
-                        f"{dim}, depth {depth}; missing: {sorted(expected - got)}; unexpected: "
-                        f"{sorted(got - expected)}")
+        raise UserError(f"{path} ({what}): encoder keys do not match an encoder of "
+                        f"{KIND_NAMES[kind]}, dim {dim}, depth {depth}; missing: "
+                        f"{sorted(expected - got)}; unexpected: {sorted(got - expected)}")
+    bad = [k for k, v in enc.state_dict().items() if v.shape != state[k].shape]
+    if bad:
+        raise UserError(f"{path} ({what}): shapes differ from an encoder of {KIND_NAMES[kind]}, "
+                        f"dim {dim}, depth {depth}: " + ", ".join(
+                            f"{k} {tuple(state[k].shape)} (expected "
+                            f"{tuple(enc.state_dict()[k].shape)})" for k in bad[:4]))
     enc.load_state_dict(state, strict=True)
     ae = AudioEncoder(enc, kind).to(device).eval()
     ae.source = what

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the paper's Tables II-VI, top to bottom: pre-training -> linear evaluation (IV) ->
 # fine-tuning (V) -> C2F / F2C distillation (V) -> SED (VI) -> ablations (II, III) -> tables.
+# ASiT is pre-trained beside ATST-Clip and ATST-Frame and fills its rows of Tables IV-VI.
 #
 #   bash run_all.sh                                       # demo data, tiny models, CPU, < 30 min
 #   DATA_ROOT=/data PRESET=base NPROC=8 bash run_all.sh   # the paper's protocol, real datasets
@@ -80,10 +81,11 @@ sed_run() {  # sed_run NAME CKPT MODE [FLAGS...]: Table VI cells
 # ---- 1. pre-training: ATST-Clip (two 6 s segments) and ATST-Frame (config D) -------------
 pretrain clip pretrain_clip.py "$PRESET" "$PRE_DATA"
 pretrain frame pretrain_frame.py "$PRESET" "$PRE_DATA"
+pretrain asit pretrain_asit.py "$PRESET" "$PRE_DATA"           # ASiT (SPEC_ASIT), same budget
 
 # ---- 2. linear evaluation (Table IV), and the same encoders with random weights -----------
 for task in $LINEAR_TASKS; do
-  for name in clip frame; do
+  for name in clip frame asit; do
     linear $name "$task"
     linear ${name}_random "$task" --random_init true
   done
@@ -97,10 +99,11 @@ for task in $FT_TASKS; do
     --teacher "$OUT/finetune/clip_$task/best.pt"
   finetune f2c distill.py "$task" "$OUT/pretrain/clip/ckpt.pt" \
     --teacher "$OUT/finetune/frame_$task/best.pt"
+  finetune asit finetune.py "$task" "$OUT/pretrain/asit/ckpt.pt"   # our protocol (SPEC_ASIT 7)
 done
 
 # ---- 5. sound event detection (Table VI): linear, fine-tune, C2F, F2C --------------------
-for kind in clip frame; do
+for kind in clip frame asit; do
   sed_run ${kind}_linear "$OUT/pretrain/$kind/ckpt.pt" linear
   sed_run ${kind}_finetune "$OUT/pretrain/$kind/ckpt.pt" finetune $SED_FT_ARGS
 done

@@ -1,6 +1,7 @@
 """
-Sound event detection (SPEC 7, paper Table VI): DCASE 2022 task 4 (DESED) on top of an ATST-Frame
-or ATST-Clip checkpoint. Last-block frames (40 ms) -> strong sigmoid + class-softmax attention
+Sound event detection (SPEC 7, paper Table VI): DCASE 2022 task 4 (DESED) on top of an ATST-Frame,
+ATST-Clip or ASiT checkpoint. Last-block frames (ATST 40 ms; ASiT 160 ms, each repeated over
+four 40 ms label frames) -> strong sigmoid + class-softmax attention
 pooling to a weak prediction; batches of strong + weak clips, loss BCE(strong) + BCE(weak);
 SGD lr 0.1, 5 warmup epochs then cosine, grad clip 3. --mode linear trains the head only;
 --mode finetune also the last block and final norm (the rest frozen in eval mode). Evaluation:
@@ -55,7 +56,7 @@ test_audio = "audio/test"                  # audio folder of the test clips
 # training
 mode = "finetune"           # linear: head only | finetune: + last block and final norm
 random_init = False         # baseline: the same encoder with random weights
-teacher = ""                # SED checkpoint of the other kind: C2F / F2C distillation
+teacher = ""                # SED checkpoint of another kind: C2F / F2C (any two kinds)
 kd_weight = 0.5             # total = task + kd_weight * mean(BCE strong, BCE weak) vs teacher
 lr = 0.1                    # SGD, momentum 0.9
 epochs = 100                # training epochs
@@ -130,10 +131,11 @@ def clip_inputs(model, ds, c, d, features=False, teacher=None):
     out = []
     for wav, valid, y in loader:
         wav, valid = wav.to(d.device), valid.to(d.device)
-        x, n = model.ae.front(wav, valid), tokens_for(valid)
+        x, n = model.ae.features(wav, valid)
         with d.ctx:
             none = torch.zeros(len(y), 0)  # no teacher: empty columns
-            ts, tw = teacher(x, n) if teacher is not None else (none, none)
+            ts, tw = teacher_outputs(teacher, model.ae, x, n, wav, valid) \
+                if teacher is not None else (none, none)
             if features:
                 x = model.ae.encode(x, n).frames
         out.append([x.float().cpu(), n.cpu(), y, ts.float().cpu(), tw.float().cpu()])
@@ -153,13 +155,27 @@ def predict_scores(model, audio_dir, files, c, d, cached=None):
         features = False
         ds = SedClips(audio_dir, [files[i] for i in mine], torch.zeros(len(mine)))
         loader = torch.utils.data.DataLoader(ds, batch_size=32, num_workers=c.num_workers)
-        batches = ((model.ae.front(w.to(d.device), v.to(d.device)), tokens_for(v.to(d.device)))
-                   for w, v, _ in loader)
+        batches = (model.ae.features(w.to(d.device), v.to(d.device)) for w, v, _ in loader)
     out = []
     for x, n in batches:
         with d.ctx:
             out.append(model(x.to(d.device), n.to(d.device), features)[0].float().cpu())
     return gather_shards(mine, torch.cat(out), len(files), d).numpy()
+
+
+def teacher_outputs(teacher, ae, x, n, wav, valid):
+    """(strong, weak) of the SED teacher: on the student's input when both share a front-end,
+    else (ASiT <-> ATST) on its own front-end's view of the same waveforms."""
+    if teacher.ae.front.__class__ is not ae.front.__class__:
+        x, n = teacher.ae.features(wav, valid)
+    return teacher(x, n)
+
+
+def on_grid(*strong):
+    """Strong outputs and labels cut to their common number of 40 ms frames (ASiT's 160 ms
+    frames cover 9.92 s of a 10 s clip: 248 label frames of 250)."""
+    T = min(s.shape[1] for s in strong)
+    return [s[:, :T] for s in strong]
 
 
 def class_window_list(c, classes):
@@ -220,7 +236,7 @@ def train(cfg):
     freeze_for(model, c.mode)
     model, ddp = wrap_ddp(model, d)
     params = [p for p in model.parameters() if p.requires_grad]
-    d.print(f"{ae.source}: ATST-{ae.kind}, {len(classes)} classes, {c.mode}: "
+    d.print(f"{ae.source}: {ae.name}, {len(classes)} classes, {c.mode}: "
             f"{sum(p.numel() for p in params):,} trainable parameters; strong {len(s_train)}/"
             f"{len(s_valid)}, weak {len(w_train)}, test {len(test)} clips")
     opt = torch.optim.SGD(params, lr=c.lr, momentum=0.9)
@@ -270,9 +286,10 @@ def train(cfg):
             return batch
         wav, valid, y = batch
         with torch.no_grad():
-            x, n = model.ae.front(wav, valid), tokens_for(valid)
+            x, n = model.ae.features(wav, valid)
             with d.ctx:
-                ts, tw = teacher(x, n) if teacher is not None else (None, None)
+                ts, tw = teacher_outputs(teacher, model.ae, x, n, wav, valid) \
+                    if teacher is not None else (None, None)
         return x, n, y, ts, tw
 
     for epoch in range(c.epochs):
@@ -294,11 +311,12 @@ def train(cfg):
             ns = xs.shape[0]
             with d.ctx:
                 s, w = ddp(torch.cat([xs, xw]), torch.cat([ns_tok, nw_tok]), features)
-            loss = F.binary_cross_entropy(s[:ns].float(), ys) + \
+            loss = F.binary_cross_entropy(*on_grid(s[:ns].float(), ys)) + \
                 F.binary_cross_entropy(w[ns:].float(), yw)
             if teacher is not None:
                 ts, tw = torch.cat([tss, tsw]), torch.cat([tws, tww])
-                loss = loss + c.kd_weight * (F.binary_cross_entropy(s.float(), ts.float()) +
+                kd_strong = F.binary_cross_entropy(*on_grid(s.float(), ts.float()))
+                loss = loss + c.kd_weight * (kd_strong +
                                              F.binary_cross_entropy(w.float(), tw.float())) / 2
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -347,7 +365,7 @@ def train(cfg):
                    teacher=c.teacher or None, best_epoch=best["epoch"], lr=c.lr, seed=c.seed,
                    elapsed_s=round(time.time() - t0, 1), config=cfg)
         save_json(res, os.path.join(out_dir, "result.json"))
-        d.print(f"sed {c.data} | ATST-{ae.kind} {c.mode}{' + teacher' if c.teacher else ''} | "
+        d.print(f"sed {c.data} | {ae.name} {c.mode}{' + teacher' if c.teacher else ''} | "
                 f"PSDS1 {res['psds1']:.3f} PSDS2 {res['psds2']:.3f} (psds_eval, "
                 f"{res['psds_eval_s']:.1f}s) | exact {res['psds1_exact']:.3f} / "
                 f"{res['psds2_exact']:.3f} ({res['sed_scores_eval_s']:.1f}s) | F1 "
@@ -373,7 +391,7 @@ def detect(c):
         wav, n = load_audio(path, where="--predict")
         audio, lengths = model.ae.prepare(wav, SAMPLE_RATE)
         with torch.no_grad():
-            s, _ = model(model.ae.front(audio, lengths), tokens_for(lengths))
+            s, _ = model(*model.ae.features(audio, lengths))
         s = median_filter(s.float().cpu().numpy(), windows)
         det = detections(s, [os.path.basename(path)], model.classes, [c.threshold], TOKEN_S)
         dur = n / SAMPLE_RATE

@@ -1,8 +1,9 @@
 """
 Collect run_all.sh's result files into markdown tables shaped like the paper's Tables II-VI
-(same rows and columns; each cell "ours (paper)", `-` where not run; demo tasks as extra
-columns), a note of the scale of every run, the checks the demo is meant to show, and PNG plots
-(pre-training loss and collapse std per run; the PSD-ROC curves sed.py saved).
+(same rows and columns, plus ASiT rows beside ATST-Clip and ATST-Frame in Tables IV-VI; each
+cell "ours (paper)", `-` where not run; demo tasks as extra columns), a note of the scale of
+every run, the checks the demo is meant to show, and PNG plots (pre-training loss and collapse
+std per run; the PSD-ROC curves sed.py saved).
 
     python tables.py --out results          # -> results/tables.md, results/plots/*.png
 """
@@ -34,18 +35,23 @@ T3_ROWS = {"frame_A": "A | 0 | | ✓ | group", "frame_B": "B | 1 | | ✓ | rando
            "frame_E": "E | 2 | | ✓ | group"}
 T4_COLS = ["as20k", "spcv2", "vox1", "nsynth", "us8k", "fsd50k"]
 T4 = {"clip": [33.8, 95.1, 72.0, 76.2, 85.8, 58.5], "frame": [33.0, 94.9, 77.4, 75.9, 85.8, 55.1]}
-T4_ROWS = {"clip": "ATST-Clip", "frame": "ATST-Frame", "clip_random": "ATST-Clip, random weights",
-           "frame_random": "ATST-Frame, random weights"}
+KINDS = {"clip": "ATST-Clip", "frame": "ATST-Frame", "asit": "ASiT"}
+T4_ROWS = {**KINDS, **{f"{k}_random": f"{v}, random weights" for k, v in KINDS.items()}}
 T5_COLS = ["as2m", "as20k", "spcv2", "vox1", "fsd50k"]
 T5 = {"clip": [45.2, 37.9, 98.0, 95.5, 63.4], "frame": [48.0, 39.0, 98.1, 97.3, 61.8],
-      "c2f": [49.7, 40.5, 98.4, 97.5, 65.5], "f2c": [46.8, 39.0, 98.1, 95.5, 64.6]}
-T5_ROWS = {"clip": "ATST-Clip", "frame": "ATST-Frame", "c2f": "ATST-C2F", "f2c": "ATST-F2C"}
+      "c2f": [49.7, 40.5, 98.4, 97.5, 65.5], "f2c": [46.8, 39.0, 98.1, 95.5, 64.6],
+      "asit": [None, 35.2, 98.8, 63.1, None]}  # ASiT: as the ATST paper's Table V quotes it
+T5_ROWS = {"clip": "ATST-Clip", "frame": "ATST-Frame", "c2f": "ATST-C2F", "f2c": "ATST-F2C",
+           "asit": "ASiT"}
 T6 = {"clip_linear": [0.115, 0.293], "frame_linear": [0.304, 0.507],
       "clip_finetune": [0.223, 0.422], "frame_finetune": [0.361, 0.581],
       "c2f": [0.357, 0.607], "f2c": [0.259, 0.445]}
 T6_ROWS = {"clip_linear": "Linear | ATST-Clip", "frame_linear": "Linear | ATST-Frame",
+           "asit_linear": "Linear | ASiT",
            "clip_finetune": "Finetuning | ATST-Clip", "frame_finetune": "Finetuning | ATST-Frame",
+           "asit_finetune": "Finetuning | ASiT",
            "c2f": "Finetuning | ATST-C2F", "f2c": "Finetuning | ATST-F2C"}
+RESOLUTION = {"asit_linear": "160 ms", "asit_finetune": "160 ms"}  # ATST rows: 40 ms
 METRIC = {"as20k": "mAP", "as2m": "mAP", "fsd50k": "mAP", "demo_tags": "mAP"}
 NAMES = {"as20k": "AS-20K", "as2m": "AS-2M", "spcv2": "SPCV2", "vox1": "VOX1", "nsynth": "NSYNTH",
          "us8k": "US8K", "fsd50k": "FSD50K"}
@@ -103,10 +109,10 @@ def table(out, title, head, rows, paper, cols, get, avg_from=None, digits=1):
              "|" + "---|" * (len(head.split("|")) + len(hdr))]
     for name, label in rows.items():
         ours = [get(out, name, c) for c in cols]
-        ref = paper.get(name, [None] * len(cols))
+        ref = paper.get(name) or [None] * len(cols)
         cells = [fmt(o, p, digits) for o, p in zip(ours, ref)]
         if avg_from is not None:
-            pa = mean(ref[avg_from:]) if name in paper else None
+            pa = mean(ref[avg_from:]) if name in paper else None  # None when one is missing
             cells.append(fmt(mean(ours[avg_from:]), pa, digits))
         cells += [fmt(get(out, name, t), None, digits) for t in extra]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -119,12 +125,13 @@ def sed_table(out):
     lines = ["### Table VI: DCASE task 4 SED, PSDS (psds_eval, 50 thresholds). DESED columns: "
              "ours (paper) for runs on DESED; then each run's own numbers on its data (exact "
              "PSDS through sed_scores_eval, intersection F1 at 0.5)", "",
-             "| Setting | Method | DESED PSDS1 | DESED PSDS2 | data | PSDS1 | PSDS2 | PSDS1 exact "
-             "| PSDS2 exact | F1 | PSD-ROC |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| Setting | Method | resolution | DESED PSDS1 | DESED PSDS2 | data | PSDS1 | PSDS2 "
+             "| PSDS1 exact | PSDS2 exact | F1 | PSD-ROC |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, label in T6_ROWS.items():
         r = load(os.path.join(out, "sed", name, "result.json")) or {}
         desed = r.get("dataset") == "dcase2022"
-        p1, p2 = T6[name]
+        p1, p2 = T6.get(name, (None, None))
         roc = os.path.join("sed", name, "psd_roc_psds1.png")
         link = f"[PSDS1]({roc}), [PSDS2]({roc.replace('psds1', 'psds2')})" \
             if os.path.exists(os.path.join(out, roc)) else "-"
@@ -132,7 +139,8 @@ def sed_table(out):
                  fmt(r.get("psds2") if desed else None, p2, 3), r.get("dataset", "-")] + [
             fmt(r.get(k), None, 3) for k in ("psds1", "psds2", "psds1_exact", "psds2_exact",
                                              "f1_intersection")]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {link} |")
+        lines.append(f"| {label} | {RESOLUTION.get(name, '40 ms')} | " + " | ".join(cells) +
+                     f" | {link} |")
     return lines + [""]
 
 
@@ -158,11 +166,11 @@ def plot_runs(out, names, path, title):
         if "std_s" in recs[0]:
             ax[1].plot(steps, [r["std_s"] for r in recs], ls="--", color=line.get_color(),
                        label=f"{n} student")
-    dim = load(os.path.join(out, "pretrain", next(iter(logs)), "ckpt.pt.json"))
-    if dim:
-        ax[1].axhline(dim["model_args"]["proj_dim"] ** -0.5, color="grey", ls=":",
-                      label="1/sqrt(d): no collapse")
-    ax[0].set(xlabel="step", ylabel="BYOL loss", title=f"{title}: loss")
+    s = load(os.path.join(out, "pretrain", next(iter(logs)), "ckpt.pt.json"))
+    dim = s and (s["model_args"].get("proj_dim") or s["model_args"].get("bottleneck"))
+    if dim:  # the std of unit vectors spread over d dimensions
+        ax[1].axhline(dim ** -0.5, color="grey", ls=":", label="1/sqrt(d): no collapse")
+    ax[0].set(xlabel="step", ylabel="loss", title=f"{title}: loss")
     ax[1].set(xlabel="step", ylabel="std of normalised outputs", title=f"{title}: collapse",
               ylim=(0, None))
     for a in ax:
@@ -216,26 +224,27 @@ def checks(out):
     tasks = extra_tasks(out, ["clip", "frame", "clip_random", "frame_random"], linear_score) + \
         [t for t in T4_COLS if linear_score(out, "frame", t) is not None]
     for t in tasks:
-        for k in ("clip", "frame"):
+        for k in KINDS:
             a, b = linear_score(out, k, t), linear_score(out, f"{k}_random", t)
             if a is not None and b is not None:
                 ra = load(os.path.join(out, "linear", f"{k}_{t}.json"))
-                lines.append(f"- Linear evaluation, {t}: pre-trained ATST-{k.capitalize()} "
+                lines.append(f"- Linear evaluation, {t}: pre-trained {KINDS[k]} "
                              f"{a:.1f} vs the same encoder with random weights {b:.1f}: "
                              f"{compare(a, b, ra)}.")
     for mode in ("linear", "finetune"):
         f = load(os.path.join(out, "sed", f"frame_{mode}", "result.json")) or {}
-        c = load(os.path.join(out, "sed", f"clip_{mode}", "result.json")) or {}
-        if f.get("psds1") is not None and c.get("psds1") is not None:
-            d = f["psds1"] - c["psds1"]
-            lines.append(f"- SED ({mode}): ATST-Frame PSDS1 {f['psds1']:.3f} vs ATST-Clip "
-                         f"{c['psds1']:.3f}: {'ahead' if d > 0 else 'behind'} by {abs(d):.3f} "
-                         "(one seed; no standard error for PSDS).")
+        for other in ("clip", "asit"):
+            c = load(os.path.join(out, "sed", f"{other}_{mode}", "result.json")) or {}
+            if f.get("psds1") is not None and c.get("psds1") is not None:
+                d = f["psds1"] - c["psds1"]
+                lines.append(f"- SED ({mode}): ATST-Frame PSDS1 {f['psds1']:.3f} vs "
+                             f"{KINDS[other]} {c['psds1']:.3f}: {'ahead' if d > 0 else 'behind'}"
+                             f" by {abs(d):.3f} (one seed; no standard error for PSDS).")
     return lines + [""] if lines else []
 
 
 def main(out):
-    md = ["# ATST reproduction: results", "",
+    md = ["# ATST and ASiT reproduction: results", "",
           "Each cell: ours (paper). `-`: not run at this scale. Columns named demo_* are the "
           "built-in demo tasks (no paper value). Written by tables.py from the result files "
           f"under `{out}/`.", "", "## Scale of the runs", ""] + scale_note(out)
@@ -252,6 +261,7 @@ def main(out):
     md += sed_table(out)
     md += ["## Plots", ""]
     for names, fname, title in ((["clip", "frame"], "pretrain_main.png", "Pre-training"),
+                                (["asit"], "pretrain_asit.png", "ASiT pre-training"),
                                 (list(T2), "pretrain_table2.png", "Table II runs"),
                                 (list(T3), "pretrain_table3.png", "Table III runs")):
         p = plot_runs(out, names, os.path.join(out, "plots", fname), title)

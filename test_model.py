@@ -211,6 +211,13 @@ def _tiny_encoder(kind, seed=0):
     return M.AudioEncoder(enc, kind).eval()
 
 
+def _tiny_asit(seed=0):
+    torch.manual_seed(seed)
+    enc = M.Encoder(dim=32, depth=2, heads=2, drop_path=0.0, cls_token=True, tokens="patch16",
+                    qkv_bias=True, max_tokens=M.ASIT_TOKENS)
+    return M.AudioEncoder(enc, "asit").eval()
+
+
 @pytest.mark.parametrize("kind", ["frame", "clip"])
 def test_long_stereo_44k_audio_is_chunked_without_losing_frames(kind):
     ae = _tiny_encoder(kind)
@@ -231,21 +238,25 @@ def test_long_stereo_44k_audio_is_chunked_without_losing_frames(kind):
     assert e.clip.shape == (1, 64 * (2 if kind == "clip" else 1))
 
 
-@pytest.mark.parametrize("kind", ["frame", "clip"])
+@pytest.mark.parametrize("kind", ["frame", "clip", "asit"])
 def test_padded_batch_gives_the_embeddings_of_the_clip_alone(kind):
-    ae = _tiny_encoder(kind)
+    """A 3 s clip padded to 10 s in a batch gets what it gets alone: ATST 75 tokens of 40 ms
+    (of 250); ASiT (its clip mean taken over its own samples) 18 columns of 160 ms, as
+    ((3 s - 25 ms) / 10 ms + 1) // 16 (of 62)."""
+    ae = _tiny_asit() if kind == "asit" else _tiny_encoder(kind)
+    n, full = (18, 62) if kind == "asit" else (75, 250)
     torch.manual_seed(2)
-    short, long = torch.randn(3 * 16000) * 0.1, torch.randn(10 * 16000) * 0.1
+    short, long = torch.randn(3 * 16000) * 0.1 + 0.02, torch.randn(10 * 16000) * 0.1
     batch = torch.stack([F.pad(short, (0, 7 * 16000)), long])
     both = ae(batch, 16000, lengths=[3 * 16000, 10 * 16000], layers="all")
     alone = ae(short, 16000, layers="all")
-    assert both.lengths.tolist() == [75, 250] and alone.frames.shape[1] == 75
-    assert torch.allclose(both.frames[0, :75], alone.frames[0], atol=1e-5)
-    assert both.frames[0, 75:].abs().max() == 0
+    assert both.lengths.tolist() == [n, full] and alone.frames.shape[1] == n
+    assert torch.allclose(both.frames[0, :n], alone.frames[0], atol=1e-5)
+    assert both.frames[0, n:].abs().max() == 0
     assert torch.allclose(both.clip[0], alone.clip[0], atol=1e-5)
-    # and the alone path is the plain encoder on the clip's mel (no mask, no chunk padding)
-    direct = torch.cat(ae.encoder(ae.front(short[None]), layers=[0, 1, 2]), -1)
-    assert torch.allclose(alone.frames, direct[:, 1 if kind == "clip" else 0:], atol=1e-5)
+    if kind != "asit":  # the alone path is the plain encoder on the clip's mel
+        direct = torch.cat(ae.encoder(ae.front(short[None]), layers=[0, 1, 2]), -1)
+        assert torch.allclose(alone.frames, direct[:, 1 if kind == "clip" else 0:], atol=1e-5)
 
 
 def test_hear_api_as_the_runner_calls_it(tmp_path):
@@ -619,3 +630,144 @@ def test_unreadable_checkpoints_are_named(tmp_path):
     torch.save(state, tmp_path / "nopos.pt")
     with pytest.raises(P.UserError, match=r"missing encoder keys \['pos_embed'\]"):
         M.load_encoder(str(tmp_path / "nopos.pt"))
+
+
+# ------------------------------------------------------------------------ ASiT downstream
+
+
+def _release_keys(depth=12):
+    """The released ASIT_ssl.pt's keys and shapes, written out from SPEC_ASIT 8 (ViT-B)."""
+    keys = {"model.cls_token": (1, 1, 768), "model.pos_embed": (1, 297, 768),
+            "model.patch_embed.proj.weight": (768, 1, 16, 16),
+            "model.patch_embed.proj.bias": (768,),
+            "model.norm.weight": (768,), "model.norm.bias": (768,)}
+    for i in range(depth):
+        b = f"model.blocks.{i}."
+        keys.update({b + "norm1.weight": (768,), b + "norm1.bias": (768,),
+                     b + "attn.qkv.weight": (2304, 768), b + "attn.qkv.bias": (2304,),
+                     b + "attn.proj.weight": (768, 768), b + "attn.proj.bias": (768,),
+                     b + "norm2.weight": (768,), b + "norm2.bias": (768,),
+                     b + "mlp.fc1.weight": (3072, 768), b + "mlp.fc1.bias": (3072,),
+                     b + "mlp.fc2.weight": (768, 3072), b + "mlp.fc2.bias": (768,)})
+    return keys
+
+
+def test_released_asit_checkpoint_loads_strictly_and_matches_our_encoder(tmp_path):
+    """SPEC_ASIT 8: a flat dict with exactly the release's names and shapes (random weights)
+    loads as ASiT base (12 heads, qkv bias, 296 + 1 positions); with the same weights put into
+    our Encoder by hand (conv weight (768, 1, 16, 16) -> (768, 256)) the embeddings are
+    identical; the authors' training-script layout and a fine-tuned release load the same
+    weights; a renamed or missing key is an error naming it."""
+    g = torch.Generator().manual_seed(0)
+    ck = {k: torch.randn(s, generator=g) * 0.02 for k, s in _release_keys().items()}
+    torch.save(ck, tmp_path / "ASIT_ssl.pt")
+    got = M.load_encoder(str(tmp_path / "ASIT_ssl.pt"))
+    assert got.kind == "asit" and got.name == "ASiT" and got.encoder.depth == 12
+    assert got.encoder.blocks[0].attn.heads == 12 and got.encoder.max_tokens == 296
+    ours = M.Encoder(dim=768, depth=12, heads=12, drop_path=0.0, cls_token=True,
+                     tokens="patch16", qkv_bias=True, max_tokens=296)
+    by_hand = {k[len("model."):]: v for k, v in ck.items()}
+    by_hand["patch_embed.weight"] = by_hand.pop("patch_embed.proj.weight").reshape(768, 256)
+    by_hand["patch_embed.bias"] = by_hand.pop("patch_embed.proj.bias")
+    ours.load_state_dict(by_hand, strict=True)
+    ref = M.AudioEncoder(ours, "asit").eval()
+    audio = torch.randn(1, 7 * 16000, generator=g) * 0.1
+    want, e = ref(audio, 16000, layers=[5, 11]), got(audio, 16000, layers=[5, 11])
+    assert torch.equal(e.frames, want.frames) and torch.equal(e.clip, want.clip)
+    assert e.clip.shape == (1, 4 * 768) and e.frames.shape == (1, 43, 2 * 768)
+    # the other layouts, on a 1-block release (same names and widths; quicker to write)
+    ck = {k: v for k, v in ck.items() if not k.startswith("model.blocks.") or
+          k.startswith("model.blocks.0.")}
+    torch.save(ck, tmp_path / "ASIT_ssl.pt")
+    got = M.load_encoder(str(tmp_path / "ASIT_ssl.pt"))
+    assert got.encoder.depth == 1
+    # the authors' training script: teacher backbone, heads and the student beside it
+    train = {"teacher": {**{f"backbone.{k[6:]}": v for k, v in ck.items()},
+                         "head_cls.mlp.0.weight": torch.zeros(3, 3),
+                         "head_recons.0.weight": torch.zeros(3, 3)},
+             "student": {"module.backbone.cls_token": torch.zeros(1, 1, 768)}, "epoch": 99}
+    torch.save(train, tmp_path / "checkpoint.pth")
+    fine = dict(ck, **{"weak_head.weight": torch.zeros(10, 768)})   # PretrainedSED fine-tuned
+    torch.save(fine, tmp_path / "ASIT_weak.pt")
+    for name in ("checkpoint.pth", "ASIT_weak.pt"):
+        other = M.load_encoder(str(tmp_path / name))
+        assert torch.equal(other(audio, 16000).frames, got(audio, 16000).frames), name
+    assert M.load_encoder(str(tmp_path / "ASIT_weak.pt")).finetuned and not got.finetuned
+    renamed = dict(ck)
+    renamed["model.blocks.0.mlp.fc3.weight"] = renamed.pop("model.blocks.0.mlp.fc2.weight")
+    torch.save(renamed, tmp_path / "renamed.pt")
+    with pytest.raises(P.UserError, match=r"missing: \['blocks.0.mlp.fc2.weight'\]; "
+                                          r"unexpected: \['blocks.0.mlp.fc3.weight'\]"):
+        M.load_encoder(str(tmp_path / "renamed.pt"))
+    del renamed["model.blocks.0.mlp.fc3.weight"], renamed["model.norm.bias"]
+    torch.save(renamed, tmp_path / "missing.pt")
+    with pytest.raises(P.UserError, match=r"missing: \['blocks.0.mlp.fc2.weight', 'norm.bias'\]"):
+        M.load_encoder(str(tmp_path / "missing.pt"))
+
+
+def test_asit_embeddings_of_long_stereo_44k_audio(tmp_path):
+    """SPEC_ASIT 7: a 25 s 44.1 kHz stereo file read with soundfile -> one frame per 160 ms up
+    to its end: 25 s -> (400000 - 400) // 160 + 1 = 2498 Kaldi frames -> 156 time columns,
+    centred at 80, 240, ... 24880 ms; each frame is the mean of its column's 8 patch tokens
+    from the 592-frame chunk it falls in; the clip is [CLS, mean] per chunk, averaged over
+    the chunks that count (4 x 37 columns, and the trailing 8 < 37 / 2 does not)."""
+    ae = _tiny_asit()
+    t = np.arange(25 * 44100) / 44100
+    sig = 0.1 * np.sin(2 * np.pi * (300 + 30 * t) * t)
+    sf.write(tmp_path / "long.wav", np.stack([sig, 0.5 * sig], 1).astype(np.float32), 44100)
+    x, sr = sf.read(tmp_path / "long.wav", dtype="float32")
+    e = ae(torch.from_numpy(x), sample_rate=sr)
+    assert e.frames.shape == (1, 156, 32) and e.lengths.tolist() == [156]
+    assert e.timestamps[:3].tolist() == [80.0, 240.0, 400.0] and e.timestamps[-1] == 24880.0
+    mono = torchaudio.functional.resample(torch.from_numpy(x).T.mean(0, keepdim=True), sr,
+                                          16000)
+    fb = ae.front(mono)                                           # (1, 128, 2496)
+    assert fb.shape == (1, 128, 2496)
+    cls, means = [], []
+    for k in range(5):                                            # chunks of 37 columns
+        out = ae.encoder(fb[..., 592 * k: 592 * (k + 1)])             # the last: 8 columns
+        cols = out[:, 1:].unflatten(1, (-1, 8)).mean(2)          # (1, n, 32)
+        assert torch.allclose(e.frames[:, 37 * k: 37 * k + cols.shape[1]], cols, atol=1e-5)
+        cls.append(out[0, 0]), means.append(cols[0].mean(0))
+    want = torch.stack([torch.cat([c, m]) for c, m in zip(cls[:4], means[:4])]).mean(0)
+    assert torch.allclose(e.clip[0], want, atol=1e-5)
+
+
+def test_asit_clip_shorter_than_one_column_is_padded_to_one():
+    """0.1 s is under one 160 ms column (175 ms of samples): zero-padded, one finite frame."""
+    tiny = _tiny_asit()(torch.randn(1600) * 0.1, 16000)
+    assert tiny.frames.shape == (1, 1, 32) and torch.isfinite(tiny.clip).all()
+
+
+def test_asit_sed_model_repeats_each_frame_over_four_label_frames():
+    """SPEC_ASIT 7: strong outputs on the 40 ms grid: each 160 ms frame's probabilities four
+    times; weak pooling over the valid 160 ms frames only."""
+    ae = _tiny_asit()
+    model = M.SedModel(ae, 5).eval()
+    x, n = ae.features(torch.randn(2, 10 * 16000) * 0.1, torch.tensor([10 * 16000, 4 * 16000]))
+    assert n.tolist() == [62, 24]
+    with torch.no_grad():
+        s, w = model(x, n)
+        frames = ae.encode(x, n).frames
+        s_ref, w_ref = model.head(frames, torch.arange(62) < n[:, None])
+    assert s.shape == (2, 248, 5) and torch.equal(s[:, ::4], s_ref)
+    assert all(torch.equal(s[:, i::4], s_ref) for i in range(4)) and torch.equal(w, w_ref)
+
+
+def test_hear_api_on_asit(tmp_path):
+    """hear.py serves ASiT like ATST: 160 ms timestamps from 80 ms, [CLS, mean] scenes."""
+    import hear
+    torch.manual_seed(0)     # a release holds no head count: load_encoder takes dim // 64
+    ae = M.AudioEncoder(M.Encoder(dim=128, depth=2, heads=2, drop_path=0.0, cls_token=True,
+                                  tokens="patch16", qkv_bias=True, max_tokens=296), "asit").eval()
+    sd = {f"model.{k}": v for k, v in ae.encoder.state_dict().items()}
+    sd["model.patch_embed.proj.weight"] = sd.pop("model.patch_embed.weight").view(128, 1, 16, 16)
+    sd["model.patch_embed.proj.bias"] = sd.pop("model.patch_embed.bias")
+    torch.save(sd, tmp_path / "asit.pt")
+    model = hear.load_model(str(tmp_path / "asit.pt"), device="cpu")
+    assert model.timestamp_embedding_size == 2 * 128 and model.scene_embedding_size == 4 * 128
+    audio = torch.rand(3, 2 * 16000) * 0.2 - 0.1
+    emb, ts = hear.get_timestamp_embeddings(audio, model)
+    assert emb.shape == (3, 12, 256) and (ts.diff(dim=1) == 160).all() and (ts[:, 0] == 80).all()
+    torch.testing.assert_close(emb[0], ae(audio[:1], 16000, layers="all").frames[0])
+    assert hear.get_scene_embeddings(audio, model).shape == (3, 512)

@@ -1,6 +1,7 @@
 """The downstream stages end to end on the demo data from tiny pre-trained checkpoints (the
-`pretrained` fixture, real pre-training runs): linear_eval.py, finetune.py, distill.py both
-ways, sed.py (linear, fine-tune, C2F, --predict); and every script's --help."""
+`pretrained` fixture, real pre-training runs of ATST-Frame, ATST-Clip and ASiT): linear_eval.py,
+finetune.py, distill.py (C2F, and ATST-Frame teaching ASiT across front-ends), sed.py (linear,
+fine-tune, ASiT teaching ATST-Frame, --predict); and every script's --help."""
 import json
 import os
 import shutil
@@ -18,8 +19,9 @@ from conftest import HERE, run
 from plumbing import load_checkpoint
 
 def test_downstream_scripts_end_to_end(pretrained, data_root, tmp_path):
-    """linear_eval, finetune, and distill both ways, on the demo tasks from tiny checkpoints;
-    results written; the lr is chosen without looking at test."""
+    """linear_eval (ATST-Frame, ASiT), finetune (all three kinds) and distill (C2F; F2A: a
+    fine-tuned ATST-Frame teaching ASiT, which has another front-end) on the demo tasks from
+    tiny checkpoints; results written; the lr is chosen without looking at test."""
     ck = {k: os.path.join(v, "ckpt.pt") for k, v in pretrained.items()}
     cache = str(tmp_path / "cache")
     res = str(tmp_path / "lin.json")
@@ -42,16 +44,21 @@ def test_downstream_scripts_end_to_end(pretrained, data_root, tmp_path):
     lin2 = json.load(open(res2))
     assert lin2["lr"] == lin["lr"] and lin2["valid_by_lr"] == lin["valid_by_lr"]
     assert lin2["test"] < lin["test"]
-    # fine-tune both kinds, then distill both ways (C2F, F2C)
+    res3 = str(tmp_path / "lin_asit.json")                      # ASiT: [CLS, mean] per block
+    run("linear_eval.py", "--ckpt", ck["asit"], "--data", "demo_events", "--num_workers", "1",
+        "--cache_dir", cache, "--out", res3, "--epochs", "50", data_root=data_root)
+    lin3 = json.load(open(res3))
+    assert lin3["kind"] == "asit" and lin3["feature_dim"] == 2 * 4 * 64 and lin3["test"] > 0.2
+    # fine-tune every kind, then distill: C2F, and Frame -> ASiT (another front-end)
     ft = {}
-    for kind in ("frame", "clip"):
+    for kind in ("frame", "clip", "asit"):
         ft[kind] = str(tmp_path / f"ft_{kind}")
         run("finetune.py", "--ckpt", ck[kind], "--data", "demo_events", "--epochs", "1",
             "--num_workers", "1", "--out_dir", ft[kind], data_root=data_root)
         r = json.load(open(os.path.join(ft[kind], "result.json")))
         assert r["stage"] == "finetune" and r["kind"] == kind and 0 <= r["test"] <= 1
         assert M.load_encoder(os.path.join(ft[kind], "best.pt")).finetuned
-    for student, teacher in (("frame", "clip"), ("clip", "frame")):
+    for student, teacher in (("frame", "clip"), ("asit", "frame")):
         out = str(tmp_path / f"kd_{student}")
         run("distill.py", "--ckpt", ck[student], "--teacher",
             os.path.join(ft[teacher], "best.pt"), "--data", "demo_events", "--epochs", "1",
@@ -71,9 +78,10 @@ def test_downstream_scripts_end_to_end(pretrained, data_root, tmp_path):
 
 def test_sed_demo_end_to_end_and_prediction_on_long_stereo_audio(pretrained, data_root,
                                                                   tmp_path, monkeypatch):
-    """linear and fine-tune modes, and C2F (a Clip SED model teaches Frame), on the demo SED
-    task (once through renamed DESED files given by flags); PSDS reported with plots and TSVs;
-    then events for a 25 s 44.1 kHz stereo file, for silence, for an empty folder."""
+    """linear (ATST-Clip) and fine-tune (ASiT) modes, and an ASiT SED model teaching ATST-Frame
+    (another front-end, 160 ms frames), on the demo SED task (once through renamed DESED files
+    given by flags); PSDS reported with plots and TSVs; then events for a 25 s 44.1 kHz stereo
+    file (ATST-Clip and ASiT models), for silence, for an empty folder."""
     ck = {k: os.path.join(v, "ckpt.pt") for k, v in pretrained.items()}
     sed_dir, desed = os.path.join(data_root, "demo", "sed"), tmp_path / "DESED"
     (desed / "metadata").mkdir(parents=True)
@@ -96,14 +104,14 @@ def test_sed_demo_end_to_end_and_prediction_on_long_stereo_audio(pretrained, dat
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert "nowhere not found (--test_audio nowhere" in p.stderr
     outs = {}
-    for name, kind, extra in (("lin", "frame", ["--mode", "linear"]),
-                              ("lin_nc", "frame", ["--mode", "linear", "--cache", "false",
-                                                   *renamed]),
-                              ("clip", "clip", ["--mode", "finetune"]),
-                              ("c2f", "frame", ["--mode", "finetune", "--cache", "false"])):
+    for name, kind, extra in (("lin", "clip", ["--mode", "linear"]),
+                              ("lin_nc", "clip", ["--mode", "linear", "--cache", "false",
+                                                  *renamed]),
+                              ("asit", "asit", ["--mode", "finetune"]),
+                              ("a2f", "frame", ["--mode", "finetune", "--cache", "false"])):
         outs[name] = str(tmp_path / name)
-        if name == "c2f":
-            extra = extra + ["--teacher", os.path.join(outs["clip"], "best.pt")]
+        if name == "a2f":
+            extra = extra + ["--teacher", os.path.join(outs["asit"], "best.pt")]
         p = run("sed.py", "--ckpt", ck[kind], "--data", "demo_sed", "--epochs", "1",
                 "--num_workers", "1", "--out_dir", outs[name], *extra, data_root=data_root)
         assert "PSDS1" in p.stdout
@@ -111,7 +119,7 @@ def test_sed_demo_end_to_end_and_prediction_on_long_stereo_audio(pretrained, dat
         assert all(0 <= r[k] <= 1 for k in ("psds1", "psds2", "psds1_exact", "psds2_exact"))
         for f in ("psd_roc_psds1.png", "psd_roc_psds2.png", "detections_0.50.tsv", "best.pt"):
             assert os.path.getsize(os.path.join(outs[name], f)) > 0
-    assert json.load(open(os.path.join(outs["c2f"], "result.json")))["teacher"]
+    assert json.load(open(os.path.join(outs["a2f"], "result.json")))["teacher"]
     # cached frozen frames train the same head as encoding every batch (the cache is exact)
     heads = [load_checkpoint(os.path.join(outs[n], "best.pt"))["model"] for n in ("lin",
                                                                                     "lin_nc")]
@@ -129,6 +137,11 @@ def test_sed_demo_end_to_end_and_prediction_on_long_stereo_audio(pretrained, dat
     for f, a, b, label in rows:
         assert f == "long.wav" and 0 <= float(a) < float(b) <= 25.0
         assert label in json.load(open(os.path.join(outs["lin"], "result.json")))["classes"]
+    p = run("sed.py", "--predict", str(tmp_path / "long.wav"), "--ckpt",      # ASiT, 160 ms
+            os.path.join(outs["asit"], "best.pt"), "--threshold", "0.0", data_root=data_root)
+    rows = [r.split("\t") for r in p.stdout.splitlines()[1:]]
+    assert rows and all(0 <= float(a) < float(b) <= 25.0 for _, a, b, _ in rows)
+    assert max(float(b) for _, _, b, _ in rows) >= 24.9            # up to the file's end
     sf.write(tmp_path / "quiet.wav", np.zeros(16000, np.float32), 16000)
     p = run("sed.py", "--predict", str(tmp_path / "quiet.wav"), "--ckpt",
             os.path.join(outs["lin"], "best.pt"), "--threshold", "0.999", data_root=data_root)

@@ -6,8 +6,8 @@ import subprocess
 
 from conftest import HERE
 
-PRETRAIN_RUNS = ["clip", "frame", "clip_single_1s", "clip_two_1s", "clip_single_6s", "frame_A",
-                 "frame_B", "frame_C", "frame_E"]
+PRETRAIN_RUNS = ["clip", "frame", "asit", "clip_single_1s", "clip_two_1s", "clip_single_6s",
+                 "frame_A", "frame_B", "frame_C", "frame_E"]
 
 
 def fake_results(out, linear, sed_psds1):
@@ -26,9 +26,11 @@ def fake_results(out, linear, sed_psds1):
         score, metric, n = score if isinstance(score, tuple) else (score, None, None)
         put(os.path.join(out, "linear", f"{name}.json"), dict(test=score, metric=metric,
                                                              n=[0, 0, n]))
-    for n in ("clip", "frame", "c2f", "f2c"):
-        put(os.path.join(out, "finetune", f"{n}_demo_events", "result.json"), dict(test=0.5))
-    for n in ("clip_linear", "frame_linear", "clip_finetune", "frame_finetune", "c2f", "f2c"):
+    for n in ("clip", "frame", "c2f", "f2c", "asit"):
+        put(os.path.join(out, "finetune", f"{n}_demo_events", "result.json"),
+            dict(test=0.25 if n == "asit" else 0.5))
+    for n in ("clip_linear", "frame_linear", "clip_finetune", "frame_finetune", "c2f", "f2c",
+              "asit_linear", "asit_finetune"):
         put(os.path.join(out, "sed", n, "result.json"), dict(
             psds1=sed_psds1.get(n, 0.1), psds2=0.2, psds1_exact=0.1, psds2_exact=0.2,
             f1_intersection=0.5, dataset="dcase2022" if n == "frame_finetune" else "demo_sed"))
@@ -41,8 +43,10 @@ def test_tables_cells_averages_and_checks(tmp_path):
     linear = {"frame_demo_events": acc(0.8), "frame_random_demo_events": acc(0.6),
               "clip_demo_events": acc(0.5), "clip_random_demo_events": acc(0.7),
               "frame_us8k": acc(0.855, 873), "frame_random_us8k": acc(0.84, 873),
-              "frame_demo_tags": (0.62, "mAP", 120), "frame_random_demo_tags": (0.6, "mAP", 120)}
-    fake_results(out, linear, {"frame_finetune": 0.3, "clip_finetune": 0.2})
+              "frame_demo_tags": (0.62, "mAP", 120), "frame_random_demo_tags": (0.6, "mAP", 120),
+              "asit_demo_events": acc(0.7), "asit_random_demo_events": acc(0.55)}
+    fake_results(out, linear, {"frame_finetune": 0.3, "clip_finetune": 0.2,
+                               "asit_finetune": 0.05})
     md = open(tables.main(out)).read()
     row = next(line for line in md.splitlines() if line.startswith("| ATST-Frame |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
@@ -68,13 +72,32 @@ def test_tables_cells_averages_and_checks(tmp_path):
     assert "| 0.300 (0.361) | 0.200 (0.581) | dcase2022 |" in row
     row = next(line for line in md.splitlines() if line.startswith("| Linear | ATST-Clip"))
     assert "| - (0.115) | - (0.293) | demo_sed | 0.100 | 0.200 |" in row
-    assert os.path.getsize(os.path.join(out, "plots", "pretrain_main.png")) > 1000
+    # ASiT beside ATST: Table IV / V rows (Table V with the paper's quoted ASiT numbers), Table
+    # VI at 160 ms, and its checks
+    lines = md.splitlines()
+    t4 = lines.index(next(x for x in lines if x.startswith("### Table IV")))
+    cells = lambda start: [c.strip() for c in next(
+        x for x in lines[t4:] if x.startswith(start)).strip("|").split("|")]
+    assert cells("| ASiT |")[1:8] == ["-"] * 6 + ["70.0"]        # no paper value in Table IV
+    assert cells("| ASiT, random weights |")[7] == "55.0"
+    t5 = lines.index(next(x for x in lines if x.startswith("### Table V:")))
+    row = next(x for x in lines[t5:] if x.startswith("| ASiT |"))
+    assert [c.strip() for c in row.strip("|").split("|")][1:7] == [
+        "-", "- (35.2)", "- (98.8)", "- (63.1)", "-", "25.0"]
+    row = next(line for line in lines if line.startswith("| Finetuning | ASiT |"))
+    assert row.startswith("| Finetuning | ASiT | 160 ms | - | - | demo_sed | 0.050 |")
+    assert next(x for x in lines if x.startswith("| Linear | ATST-Frame |")).startswith(
+        "| Linear | ATST-Frame | 40 ms |")
+    assert "pre-trained ASiT 70.0 vs the same encoder with random weights 55.0: ahead by 15" in md
+    assert "SED (finetune): ATST-Frame PSDS1 0.300 vs ASiT 0.050: ahead by 0.250" in md
+    for plot in ("pretrain_main.png", "pretrain_asit.png"):
+        assert os.path.getsize(os.path.join(out, "plots", plot)) > 1000
 
 
 def test_run_all_skips_finished_work(data_root, tmp_path):
     """A rerun over finished results runs nothing but the tables (issue 6: rerun < 1 min)."""
     out = str(tmp_path / "res")
-    names = ["clip", "frame", "clip_random", "frame_random"]
+    names = ["clip", "frame", "asit", "clip_random", "frame_random", "asit_random"]
     linear = {f"{n}_{t}": 0.5 for n in names for t in ("demo_events", "demo_tags")}
     linear.update({f"{n}_demo_events": 0.5 for n in PRETRAIN_RUNS[2:] + ["clip_two_6s",
                                                                           "frame_D"]})
