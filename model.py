@@ -1,8 +1,9 @@
 """
-Everything with parameters, shared by every stage: the mel front-end, the Encoder, the BYOL
-teacher-student pair for ATST-Clip and ATST-Frame and its EMA, parameter groups, the embedding
-API and checkpoint loading, the downstream heads. Numbers come from ../shared/SPEC.md (section
-numbers in comments); group masking and the augmentations are in augment.py.
+Everything with parameters, shared by every stage: the mel and Kaldi front-ends, the Encoder,
+the BYOL teacher-student pair for ATST-Clip and ATST-Frame, ASiT's heads and teacher-student,
+EMA, parameter groups, the embedding API (all three kinds) and checkpoint loading, the
+downstream heads. Numbers come from ../shared/SPEC.md and SPEC_ASIT.md (section numbers in
+comments); group masking and the augmentations are in augment.py.
 
 How the Encoder differs from a vanilla ViT:
 - tokens are 4 mel frames x 64 mel bins (40 ms each, mel-major flattening), not 2-D patches;
