@@ -733,10 +733,15 @@ def test_asit_embeddings_of_long_stereo_44k_audio(tmp_path):
     assert torch.allclose(e.clip[0], want, atol=1e-5)
 
 
-def test_asit_clip_shorter_than_one_column_is_padded_to_one():
-    """0.1 s is under one 160 ms column (175 ms of samples): zero-padded, one finite frame."""
-    tiny = _tiny_asit()(torch.randn(1600) * 0.1, 16000)
-    assert tiny.frames.shape == (1, 1, 32) and torch.isfinite(tiny.clip).all()
+@pytest.mark.parametrize("kind,seconds", [("asit", 0.1), ("frame", 0.02), ("clip", 0.02)])
+def test_clip_shorter_than_one_frame_is_padded_to_one(kind, seconds):
+    """Under one output frame (ASiT: 175 ms of samples for a 160 ms column; ATST: 30 ms for a
+    40 ms token): zero-padded to one, one finite frame (it used to be 0 frames and a NaN clip
+    embedding)."""
+    ae = _tiny_asit() if kind == "asit" else _tiny_encoder(kind)
+    e = ae(torch.randn(int(seconds * 16000)) * 0.1, 16000)
+    assert e.frames.shape[:2] == (1, 1) and e.lengths.tolist() == [1]
+    assert torch.isfinite(e.clip).all() and torch.isfinite(e.frames).all()
 
 
 def test_asit_sed_model_repeats_each_frame_over_four_label_frames():
