@@ -121,15 +121,17 @@ def kd_loss(student, teacher_logits, soft):
     return F.cross_entropy(student, teacher_logits.softmax(-1))
 
 
-def teacher_inputs(teacher, ae, x, n, wav, valid, onehot, c, seed):
+def teacher_inputs(teacher, ae, x, n, wav, valid, c, seed):
     """The teacher's input: the student's own (augmented) input when both share a front-end;
     else (ASiT <-> ATST) the teacher's front-end on the waveforms, with the same Mixup draws
-    (same lambdas and partners) and no RRC, the teacher seeing the whole mixed clip."""
-    if teacher.ae.front.__class__ is ae.front.__class__:
+    (the step's rng: same lambdas and partners) and no RRC, the teacher seeing the whole
+    mixed clip."""
+    if teacher.ae.same_front(ae):
         return x, n
     tx, tn = teacher.ae.features(wav, valid)
-    if c.mixup:
-        tx, _ = mixup_labels(tx, onehot, c.mixup_alpha, np.random.default_rng(seed))
+    if c.mixup:  # labels play no part here: a dummy column
+        tx, _ = mixup_labels(tx, tx.new_zeros(len(tx), 1), c.mixup_alpha,
+                             np.random.default_rng(seed))
         tn = torch.full_like(tn, tx.shape[-1] // teacher.ae.unit)
     return tx, tn
 
@@ -219,10 +221,9 @@ def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
             with torch.no_grad():
                 x, n = model.ae.features(wav, valid)                    # (B, F, T), (B,)
                 target = y.float() if labels.multi else y
-                onehot = target if labels.multi or not c.mixup else \
-                    F.one_hot(y, len(labels.classes)).float()
                 if c.mixup:  # RRC stretches time, so every clip is taken as full length
                     gen.manual_seed(seed)
+                    onehot = target if labels.multi else F.one_hot(y, len(labels.classes)).float()
                     x, target = mixup_labels(x, onehot, c.mixup_alpha, np.random.default_rng(seed))
                     x = rrc(x, gen)
                     n = torch.full_like(n, x.shape[-1] // model.ae.unit)
@@ -232,7 +233,7 @@ def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
                 if teacher is not None:
                     with torch.no_grad():
                         t_logits = teacher(*teacher_inputs(teacher, model.ae, x, n, wav, valid,
-                                                           onehot, c, seed)).float()
+                                                           c, seed)).float()
                     loss = (1 - kd_weight) * loss + kd_weight * kd_loss(logits, t_logits, soft)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -606,6 +606,11 @@ class AudioEncoder(nn.Module):
             return kaldi_frames_for(samples.clamp(min=400)) // PATCH
         return tokens_for(samples)
 
+    def same_front(self, other):
+        """Whether `other` takes this encoder's inputs: ATST-Clip and ATST-Frame share a
+        front-end; ASiT has its own."""
+        return type(self.front) is type(other.front)
+
     def features(self, wav, lengths):
         """(B, S) mono 16 kHz and valid samples (B,) -> (front-end output (B, F, T), valid
         output frames (B,)). Clips shorter than one output frame are zero-padded to one."""

@@ -166,7 +166,7 @@ def predict_scores(model, audio_dir, files, c, d, cached=None):
 def teacher_outputs(teacher, ae, x, n, wav, valid):
     """(strong, weak) of the SED teacher: on the student's input when both share a front-end,
     else (ASiT <-> ATST) on its own front-end's view of the same waveforms."""
-    if teacher.ae.front.__class__ is not ae.front.__class__:
+    if not teacher.ae.same_front(ae):
         x, n = teacher.ae.features(wav, valid)
     return teacher(x, n)
 

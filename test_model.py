@@ -343,6 +343,32 @@ def test_distillation_teacher_is_frozen_in_eval_mode():
     assert student.head.fc.weight.grad is not None
 
 
+def test_teacher_of_another_front_end_sees_the_same_mixup():
+    """Distillation across front-ends (finetune.teacher_inputs): an ATST-Frame student's input
+    is passed through to an ATST-Clip teacher; an ASiT teacher gets its Kaldi view of the same
+    waveforms, mixed with the lambdas and partners that the step's rng gives the student
+    (drawn here by hand: permutation, then Beta), and no RRC."""
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    wav, valid = torch.randn(4, 3 * 16000) * 0.1, torch.full((4,), 3 * 16000)
+    frame, asit = _tiny_encoder("frame"), _tiny_asit()
+    x, n = frame.features(wav, valid)
+    c, seed = SimpleNamespace(mixup=True, mixup_alpha=0.5), 1234
+    same = finetune.teacher_inputs(SimpleNamespace(ae=_tiny_encoder("clip")), frame, x, n, wav,
+                                   valid, c, seed)
+    assert same[0] is x and same[1] is n
+    tx, tn = finetune.teacher_inputs(SimpleNamespace(ae=asit), frame, x, n, wav, valid, c, seed)
+    rng = np.random.default_rng(seed)
+    perm, lam = rng.permutation(4), torch.from_numpy(rng.beta(0.5, 0.5, 4)).float()
+    k, _ = asit.features(wav, valid)                                # (4, 128, 288)
+    want = lam.view(4, 1, 1) * k + (1 - lam.view(4, 1, 1)) * k[perm]
+    assert tx.shape == (4, 128, 288) and torch.allclose(tx, want, atol=1e-6)
+    assert tn.tolist() == [18] * 4
+    plain = finetune.teacher_inputs(SimpleNamespace(ae=asit), frame, x, n, wav, valid,
+                                    SimpleNamespace(mixup=False), seed)
+    assert torch.equal(plain[0], k)
+
+
 def test_attention_pooling_equals_the_formula():
     head = M.SedHead(2, 3)
     with torch.no_grad():
