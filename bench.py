@@ -41,6 +41,7 @@ steps = 5            # timed steps (after warmup_steps untimed ones)
 warmup_steps = 2            # untimed steps first
 reference = True     # also time the reference-style step
 device = "auto"      # auto | cpu
+dtype = "auto"       # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32: the timed step's autocast
 data_files = 48      # 10 s files written for the data-path benchmark (0 = skip it)
 data_batches = 6     # batches timed per format
 seed = 0                    # initial weights
@@ -215,14 +216,23 @@ def time_views(c, d):
     print(f"speed-up of the ASiT data path: {times['reference'] / times['ours']:.2f}x")
 
 
+DATA_FORMATS = {  # name: (extension, sample rate, channels)
+    "44.1 kHz stereo WAV (as downloaded)": ("wav", 44100, 2),
+    "16 kHz mono WAV": ("wav", 16000, 1),
+    "16 kHz mono FLAC (prepare.py --resample)": ("flac", 16000, 1)}
+
+
 def time_data(c, d):
+    """Clips/s one DataLoader worker reads (read, mono, resample, crop) from 10 s files of
+    each format: what prepare.py --resample saves the training workers."""
+    rates = {}
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
-        for ext in ("wav", "flac"):
+        for name, (ext, sr, ch) in DATA_FORMATS.items():
             rows = []
             for i in range(c.data_files):
-                p = os.path.join(tmp, f"{i}.{ext}")
-                sf.write(p, (rng.standard_normal(160000) * 0.1).astype(np.float32), 16000)
+                p = os.path.join(tmp, f"{i}_{sr}_{ch}.{ext}")
+                sf.write(p, (rng.standard_normal((10 * sr, ch)) * 0.1).astype(np.float32), sr)
                 rows.append(dict(path=p, _where=p))
             one = SimpleNamespace(rank=0, world=1, device=torch.device("cpu"))
             loader = stream_loader(rows, 10.0, 8, one, 0, 0, workers=1)
@@ -231,16 +241,19 @@ def time_data(c, d):
             t0 = time.time()
             for _ in range(c.data_batches):
                 next(it)
-            dt = time.time() - t0
-            print(f"data: {ext:4s} 10 s clips, 1 worker: {8 * c.data_batches / dt:7.1f} clips/s",
+            rates[name] = 8 * c.data_batches / (time.time() - t0)
+            print(f"data: {name:42s} 10 s clips, 1 worker: {rates[name]:7.1f} clips/s",
                   flush=True)
             del it, loader
+    first, last = list(rates)[0], list(rates)[-1]
+    print(f"data path after prepare.py --resample: {rates[last] / rates[first]:.2f}x the "
+          "clips/s of 44.1 kHz stereo WAV")
 
 
 if __name__ == "__main__":
     cfg = configure(globals())
     c = SimpleNamespace(**cfg)
-    d = setup_distributed(c.device)
+    d = setup_distributed(c.device, c.dtype)
     name = torch.cuda.get_device_name() if d.device.type == "cuda" else "cpu"
     print(f"device {d.device} ({name}"
           f", {torch.get_num_threads()} threads) | preset {c.preset} | method {c.method} | "

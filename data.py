@@ -11,6 +11,7 @@ A named dataset NAME lives at DATA_ROOT/NAME/{train,valid,test}.csv (README: "Da
 """
 import argparse
 import csv
+import json
 import math
 import os
 
@@ -25,11 +26,16 @@ from plumbing import UserError
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".caf",
               ".w64", ".rf64")  # what libsndfile reads, by file name
 NAMED = ("as1.9m", "as200k", "as20k", "as2m", "us8k", "spcv2", "vox1", "nsynth", "fsd50k",
-         "dcase2022")
+         "esc50", "dcase2022")  # prepare.py writes them from the datasets as distributed
 DEMO = {"demo": "pretrain", "demo_events": "events", "demo_tags": "tags", "demo_sed": "sed"}
 
 # ----------------------------------------------------------------------------------------------
 # Manifests and named datasets
+
+
+class DataError(UserError, ValueError):
+    """A manifest or table that cannot be used as it is, named with its file and line: the
+    stages end on its one line (a UserError)."""
 
 
 def read_manifest(csv_path, label_col=None):
@@ -42,20 +48,20 @@ def read_manifest(csv_path, label_col=None):
         reader = csv.DictReader(f)
         cols = reader.fieldnames or []
         if "path" not in cols:
-            raise ValueError(f"{csv_path}: no 'path' column (columns: {cols}); "
-                             "see SPEC 8 / README 'Data layout'")
+            raise DataError(f"{csv_path}: no 'path' column (columns: {cols}); "
+                            "see SPEC 8 / README 'Data layout'")
         if label_col and label_col not in cols:
-            raise ValueError(f"{csv_path}: no '{label_col}' column (columns: {cols})")
+            raise DataError(f"{csv_path}: no '{label_col}' column (columns: {cols})")
         root = os.path.dirname(os.path.abspath(csv_path))
         rows = []
         for i, r in enumerate(reader, start=2):  # line 1 is the header
             if not r["path"]:
-                raise ValueError(f"{csv_path} line {i}: empty path")
+                raise DataError(f"{csv_path} line {i}: empty path")
             r["path"] = os.path.normpath(os.path.join(root, r["path"]))
             r["_where"] = f"{csv_path} line {i}"
             rows.append(r)
     if not rows:
-        raise ValueError(f"{csv_path}: manifest is empty")
+        raise DataError(f"{csv_path}: manifest is empty")
     missing = [r for r in rows if not os.path.isfile(r["path"])]
     if missing:  # found now, not hours into a run when the row comes up
         raise AudioError(f"{len(missing)} of {len(rows)} audio files listed in {csv_path} do not "
@@ -127,6 +133,28 @@ def resolve_manifest(data, split="train", data_root=None):
                                 f"--data_root or $ATST_DATA). Named datasets: {known}; "
                                 "or pass a CSV manifest path. Layouts: README 'Data layout'.")
     return path
+
+
+def dataset_copy(folder):
+    """What prepare.py recorded about the dataset copy in `folder` (from its info.json: name,
+    fingerprint, clips listed and found per split, classes), or None for data it did not
+    prepare (the demo, a hand-written manifest). Result files carry it, so that a number says
+    which copy of a dataset it was measured on."""
+    path = os.path.join(folder, "info.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        info = json.load(f)
+    return {k: info.get(k) for k in ("dataset", "fingerprint", "splits", "classes", "source",
+                                     "prepared", "resampled")}
+
+
+def task_copy(data, data_root=None):
+    """dataset_copy of a task given as stages take it (a named dataset or a CSV manifest)."""
+    if data in DEMO:
+        return None
+    return dataset_copy(os.path.dirname(os.path.abspath(resolve_manifest(data, "train",
+                                                                        data_root))))
 
 # ----------------------------------------------------------------------------------------------
 # Audio loading (runs in DataLoader workers: read, mono, resample, crop; nothing else)
@@ -200,8 +228,8 @@ class StreamSampler(torch.utils.data.Sampler):
         self.start = start
         self.per_epoch = n_items // (batch * world)
         if self.per_epoch == 0:
-            raise ValueError(f"the dataset has {n_items} clips but one micro-batch over all "
-                             f"ranks needs {batch * world}")
+            raise DataError(f"the dataset has {n_items} clips but one micro-batch over all "
+                            f"ranks needs {batch * world}")
 
     def __iter__(self):
         g, perm_epoch, perm = self.start, -1, None
@@ -235,8 +263,8 @@ class Labels:
     def __init__(self, rows, classes=None):
         self.col = "labels" if "labels" in rows[0] else "label"
         if self.col not in rows[0]:
-            raise ValueError(f"{rows[0]['_where'].split(' line')[0]}: no 'label' or 'labels' "
-                             "column; labelled manifests need one (README 'Data layout')")
+            raise DataError(f"{rows[0]['_where'].split(' line')[0]}: no 'label' or 'labels' "
+                            "column; labelled manifests need one (README 'Data layout')")
         self.multi = self.col == "labels"
         self.classes = list(classes) if classes else \
             sorted({c for r in rows for c in self.split(r)})
@@ -245,7 +273,7 @@ class Labels:
     def split(self, r):
         v = r.get(self.col)
         if v is None:
-            raise ValueError(f"{r['_where']}: no '{self.col}' value")
+            raise DataError(f"{r['_where']}: no '{self.col}' value")
         return [c for c in v.split(";") if c] if self.multi else [v]
 
     def encode(self, rows):
@@ -255,8 +283,8 @@ class Labels:
         for i, r in enumerate(rows):
             for c in self.split(r):
                 if c not in self.index:
-                    raise ValueError(f"{r['_where']}: label {c!r} is not one of the "
-                                     f"{len(self.classes)} training classes")
+                    raise DataError(f"{r['_where']}: label {c!r} is not one of the "
+                                    f"{len(self.classes)} training classes")
                 if self.multi:
                     out[i, self.index[c]] = 1
                 else:
@@ -276,15 +304,15 @@ def task_splits(data, data_root=None, test_csv="", valid_csv="", folds=0, fold=0
     valid, test = [], []
     if folds:
         if "fold" not in train[0]:
-            raise ValueError(f"{train[0]['_where'].split(' line')[0]}: --folds needs a 'fold' "
-                             "column")
+            raise DataError(f"{train[0]['_where'].split(' line')[0]}: --folds needs a 'fold' "
+                            "column")
         test = [r for r in train if int(r["fold"]) == fold]
         train = [r for r in train if int(r["fold"]) != fold]
         if not test:
-            raise ValueError(f"no rows of fold {fold} in {data}")
+            raise DataError(f"no rows of fold {fold} in {data}")
     else:
         if csv_given and not test_csv:
-            raise ValueError(f"--data {data} is a CSV: give its test split with --test_csv")
+            raise DataError(f"--data {data} is a CSV: give its test split with --test_csv")
         test = read_manifest(test_csv or resolve_manifest(data, "test", data_root))
         vpath = valid_csv or ("" if csv_given else
                               os.path.join(os.path.dirname(resolve_manifest(data, "train",
@@ -339,22 +367,25 @@ def pad_collate(batch):
 # SED (DESED TSVs): strong `filename onset offset event_label`, weak `filename event_labels`,
 # durations `filename duration`; strong labels <-> 40 ms frames (SPEC 7)
 
-def read_tsv(path, columns):
+def read_table(path, columns):
+    """Rows (dicts, `_where` = file and line) of a CSV (.csv) or, otherwise, TSV file with a
+    header, which must name `columns`; write_table's inverse."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"TSV not found: {path}")
+        raise DataError(f"{path} not found")
     with open(path, newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
+        reader = csv.DictReader(f, delimiter="," if path.endswith(".csv") else "\t")
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {missing} (has {reader.fieldnames})")
+            raise DataError(f"{path}: missing column(s) {missing} (has {reader.fieldnames})")
         rows = [dict(r, _where=f"{path} line {i}") for i, r in enumerate(reader, start=2)]
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows")
     return rows
 
 
 def read_durations(path):
-    return {r["filename"]: float(r["duration"]) for r in read_tsv(path, ["filename", "duration"])}
+    return {r["filename"]: float(r["duration"])
+            for r in read_table(path, ["filename", "duration"])}
 
 
 def read_strong(path, classes=None, durations=None):
@@ -363,31 +394,31 @@ def read_strong(path, classes=None, durations=None):
     clip missing from the durations; with durations (an evaluation set), also two events of
     one class overlapping in one clip (PSDS needs them merged)."""
     events, where = {}, {}
-    for r in read_tsv(path, ["filename", "onset", "offset", "event_label"]):
+    for r in read_table(path, ["filename", "onset", "offset", "event_label"]):
         ev = events.setdefault(r["filename"], [])
         if not r["event_label"]:
             continue
         try:
             on, off = float(r["onset"]), float(r["offset"])
         except ValueError:
-            raise ValueError(f"{r['_where']}: onset/offset are not numbers") from None
+            raise DataError(f"{r['_where']}: onset/offset are not numbers") from None
         if classes is not None and r["event_label"] not in classes:
-            raise ValueError(f"{r['_where']}: event label {r['event_label']!r} is not in the "
-                             f"class list ({', '.join(classes)})")
+            raise DataError(f"{r['_where']}: event label {r['event_label']!r} is not in the "
+                            f"class list ({', '.join(classes)})")
         if not 0 <= on < off:
-            raise ValueError(f"{r['_where']}: onset {on} is not before offset {off}")
+            raise DataError(f"{r['_where']}: onset {on} is not before offset {off}")
         if durations is not None:
             if r["filename"] not in durations:
-                raise ValueError(f"{r['_where']}: clip {r['filename']} is missing from the "
-                                 "durations file")
+                raise DataError(f"{r['_where']}: clip {r['filename']} is missing from the "
+                                "durations file")
             if off > durations[r["filename"]] + TOKEN_S:
-                raise ValueError(f"{r['_where']}: event ends at {off} s, after the clip's "
-                                 f"duration {durations[r['filename']]} s")
+                raise DataError(f"{r['_where']}: event ends at {off} s, after the clip's "
+                                f"duration {durations[r['filename']]} s")
         if durations is not None:
             for a, b, lab in ev:
                 if lab == r["event_label"] and on < b and a < off:
-                    raise ValueError(f"{r['_where']}: overlaps {where[(a, b, lab, r['filename'])]}"
-                                     f" ({lab} {a}-{b}); merge same-class events")
+                    raise DataError(f"{r['_where']}: overlaps {where[(a, b, lab, r['filename'])]}"
+                                    f" ({lab} {a}-{b}); merge same-class events")
         where[(on, off, r["event_label"], r["filename"])] = r["_where"]
         ev.append((on, off, r["event_label"]))
     return events
@@ -396,11 +427,11 @@ def read_strong(path, classes=None, durations=None):
 def read_weak(path, classes=None):
     """{filename: [labels]} from a weak TSV (labels comma-separated)."""
     out = {}
-    for r in read_tsv(path, ["filename", "event_labels"]):
+    for r in read_table(path, ["filename", "event_labels"]):
         labels = [c for c in r["event_labels"].split(",") if c]
         bad = [c for c in labels if classes is not None and c not in classes]
         if bad:
-            raise ValueError(f"{r['_where']}: event label(s) {bad} not in the class list")
+            raise DataError(f"{r['_where']}: event label(s) {bad} not in the class list")
         out[r["filename"]] = labels
     return out
 

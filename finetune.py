@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from augment import RandomResizedCrop, mixup_labels
-from data import Labels, LabelledClips, pad_collate, task_splits
+from data import Labels, LabelledClips, pad_collate, task_copy, task_splits
 from metrics import score
 from model import (Classifier, freeze, layer_decay_groups, load_encoder, random_weights,
                    set_drop_path)
@@ -64,6 +64,7 @@ balanced = False            # balanced sampling (AS-2M): weight sum_c y_c 1000 /
 # runtime
 num_workers = 4             # DataLoader workers per rank
 device = "auto"             # auto | cpu
+dtype = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 (CPU too) | fp32
 seed = 0                    # every random draw of a step derives from (seed, step, rank)
 # --data NAME: the paper's per-dataset settings (SPEC 6; the demo rows are CPU-sized: at lr 0.5
 # demo fine-tuning diverged at first, at 0.1 its loss falls every epoch). Every
@@ -139,7 +140,7 @@ def teacher_inputs(teacher, ae, x, n, wav, valid, c, seed):
 def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
     c = SimpleNamespace(**cfg)
     t0 = time.time()
-    d = setup_distributed(c.device)
+    d = setup_distributed(c.device, c.dtype)
     d.print(describe(cfg))
     if not c.ckpt:
         raise SystemExit(f"{stage}.py needs --ckpt (a pre-trained checkpoint)")
@@ -267,7 +268,8 @@ def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
         dist.barrier()  # best.pt is written by rank 0
     model.load_export(load_checkpoint(best_path)["model"])  # the best epoch, strictly
     test = score(predict(model, test_rows, y_test, c, d), y_test, labels.multi)
-    res = dict(stage=stage, dataset=c.data, checkpoint=c.ckpt, kind=ae.kind,
+    res = dict(stage=stage, dataset=c.data, dataset_copy=task_copy(c.data, c.data_root or None),
+               checkpoint=c.ckpt, kind=ae.kind, precision=d.precision,
                random_init=c.random_init,
                teacher=cfg.get("teacher"), teacher_kind=teacher.ae.kind if teacher else None,
                metric="mAP" if labels.multi else "accuracy", test=test, valid=best["valid"],

@@ -3,14 +3,17 @@ Linear evaluation (SPEC 6, paper Table IV): the frozen teacher encoder of a pre-
 ATST-Clip, ATST-Frame or ASiT checkpoint (ours or released) gives one feature per clip: every
 block, after the final norm; Clip and ASiT [CLS, mean of frames] per block, Frame mean of frames
 per block (2*L*D / L*D); clips centre-cropped to 12 s, cut into 6 s / 10 s / 5.92 s (ASiT)
-chunks, chunk features
-averaged (a trailing chunk counts when longer than half a chunk). Features are extracted once
-and cached. A BatchNorm(affine=False) + Linear head is trained with SGD for each lr of a grid;
-the lr is chosen on the validation split (held out of train when the task has none); the test
-set is scored once, at the chosen lr.
+chunks, chunk features averaged (a trailing chunk counts when longer than half a chunk).
+Features are extracted once and cached. A BatchNorm(affine=False) + Linear head is trained with
+SGD for each lr of a grid; the lr is chosen on the validation split (held out of train when the
+task has none); the test set is scored once, at the chosen lr. Datasets distributed as folds
+(US8K 10, ESC-50 5) report the mean over folds, each clip encoded once. Several tasks in one
+run share the loaded encoder; each writes its own result file.
 
     python linear_eval.py --ckpt out/frame_tiny/ckpt.pt --data demo_events
-    python linear_eval.py --ckpt atstframe_base.ckpt --data us8k --folds 10
+    python linear_eval.py --ckpt atstframe_base.ckpt --data us8k                  # 10 folds
+    python linear_eval.py --ckpt X.pt --data us8k,spcv2,vox1,nsynth,fsd50k,as20k,esc50 \
+        --out 'results/linear_{data}_X.json'
     python linear_eval.py --ckpt X.pt --data my/train.csv --test_csv my/test.csv
     torchrun --nproc_per_node=8 linear_eval.py --ckpt X.pt --data spcv2   # extraction sharded
 """
@@ -25,20 +28,23 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import Labels, LabelledClips, pad_collate, task_splits
+from data import (Labels, LabelledClips, pad_collate, read_manifest, resolve_manifest,
+                  task_copy, task_splits)
 from metrics import score
 from model import SAMPLE_RATE, LinearHead, load_encoder, random_weights
-from plumbing import (cleanup_distributed, configure, cosine_schedule, describe, gather_shards,
-                      my_shard, save_atomic, save_json, setup_distributed, user_errors)
+from plumbing import (UserError, cleanup_distributed, configure, cosine_schedule, describe,
+                      gather_shards, my_shard, save_atomic, save_json, setup_distributed,
+                      user_errors)
 
 # -------------------------------------------------------------------------------- config
 ckpt = ""                   # pre-trained checkpoint: ours (teacher encoder) or a released one
-data = "demo_events"        # task: named dataset, demo_events / demo_tags, or a train CSV
+data = "demo_events"        # task(s): named datasets (comma-separated), demo_events / demo_tags,
+                            # or a train CSV
 data_root = ""              # root of named datasets; '' = $ATST_DATA or ./data
 test_csv = ""               # test manifest when --data is a CSV
 valid_csv = ""              # validation manifest (else 10% of train is held out)
-folds = 0                   # k-fold over a `fold` column (US8K: 10); reports the fold mean
-out = ""                    # result JSON; '' = results/linear_<data>_<checkpoint>.json
+folds = 0                   # k-fold over a `fold` column, fold mean; 0 = the task's (TASK_FOLDS)
+out = ""                    # result JSON, {data} = task; '' = results/linear_{data}_<ckpt>.json
 cache_dir = "cache"         # extracted features, keyed by checkpoint + clips
 max_seconds = 12.0          # longer clips are centre-cropped to this
 lrs = "0.01,0.03,0.1,0.3,1,3"  # learning rates searched on the validation split
@@ -50,7 +56,9 @@ chunk_seconds = 0.0         # encoder chunk; 0 = the model's (Clip 6, Frame 10, 
 extract_batch = 32          # clips per forward during extraction
 num_workers = 4             # DataLoader workers (reading audio)
 device = "auto"             # auto | cpu
+dtype = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 (CPU too) | fp32
 seed = 0                    # seed of the head's init, data order and held-out split
+TASK_FOLDS = {"us8k": 10, "esc50": 5}  # distributed as folds, without a test split
 
 
 def extract(ae, rows, c, d, tag):
@@ -66,7 +74,7 @@ def extract(ae, rows, c, d, tag):
                                          num_workers=c.num_workers)
     feats = []
     for wav, valid, _ in tqdm(loader, desc=f"features ({len(rows)} clips)", disable=not d.master):
-        feats.append(ae(wav, SAMPLE_RATE, valid, layers="all").clip.half().cpu())
+        feats.append(ae(wav, SAMPLE_RATE, valid, layers="all", dtype=c.dtype).clip.half().cpu())
     feats = gather_shards(mine, torch.cat(feats), len(rows), d)
     if d.master:
         os.makedirs(c.cache_dir, exist_ok=True)
@@ -99,14 +107,14 @@ def train_head(X, y, lr, multi, n_classes, c, device):
     return head.eval()
 
 
-def evaluate_split(ae, c, d, fold=0):
-    """One train/valid/test split: lr search on valid, test at the chosen lr."""
-    train, valid, test = task_splits(c.data, c.data_root or None, c.test_csv, c.valid_csv,
-                                     c.folds, fold, seed=c.seed)
+def evaluate_split(c, d, task, features, folds=0, fold=0):
+    """One train/valid/test split: lr search on valid, test at the chosen lr. features(rows)
+    -> (N, F) features of manifest rows."""
+    train, valid, test = task_splits(task, c.data_root or None, c.test_csv, c.valid_csv,
+                                     folds, fold, seed=c.seed)
     labels = Labels(train)
     ys = [labels.encode(r).to(d.device) for r in (train, valid, test)]
-    tag = [os.path.realpath(c.ckpt), os.path.getmtime(c.ckpt), c.random_init, c.seed, ae.chunk]
-    Xs = [extract(ae, rows, c, d, tag).float().to(d.device) for rows in (train, valid, test)]
+    Xs = [features(rows).float().to(d.device) for rows in (train, valid, test)]
     val, heads = {}, {}
     for lr in [float(x) for x in c.lrs.split(",")]:
         heads[lr] = train_head(Xs[0], ys[0], lr, labels.multi, len(labels.classes), c, d.device)
@@ -121,32 +129,56 @@ def evaluate_split(ae, c, d, fold=0):
                 metric="mAP" if labels.multi else "accuracy", feature_dim=Xs[0].shape[1])
 
 
-def main(cfg):
-    c = SimpleNamespace(**cfg)
+def evaluate_task(ae, c, d, task):
+    """Every split (or fold) of a task -> its result record."""
     t0 = time.time()
-    d = setup_distributed(c.device)
+    folds = c.folds or TASK_FOLDS.get(task, 0)
+    tag = [os.path.realpath(c.ckpt), os.path.getmtime(c.ckpt), c.random_init, c.seed, ae.chunk]
+    features = lambda rows: extract(ae, rows, c, d, tag)
+    if folds:  # every clip encoded once; each fold's splits are rows of the same manifest
+        rows = read_manifest(resolve_manifest(task, "train", c.data_root or None))
+        X, where = features(rows), {r["_where"]: i for i, r in enumerate(rows)}
+        features = lambda subset: X[[where[r["_where"]] for r in subset]]
+    runs = [evaluate_split(c, d, task, features, folds, f)
+            for f in (range(1, folds + 1) if folds else [0])]
+    res = dict(runs[0], test=sum(r["test"] for r in runs) / len(runs),
+               folds=runs if folds else None)
+    res.update(stage="linear_eval", dataset=task, dataset_copy=task_copy(task, c.data_root or
+                                                                         None),
+               checkpoint=c.ckpt, kind=ae.kind, random_init=c.random_init, seed=c.seed,
+               precision=d.precision, elapsed_s=round(time.time() - t0, 1), config=c.cfg)
+    return res
+
+
+def main(cfg):
+    c = SimpleNamespace(**cfg, cfg=cfg)
+    d = setup_distributed(c.device, c.dtype)
     d.print(describe(cfg))
+    tasks = c.data.split(",")
+    if len(tasks) > 1 and (c.test_csv or c.valid_csv or (c.out and "{data}" not in c.out)):
+        raise UserError(f"--data {c.data}: with several tasks, --out needs '{{data}}' (each "
+                        "task's result file) and --test_csv / --valid_csv go with one task")
     ae = load_encoder(c.ckpt, d.device, pretrained=True)
     if c.random_init:
         random_weights(ae, c.seed)
     if c.chunk_seconds:
         ae.chunk = min(round(c.chunk_seconds / ae.frame_s),
                        ae.encoder.max_tokens // ae.per_frame)                  # Table II: 1 s
-    d.print(f"{ae.source}: {ae.name}, dim {ae.encoder.dim}, depth {ae.encoder.depth}")
-    runs = [evaluate_split(ae, c, d, f) for f in (range(1, c.folds + 1) if c.folds else [0])]
-    res = dict(runs[0], test=sum(r["test"] for r in runs) / len(runs),
-               folds=runs if c.folds else None)
-    res.update(stage="linear_eval", dataset=c.data, checkpoint=c.ckpt, kind=ae.kind,
-               random_init=c.random_init, seed=c.seed, elapsed_s=round(time.time() - t0, 1),
-               config=cfg)
+    d.print(f"{ae.source}: {ae.name}, dim {ae.encoder.dim}, depth {ae.encoder.depth}, "
+            f"{d.precision}")
     name = os.path.splitext(os.path.basename(c.ckpt))[0] if not c.ckpt.endswith("ckpt.pt") \
         else os.path.basename(os.path.dirname(os.path.abspath(c.ckpt)))
-    path = c.out or os.path.join("results", f"linear_{os.path.basename(c.data)}_{name}"
-                                            f"{'_random' if c.random_init else ''}.json")
-    if d.master:
-        save_json(res, path)
-        d.print(f"linear_eval {c.data} | {ae.name} | {res['metric']} {res['test']:.4f} (test) | "
-                f"lr {res['lr']:g} (valid {res['valid']:.4f}) | {res['elapsed_s']:.0f}s -> {path}")
+    for task in tasks:
+        res = evaluate_task(ae, c, d, task)
+        tag = os.path.basename(task).removesuffix(".csv")
+        path = (c.out or os.path.join("results", f"linear_{{data}}_{name}"
+                                                 f"{'_random' if c.random_init else ''}.json")
+                ).replace("{data}", tag)
+        if d.master:
+            save_json(res, path)
+            d.print(f"linear_eval {task} | {ae.name} | {res['metric']} {res['test']:.4f} (test)"
+                    f" | lr {res['lr']:g} (valid {res['valid']:.4f}) | {res['elapsed_s']:.0f}s "
+                    f"-> {path}")
     cleanup_distributed()
 
 

@@ -14,7 +14,6 @@ How the Encoder differs from a vanilla ViT:
 - padded batches carry valid lengths, turned into a key-padding mask for attention;
 - the same final LayerNorm is applied to every block output that is read.
 """
-import contextlib
 from typing import NamedTuple
 
 import torch
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 import torchaudio
 
 from metrics import collapse_std
-from plumbing import UserError, load_checkpoint
+from plumbing import UserError, autocast, load_checkpoint
 
 # ----------------------------------------------------------------------------------------------
 # Front-end (SPEC 1)
@@ -402,10 +401,14 @@ class DinoHead(nn.Module):
 
     def forward(self, h):
         """h (B, 1+N, D) -> global logits (B, Kg), local logits (B, N, Kl), and the unit
-        vectors of the CLS (B, bottleneck) for the collapse monitor."""
-        z = F.normalize(self.mlp(h), dim=-1)
-        return (F.linear(z[:, 0], F.normalize(self.global_protos, dim=-1)),
-                F.linear(z[:, 1:], F.normalize(self.local_protos, dim=-1)), z[:, 0])
+        vectors of the CLS (B, bottleneck) for the collapse monitor. The cosines are computed
+        in fp32 under autocast: the teacher divides them by 0.04, and bf16's 8-bit mantissa
+        would quantise a cosine near 1 in steps of 0.004, 0.1 in the teacher's logits."""
+        z = self.mlp(h)
+        with torch.autocast(z.device.type, enabled=False):
+            z = F.normalize(z.float(), dim=-1)
+            return (F.linear(z[:, 0], F.normalize(self.global_protos, dim=-1)),
+                    F.linear(z[:, 1:], F.normalize(self.local_protos, dim=-1)), z[:, 0])
 
 
 class ReconHead(nn.Module):
@@ -636,12 +639,11 @@ class AudioEncoder(nn.Module):
         return n, n * (1 if self.kind == "frame" else 2)
 
     @torch.no_grad()
-    def forward(self, audio, sample_rate=None, lengths=None, layers=None, chunk_batch=64):
+    def forward(self, audio, sample_rate=None, lengths=None, layers=None, chunk_batch=64,
+                dtype="auto"):
         audio, lengths = self.prepare(audio, sample_rate, lengths)
         x, n = self.features(audio, lengths)
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if audio.is_cuda else \
-            contextlib.nullcontext()
-        with ctx:
+        with autocast(audio.device, dtype):  # auto: bf16 on CUDA, fp32 on CPU
             return self.encode(x, n, layers, chunk_batch)
 
     def prepare(self, audio, sample_rate=None, lengths=None):

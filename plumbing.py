@@ -108,7 +108,8 @@ def describe(cfg):
                                 if cfg.get("set_by_user") else "")
 
 # ----------------------------------------------------------------------------------------------
-# Distributed and precision preamble: torchrun -> nccl on CUDA, gloo on CPU; bf16 on CUDA
+# Distributed and precision preamble: torchrun -> nccl on CUDA, gloo on CPU; bf16 autocast on
+# CUDA by default, on the CPU when asked (--dtype bf16)
 
 
 @dataclass
@@ -118,14 +119,33 @@ class Dist:
     world: int
     device: torch.device
     master: bool
-    ctx: object  # autocast context (bf16 on CUDA, a no-op on CPU)
+    ctx: object        # autocast context: bf16, or a no-op for fp32
+    precision: str     # "bf16" | "fp32", what ctx runs (recorded in result files)
 
     def print(self, *a, **k):
         if self.master:
             print(*a, **k, flush=True)
 
 
-def setup_distributed(device="auto"):
+PRECISIONS = ("auto", "bf16", "fp32")  # the `dtype` flag of every stage
+
+
+def precision(device, dtype="auto"):
+    """The precision a run on `device` uses: dtype "auto" is bf16 on CUDA and fp32 elsewhere;
+    "bf16" runs the same autocast on the CPU too (the tests run the GPU's dtype paths that way)."""
+    if dtype not in PRECISIONS:
+        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(PRECISIONS)}")
+    return "bf16" if dtype == "bf16" or (dtype == "auto" and device.type == "cuda") else "fp32"
+
+
+def autocast(device, dtype="auto"):
+    """bf16 autocast on `device` when precision(device, dtype) is bf16; else a no-op."""
+    if precision(device, dtype) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def setup_distributed(device="auto", dtype="auto"):
     cuda = torch.cuda.is_available() and device != "cpu"
     rank, local, world = 0, 0, 1
     if "RANK" in os.environ:
@@ -136,10 +156,9 @@ def setup_distributed(device="auto"):
         dev = torch.device(f"cuda:{local}")
         torch.cuda.set_device(dev)
         torch.set_float32_matmul_precision("high")
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16)
     else:
-        dev, ctx = torch.device("cpu"), contextlib.nullcontext()
-    return Dist(rank, local, world, dev, rank == 0, ctx)
+        dev = torch.device("cpu")
+    return Dist(rank, local, world, dev, rank == 0, autocast(dev, dtype), precision(dev, dtype))
 
 
 def cleanup_distributed():

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import read_manifest, resolve_manifest, stream_loader
+from data import read_manifest, resolve_manifest, stream_loader, task_copy
 from model import param_groups
 from plumbing import (Log, UserError, all_mean, clean_partial_writes, cleanup_distributed,
                       cosine_schedule, describe, ema_schedule, load_checkpoint, save_atomic,
@@ -37,7 +37,7 @@ from plumbing import (Log, UserError, all_mean, clean_partial_writes, cleanup_di
 
 def train(cfg, model_args, make_model, views, schedules=None):
     c = SimpleNamespace(**cfg)
-    d = setup_distributed(c.device)
+    d = setup_distributed(c.device, c.dtype)
     d.print(describe(cfg))
     os.makedirs(c.out_dir, exist_ok=True)
     if d.master:  # nothing of this run writes before the model is broadcast (DDP's init)
@@ -45,6 +45,7 @@ def train(cfg, model_args, make_model, views, schedules=None):
             print(f"removed {p}: a save interrupted by a kill")
     t0 = time.time()
     rows = read_manifest(resolve_manifest(c.data, "train", c.data_root or None))
+    copy = task_copy(c.data, c.data_root or None)  # what prepare.py recorded of this copy
     checked = time.time() - t0
     micro = c.micro_batch or c.batch_size // d.world
     accum = c.batch_size // (micro * d.world)
@@ -58,7 +59,8 @@ def train(cfg, model_args, make_model, views, schedules=None):
     d.print(f"{len(rows)} clips (every file present, checked in {checked:.1f} s), {per_epoch} "
             f"steps/epoch, {total} steps ({total / per_epoch:.1f} epochs), warmup {warmup}, "
             f"batch {c.batch_size} = {micro} x {d.world} ranks x {accum} accum, peak lr "
-            f"{peak_lr:.3g}")
+            f"{peak_lr:.3g}, {d.precision}" + (f"; data: copy {copy['fingerprint']} of "
+                                               f"{copy['dataset']}" if copy else ""))
 
     # model, optimizer, schedules
     torch.manual_seed(c.seed)  # same initial weights on every rank and every launch
@@ -102,7 +104,8 @@ def train(cfg, model_args, make_model, views, schedules=None):
                 save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step,
                                  model_args=model_args, config=cfg, kind=model.ckpt_kind),
                             ckpt_path, summary=dict(step=step, total=total,
-                                                    model_args=model_args, config=cfg))
+                                                    model_args=model_args, config=cfg,
+                                                    dataset_copy=copy, precision=d.precision))
         if last:
             break
         if step == int(os.environ.get("ATST_DIE_AT_STEP", -1)):  # tests: a kill mid-run

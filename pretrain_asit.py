@@ -33,6 +33,7 @@ log_every = 50              # steps between log lines
 ckpt_every = 5000           # steps between checkpoints (and always at the end)
 num_workers = 8             # DataLoader workers per rank (they only read and crop audio)
 device = "auto"             # auto (CUDA when present) | cpu
+dtype = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 (CPU too) | fp32
 seed = 0                    # every random draw of a step derives from (seed, step, rank)
 # model
 preset = "base"             # tiny | small | base (model size; also sets the run defaults)

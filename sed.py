@@ -28,13 +28,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (SedClips, audio_files, default_data_root, encode_strong, hold_out, load_audio,
-                  read_durations, read_strong, read_weak, write_table)
+from data import (SedClips, audio_files, dataset_copy, default_data_root, encode_strong,
+                  hold_out, load_audio, read_durations, read_strong, read_weak, write_table)
 from demo import make_demo
 from metrics import detections, evaluate_sed, median_filter
 from model import (SAMPLE_RATE, TOKEN_S, SedModel, freeze, load_classifier, load_encoder,
                    random_weights, tokens_for)
-from plumbing import (Log, cleanup_distributed, configure, cosine_schedule, describe,
+from plumbing import (Log, autocast, cleanup_distributed, configure, cosine_schedule, describe,
                       gather_shards, load_checkpoint, my_shard, save_atomic, save_json,
                       setup_distributed, step_seed, UserError, user_errors, warmup_steps,
                       wrap_ddp)
@@ -81,6 +81,7 @@ cache = False               # keep every clip's log-mel (linear: its frozen fram
                             # (linear: 4 bytes x 250 x dim), on every rank
 num_workers = 4             # DataLoader workers per rank
 device = "auto"             # auto | cpu
+dtype = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 (CPU too) | fp32
 seed = 0                    # every random draw of a step derives from (seed, step, rank)
 # --data NAME: per-task settings. Every row lists the same names; the first repeats the block
 # above (DESED, SPEC 7), so an edited global wins over any row. The demo is CPU-sized; its
@@ -208,7 +209,7 @@ def set_train(model, mode):
 def train(cfg):
     c = SimpleNamespace(**cfg)
     t0 = time.time()
-    d = setup_distributed(c.device)
+    d = setup_distributed(c.device, c.dtype)
     d.print(describe(cfg))
     root = task_dir(c)
     fs = sed_files(c, root)
@@ -220,6 +221,10 @@ def train(cfg):
     test = read_strong(fs.test_tsv, classes, durations)
     s_train, s_valid = hold_out(sorted(strong), c.strong_valid, c.seed)
     w_train, _ = hold_out(sorted(weak), c.weak_valid, c.seed)
+    absent = sorted(set(classes) - {e[2] for f in s_valid for e in strong[f]})
+    if absent:
+        d.print(f"note: the {len(s_valid)} held-out strong clips hold no event of {absent}; "
+                "validation scores the other classes (--strong_valid holds out more)")
     ae = load_encoder(c.ckpt, d.device, pretrained=True)
     if c.random_init:
         random_weights(ae, c.seed)
@@ -359,7 +364,8 @@ def train(cfg):
                                 title=f"{os.path.basename(out_dir)}:")
         write_table(os.path.join(out_dir, f"detections_{c.threshold:.2f}.tsv"),
                     list(det.columns), det.round(3).itertuples(index=False))
-        res.update(stage="sed", dataset=c.data, checkpoint=c.ckpt, kind=ae.kind, mode=c.mode,
+        res.update(stage="sed", dataset=c.data, dataset_copy=dataset_copy(root),
+                   checkpoint=c.ckpt, kind=ae.kind, mode=c.mode, precision=d.precision,
                    random_init=c.random_init,
                    classes=classes,
                    teacher=c.teacher or None, best_epoch=best["epoch"], lr=c.lr, seed=c.seed,
@@ -377,8 +383,8 @@ def detect(c):
     """--predict: events (filename, onset, offset, event_label) in files of any length and
     sample rate, with the SED checkpoint's classes and median windows (--median_window /
     --class_windows, when you set them, instead)."""
-    model = load_classifier(c.ckpt, "cuda" if torch.cuda.is_available() and c.device != "cpu"
-                            else "cpu", expect=["atst-sed"])
+    device = torch.device("cuda" if torch.cuda.is_available() and c.device != "cpu" else "cpu")
+    model = load_classifier(c.ckpt, device, expect=["atst-sed"])
     ck = load_checkpoint(c.ckpt)
     windows = ck.get("median_windows") or class_window_list(c, model.classes)
     if {"median_window", "class_windows"} & set(c.set_by_user):
@@ -390,7 +396,7 @@ def detect(c):
     for path in paths:
         wav, n = load_audio(path, where="--predict")
         audio, lengths = model.ae.prepare(wav, SAMPLE_RATE)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, c.dtype):
             s, _ = model(*model.ae.features(audio, lengths))
         s = median_filter(s.float().cpu().numpy(), windows)
         det = detections(s, [os.path.basename(path)], model.classes, [c.threshold], TOKEN_S)

@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import re
 
 import matplotlib
 
@@ -54,7 +55,9 @@ T6_ROWS = {"clip_linear": "Linear | ATST-Clip", "frame_linear": "Linear | ATST-F
 RESOLUTION = {"asit_linear": "160 ms", "asit_finetune": "160 ms"}  # ATST rows: 40 ms
 METRIC = {"as20k": "mAP", "as2m": "mAP", "fsd50k": "mAP", "demo_tags": "mAP"}
 NAMES = {"as20k": "AS-20K", "as2m": "AS-2M", "spcv2": "SPCV2", "vox1": "VOX1", "nsynth": "NSYNTH",
-         "us8k": "US8K", "fsd50k": "FSD50K"}
+         "us8k": "US8K", "fsd50k": "FSD50K", "as1.9m": "AS-1.9M", "as200k": "AS-200K",
+         "dcase2022": "DESED"}
+EXTRA_NAMES = {"esc50": "ESC-50"}  # real datasets outside the paper's tables (columns after it)
 
 
 def load(path):
@@ -65,23 +68,43 @@ def load(path):
         return None
 
 
+def linear_result(out, name, task):
+    return load(os.path.join(out, "linear", f"{name}_{task}.json"))
+
+
+def finetune_result(out, name, task):
+    return load(os.path.join(out, "finetune", f"{name}_{task}", "result.json"))
+
+
 def linear_score(out, name, task):
-    r = load(os.path.join(out, "linear", f"{name}_{task}.json"))
+    r = linear_result(out, name, task)
     return None if r is None else 100 * r["test"]
 
 
-def finetune_score(out, name, task):
-    r = load(os.path.join(out, "finetune", f"{name}_{task}", "result.json"))
-    return None if r is None else 100 * r["test"]
-
-
-def fmt(x, paper=None, digits=1):
+def fmt(x, paper=None, digits=1, note=""):
     ours = "-" if x is None else f"{x:.{digits}f}"
-    return ours if paper is None else f"{ours} ({paper:.{digits}f})"
+    return (ours if paper is None else f"{ours} ({paper:.{digits}f})") + note
+
+
+def copy_note(rec, notes):
+    """' [^key]': a footnote naming the dataset copy a result was measured on (prepare.py's
+    info.json, which every stage records), its text kept in `notes`; '' for data prepare.py did
+    not write (the demo)."""
+    cp = (rec or {}).get("dataset_copy")
+    if not cp:
+        return ""
+    key = re.sub(r"[^A-Za-z0-9]+", "-", f"{cp['dataset']}-{cp['fingerprint'][:8]}")
+    name = {**NAMES, **EXTRA_NAMES}.get(cp["dataset"], cp["dataset"])
+    notes[key] = (f"{name}, copy {cp['fingerprint']}: " +
+                  ", ".join(f"{split} {v['found']:,} / {v['listed']:,} clips"
+                            for split, v in cp["splits"].items()) +
+                  f" (found / listed by the official metadata; prepared "
+                  f"{str(cp.get('prepared'))[:10]} from {cp.get('source')})")
+    return f" [^{key}]"
 
 
 def extra_tasks(out, names, get):
-    """Tasks outside the paper's columns (the demo ones) that have at least one result."""
+    """Tasks outside the paper's columns (the demo ones, ESC-50) with at least one result."""
     found = set()
     for sub in ("linear", "finetune"):
         folder = os.path.join(out, sub)
@@ -89,7 +112,7 @@ def extra_tasks(out, names, get):
             for n in names:
                 if f.startswith(n + "_"):
                     found.add(f[len(n) + 1:].removesuffix(".json"))
-    return sorted(t for t in found if t.startswith("demo") and
+    return sorted(t for t in found if (t.startswith("demo") or t in EXTRA_NAMES) and
                   any(get(out, n, t) is not None for n in names))
 
 
@@ -97,29 +120,34 @@ def mean(xs):
     return None if any(x is None for x in xs) else sum(xs) / len(xs)
 
 
-def table(out, title, head, rows, paper, cols, get, avg_from=None, digits=1):
-    """One markdown table: row labels, the paper's columns as 'ours (paper)', an optional
-    average (over cols[avg_from:]), then demo columns (ours only)."""
+def table(out, title, head, rows, paper, cols, get, notes, avg_from=None, digits=1):
+    """One markdown table: row labels, the paper's columns as 'ours (paper)' with a footnote
+    naming the dataset copy, an optional average (over cols[avg_from:]), then columns outside
+    the paper (demo tasks, ESC-50; ours only). get(out, name, task) -> a result record."""
     extra = extra_tasks(out, list(rows), get)
+    score = lambda r: None if r is None else 100 * r["test"]
     hdr = [f"{NAMES[c]} {METRIC.get(c, 'Acc')} (%)" for c in cols]
     if avg_from is not None:
         hdr.append("Average")
-    hdr += [f"{t} {METRIC.get(t, 'Acc')} (%)" for t in extra]
+    hdr += [f"{EXTRA_NAMES.get(t, t)} {METRIC.get(t, 'Acc')} (%)" for t in extra]
     lines = [f"### {title}", "", f"| {head} | " + " | ".join(hdr) + " |",
              "|" + "---|" * (len(head.split("|")) + len(hdr))]
     for name, label in rows.items():
-        ours = [get(out, name, c) for c in cols]
+        recs = [get(out, name, c) for c in cols]
+        ours = [score(r) for r in recs]
         ref = paper.get(name) or [None] * len(cols)
-        cells = [fmt(o, p, digits) for o, p in zip(ours, ref)]
+        cells = [fmt(o, p, digits, copy_note(r, notes)) for o, p, r in zip(ours, ref, recs)]
         if avg_from is not None:
             pa = mean(ref[avg_from:]) if name in paper else None  # None when one is missing
             cells.append(fmt(mean(ours[avg_from:]), pa, digits))
-        cells += [fmt(get(out, name, t), None, digits) for t in extra]
+        for t in extra:
+            r = get(out, name, t)
+            cells.append(fmt(score(r), None, digits, copy_note(r, notes)))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
-def sed_table(out):
+def sed_table(out, notes):
     """Table VI: the paper's DESED columns hold ours only for runs on DESED (dcase2022); every
     run's own numbers, on whatever data it ran, follow in columns of their own."""
     lines = ["### Table VI: DCASE task 4 SED, PSDS (psds_eval, 50 thresholds). DESED columns: "
@@ -135,8 +163,9 @@ def sed_table(out):
         roc = os.path.join("sed", name, "psd_roc_psds1.png")
         link = f"[PSDS1]({roc}), [PSDS2]({roc.replace('psds1', 'psds2')})" \
             if os.path.exists(os.path.join(out, roc)) else "-"
-        cells = [fmt(r.get("psds1") if desed else None, p1, 3),
-                 fmt(r.get("psds2") if desed else None, p2, 3), r.get("dataset", "-")] + [
+        note = copy_note(r, notes) if desed else ""
+        cells = [fmt(r.get("psds1") if desed else None, p1, 3, note),
+                 fmt(r.get("psds2") if desed else None, p2, 3, note), r.get("dataset", "-")] + [
             fmt(r.get(k), None, 3) for k in ("psds1", "psds2", "psds1_exact", "psds2_exact",
                                              "f1_intersection")]
         lines.append(f"| {label} | {RESOLUTION.get(name, '40 ms')} | " + " | ".join(cells) +
@@ -183,9 +212,9 @@ def plot_runs(out, names, path, title):
     return path
 
 
-def scale_note(out):
-    lines = ["| Run | preset | data | steps | batch | final loss | min teacher std |",
-             "|---|---|---|---|---|---|---|"]
+def scale_note(out, notes):
+    lines = ["| Run | preset | data | steps | batch | precision | final loss | min teacher std |",
+             "|---|---|---|---|---|---|---|---|"]
     pre = os.path.join(out, "pretrain")
     for n in sorted(os.listdir(pre)) if os.path.isdir(pre) else []:
         s = load(os.path.join(pre, n, "ckpt.pt.json"))
@@ -197,8 +226,9 @@ def scale_note(out):
         std = f"{min(r['std_t'] for r in recs):.3f}" if recs else "-"
         alias = f" (= {os.readlink(os.path.join(pre, n))})" if os.path.islink(
             os.path.join(pre, n)) else ""
-        lines.append(f"| {n}{alias} | {c['preset']} | {c['data']} | {s['step']}/{s['total']} | "
-                     f"{c['batch_size']} | {last} | {std} |")
+        lines.append(f"| {n}{alias} | {c['preset']} | {c['data']}{copy_note(s, notes)} | "
+                     f"{s['step']}/{s['total']} | {c['batch_size']} | "
+                     f"{s.get('precision', '-')} | {last} | {std} |")
     return lines + [""]
 
 
@@ -207,7 +237,7 @@ def compare(a, b, ra):
     standard error of a difference of two accuracies on n clips (independent binomials, a
     conservative bound for paired runs); no standard error for mAP or PSDS (one seed)."""
     d = a - b
-    words = f"{'ahead' if d > 0 else 'behind'} by {abs(d):.1f} points"
+    words = "level" if d == 0 else f"{'ahead' if d > 0 else 'behind'} by {abs(d):.1f} points"
     n = (ra.get("n") or [None])[-1]
     if ra.get("metric") != "accuracy" or not n:
         return f"{words} (one seed; no standard error for {ra.get('metric', 'this metric')})"
@@ -237,28 +267,37 @@ def checks(out):
             c = load(os.path.join(out, "sed", f"{other}_{mode}", "result.json")) or {}
             if f.get("psds1") is not None and c.get("psds1") is not None:
                 d = f["psds1"] - c["psds1"]
+                words = "level" if d == 0 else f"{'ahead' if d > 0 else 'behind'} by {abs(d):.3f}"
                 lines.append(f"- SED ({mode}): ATST-Frame PSDS1 {f['psds1']:.3f} vs "
-                             f"{KINDS[other]} {c['psds1']:.3f}: {'ahead' if d > 0 else 'behind'}"
-                             f" by {abs(d):.3f} (one seed; no standard error for PSDS).")
+                             f"{KINDS[other]} {c['psds1']:.3f}: {words} (one seed; no standard "
+                             "error for PSDS).")
     return lines + [""] if lines else []
 
 
 def main(out):
+    notes = {}  # footnote key -> the dataset copy it names
     md = ["# ATST and ASiT reproduction: results", "",
           "Each cell: ours (paper). `-`: not run at this scale. Columns named demo_* are the "
-          "built-in demo tasks (no paper value). Written by tables.py from the result files "
-          f"under `{out}/`.", "", "## Scale of the runs", ""] + scale_note(out)
+          "built-in demo tasks (no paper value). A footnote names the copy of the dataset a "
+          "number was measured on (clips found of those the official metadata lists). Written "
+          f"by tables.py from the result files under `{out}/`.", "", "## Scale of the runs",
+          ""] + scale_note(out, notes)
     md += ["## Checks", ""] + (checks(out) or ["(no comparable results yet)", ""])
     md += ["## Tables", ""]
     md += table(out, "Table II: ATST-Clip ablations (linear evaluation; Average over the last "
-                "four paper tasks)", "Segments | length (s)", T2_ROWS, T2, T2_COLS, linear_score,
-                avg_from=1)
+                "four paper tasks)", "Segments | length (s)", T2_ROWS, T2, T2_COLS,
+                linear_result, notes, avg_from=1)
     md += table(out, "Table III: ATST-Frame ablations (linear evaluation)",
                 "Config | augmented views | mask teacher | mask student | mask strategy", T3_ROWS,
-                T3, T2_COLS, linear_score, avg_from=0)
-    md += table(out, "Table IV: linear evaluation", "Method", T4_ROWS, T4, T4_COLS, linear_score)
-    md += table(out, "Table V: fine-tuning", "Method", T5_ROWS, T5, T5_COLS, finetune_score)
-    md += sed_table(out)
+                T3, T2_COLS, linear_result, notes, avg_from=0)
+    md += table(out, "Table IV: linear evaluation", "Method", T4_ROWS, T4, T4_COLS,
+                linear_result, notes)
+    md += table(out, "Table V: fine-tuning", "Method", T5_ROWS, T5, T5_COLS, finetune_result,
+                notes)
+    md += sed_table(out, notes)
+    if notes:
+        md += ["## Dataset copies", ""] + [f"[^{k}]: {v}" for k, v in sorted(notes.items())] + [
+            ""]
     md += ["## Plots", ""]
     for names, fname, title in ((["clip", "frame"], "pretrain_main.png", "Pre-training"),
                                 (["asit"], "pretrain_asit.png", "ASiT pre-training"),

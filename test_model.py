@@ -802,3 +802,71 @@ def test_hear_api_on_asit(tmp_path):
     assert emb.shape == (3, 12, 256) and (ts.diff(dim=1) == 160).all() and (ts[:, 0] == 80).all()
     torch.testing.assert_close(emb[0], ae(audio[:1], 16000, layers="all").frames[0])
     assert hear.get_scene_embeddings(audio, model).shape == (3, 512)
+
+
+# ---------------------------------------------------------------------------------- bf16 paths
+
+
+def _dtypes_seen(model, run):
+    """{module class: output dtypes} of every submodule while run() runs."""
+    seen, hooks = {}, []
+    for m in model.modules():
+        hooks.append(m.register_forward_hook(lambda mod, i, o: seen.setdefault(
+            type(mod).__name__, set()).add((o[0] if isinstance(o, (tuple, list)) else o).dtype)
+            if torch.is_tensor(o[0] if isinstance(o, (tuple, list)) else o) else None))
+    try:
+        out = run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, out
+
+
+@pytest.mark.parametrize("method", ["frame", "clip", "asit"])
+def test_bf16_autocast_on_cpu_takes_the_gpu_dtype_path(method):
+    """--dtype bf16 on the CPU runs the matmuls in bf16 (the path a GPU run takes) while the
+    front-ends, norms, DINO prototype cosines (divided by a 0.04 temperature) and losses stay
+    fp32; gradients reach fp32 weights; the loss is the fp32 loss within bf16 precision."""
+    cpu = torch.device("cpu")
+    assert P.precision(cpu) == "fp32" and P.precision(cpu, "bf16") == "bf16"
+    with pytest.raises(P.UserError, match="--dtype 'fp16'"):
+        P.precision(cpu, "fp16")
+    if method == "asit":
+        model, inputs, kw = _asit(drop_path=0.0), _asit_inputs(), dict(teacher_temp=0.04)
+        front = M.KaldiFrontEnd()
+    else:
+        torch.manual_seed(0)
+        model = M.ATST(method, dim=32, depth=2, heads=2, proj_hidden=64, proj_dim=16,
+                       drop_path=0.0)
+        front, kw = M.MelFrontEnd(), {}
+        v = mel_batch(4, 201)
+        mask = group_mask(torch.full((4,), 50), 50, 5, 0.65, torch.Generator().manual_seed(0))
+        inputs = (v, v.flip(-1), mask, torch.full((4,), 50)) if method == "frame" else (v, v)
+    losses = {}
+    for prec in ("fp32", "bf16"):
+        model.zero_grad()
+        with P.autocast(cpu, prec):
+            seen, (loss, stats) = _dtypes_seen(model, lambda: model(*inputs, **kw))
+            wav_in = front(torch.randn(2, 16000) * 0.1)
+        loss.backward()
+        losses[prec] = loss.item()
+        assert loss.dtype == torch.float32 and wav_in.dtype == torch.float32
+        assert seen["Linear"] == {torch.bfloat16 if prec == "bf16" else torch.float32}
+        assert seen["LayerNorm"] == {torch.float32}
+        if method == "asit":
+            assert seen["DinoHead"] == {torch.float32}          # the cosine logits
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert math.isclose(losses["bf16"], losses["fp32"], rel_tol=0.05), losses
+
+
+@pytest.mark.parametrize("kind", ["frame", "clip", "asit"])
+def test_embedding_api_in_bf16_matches_fp32(kind):
+    """enc(..., dtype="bf16") on the CPU: fp32 outputs, within bf16 precision of fp32."""
+    ae = _tiny_asit() if kind == "asit" else _tiny_encoder(kind)
+    x = torch.randn(2, 3 * 16000, generator=torch.Generator().manual_seed(0)) * 0.1
+    a, b = ae(x, 16000, dtype="fp32"), ae(x, 16000, dtype="bf16")
+    assert not torch.equal(a.frames, b.frames)                   # bf16 did run
+    for u, v in ((a.frames, b.frames), (a.clip, b.clip)):
+        assert v.dtype == torch.float32
+        assert F.cosine_similarity(u.flatten(1), v.flatten(1)).min() > 0.99

@@ -155,8 +155,8 @@ def test_sed_demo_end_to_end_and_prediction_on_long_stereo_audio(pretrained, dat
     seen = []
     monkeypatch.setattr(sed, "median_filter", lambda s, w: seen.append(w) or s)
     c = dict(ckpt=os.path.join(outs["lin"], "best.pt"), predict=str(tmp_path / "long.wav"),
-             threshold=0.5, out=str(tmp_path / "e.tsv"), device="cpu", median_window=7,
-             class_windows="")
+             threshold=0.5, out=str(tmp_path / "e.tsv"), device="cpu", dtype="auto",
+             median_window=7, class_windows="")
     sed.detect(SimpleNamespace(**c, set_by_user=[]))
     sed.detect(SimpleNamespace(**dict(c, median_window=3), set_by_user=["median_window"]))
     assert set(seen[0]) == {31} and set(seen[1]) == {3}
@@ -182,7 +182,7 @@ def test_every_script_prints_its_help():
     scripts run as __main__ one after another in one interpreter (one torch import)."""
     scripts = ("pretrain_frame.py", "pretrain_clip.py", "pretrain_asit.py", "linear_eval.py",
                "finetune.py", "distill.py", "sed.py", "demo.py", "bench.py", "tables.py",
-               "hear.py", "data.py")
+               "hear.py", "data.py", "prepare.py")
     p = subprocess.run([sys.executable, "-c", HELP_RUNNER, *scripts], cwd=HERE,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]

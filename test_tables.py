@@ -1,8 +1,11 @@
 """tables.py and run_all.sh: cells, averages and checks from result files; a rerun over
-finished results runs no stage."""
+finished results runs no stage; the paper's protocol in miniature on prepared copies of the
+real datasets."""
 import json
 import os
+import re
 import subprocess
+import time
 
 from conftest import HERE
 
@@ -109,3 +112,63 @@ def test_run_all_skips_finished_work(data_root, tmp_path):
     assert "pre-train" not in p.stdout and "tables ->" in p.stdout
     assert os.path.islink(os.path.join(out, "pretrain", "frame_D"))  # = the main Frame run
     assert "| D | 1 |" in open(os.path.join(out, "tables.md")).read()
+
+
+def table_cells(md, title):
+    """{(row label, column header): cell} of the markdown table under '### <title>...'."""
+    lines = md.splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith(f"### {title}"))
+    rows = []
+    for x in lines[start + 2:]:
+        if not x.startswith("|"):
+            break
+        rows.append([c.strip() for c in x.strip("|").split("|")])
+    head, body = rows[0], rows[2:]
+    n_label = next(i for i, h in enumerate(head) if h.split()[0] in REAL_COLUMNS)
+    return {(" | ".join(r[:n_label]), h): c for r in body for h, c in zip(head, r)
+            if h.split()[0] in REAL_COLUMNS}
+
+
+REAL_COLUMNS = {"AS-20K": "as20k", "AS-2M": "as2m", "SPCV2": "spcv2", "VOX1": "vox1",
+                "NSYNTH": "nsynth", "US8K": "us8k", "FSD50K": "fsd50k", "ESC-50": "esc50",
+                "DESED": "dcase2022"}
+
+
+def test_miniature_of_the_real_protocol(prepared, downloads, tmp_path):
+    """The paper's protocol on the prepared miniatures of the real datasets (run_all.sh's
+    real-data branch with its budget knobs, every stage in bf16 on the CPU, two cells at a
+    time): every real-data cell of Tables II-VI is filled, and names the copy of the dataset
+    it was measured on; every result records its precision and dataset copy."""
+    root, prep_times = prepared
+    out = str(tmp_path / "res")
+    env = dict(os.environ, DATA_ROOT=root, PRESET="tiny", STEPS="4", EPOCHS="1",
+               LINEAR_EPOCHS="10", BATCH="8", DTYPE="bf16", WORKERS="0", JOBS="2", OUT=out)
+    t0 = time.time()
+    p = subprocess.run(["bash", "run_all.sh"], cwd=HERE, env=env, capture_output=True,
+                       text=True, timeout=1800)
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    print(f"miniature of the real protocol: {time.time() - t0:.0f} s; prepare.py: {prep_times}")
+    md = open(os.path.join(out, "tables.md")).read()
+    notes = dict(line[2:].split("]: ", 1) for line in md.splitlines() if line.startswith("[^"))
+    shapes = {"Table II": (4, 5), "Table III": (5, 5), "Table IV": (6, 7), "Table V": (5, 5),
+              "Table VI": (8, 2)}
+    for title, (n_rows, n_cols) in shapes.items():
+        cells = table_cells(md, title)
+        assert len(cells) == n_rows * n_cols, (title, sorted(cells))
+        for (row, col), cell in cells.items():
+            m = re.fullmatch(r"\d+\.\d+( \(\d+\.\d+\))? \[\^([\w-]+)\]", cell)
+            assert m, (title, row, col, cell)                    # a number, then its copy
+            key = m.group(2)
+            assert key.startswith(REAL_COLUMNS[col.split()[0]].replace(".", "-") + "-")
+            assert "clips" in notes[key] and downloads["audioset"].rsplit(os.sep, 1)[0] in \
+                notes[key]                                       # found / listed, where from
+    assert "| AS-20K mAP (%) |" in md and "ESC-50 Acc (%)" in md
+    assert "as20k-" in " ".join(notes) and "train 10 / 11 clips" in md     # one never downloaded
+    scale = [x for x in md.splitlines() if x.startswith("| clip") or x.startswith("| frame")]
+    assert scale and all("| tiny | as" in x and "[^as" in x and "| bf16 |" in x for x in scale)
+    for sub in ("linear", "finetune", "sed"):
+        for dp, _, files in os.walk(os.path.join(out, sub)):
+            for f in files:
+                if f.endswith(".json") and (sub == "linear" or f == "result.json"):
+                    r = json.load(open(os.path.join(dp, f)))
+                    assert r["precision"] == "bf16" and r["dataset_copy"]["fingerprint"], f
