@@ -40,7 +40,7 @@ batch = 32           # clips per step (one device)
 steps = 5            # timed steps (after warmup_steps untimed ones)
 warmup_steps = 2            # untimed steps first
 reference = True     # also time the reference-style step
-device = "auto"      # auto | cpu
+device = "auto"      # auto (CUDA when torch sees it) | cpu | cuda
 dtype = "auto"       # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32: the timed step's autocast
 data_files = 48      # 10 s files written for the data-path benchmark (0 = skip it)
 data_batches = 6     # batches timed per format

@@ -31,10 +31,10 @@ from data import Labels, LabelledClips, pad_collate, task_copy, task_splits
 from metrics import score
 from model import (Classifier, freeze, layer_decay_groups, load_encoder, random_weights,
                    set_drop_path)
-from plumbing import (Log, clean_partial_writes, cleanup_distributed, config_keys, configure,
-                      cosine_schedule, describe, gather_shards, load_checkpoint, my_shard,
-                      save_atomic, save_json, setup_distributed, step_seed, user_errors,
-                      warmup_steps, wrap_ddp)
+from plumbing import (WORKERS, Log, UserError, claim_out_dir, cleanup_distributed, config_keys,
+                      configure, cosine_schedule, describe, gather_shards, load_checkpoint,
+                      my_shard, save_atomic, save_json, setup_distributed, step_seed,
+                      user_errors, warmup_steps, wrap_ddp)
 
 # -------------------------------------------------------------------------------- config
 # I/O
@@ -62,8 +62,8 @@ mixup = False               # Mixup with labels (lambda ~ Beta(a, a)) + RRC; tar
 mixup_alpha = 0.5           # a of Beta(a, a)
 balanced = False            # balanced sampling (AS-2M): weight sum_c y_c 1000 / (count_c + 0.01)
 # runtime
-num_workers = 4             # DataLoader workers per rank
-device = "auto"             # auto | cpu
+num_workers = WORKERS       # DataLoader workers per rank (4, or the cores when fewer)
+device = "auto"             # auto (CUDA if torch sees it) | cpu | cuda (an error without CUDA)
 dtype = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 (CPU too) | fp32
 seed = 0                    # every random draw of a step derives from (seed, step, rank)
 # --data NAME: the paper's per-dataset settings (SPEC 6; the demo rows are CPU-sized: at lr 0.5
@@ -71,12 +71,12 @@ seed = 0                    # every random draw of a step derives from (seed, st
 # row lists the same names; the first ("default": CSVs and other datasets) repeats the block
 # above, so an edited global wins over any row. The columns:
 #                 epochs batch_size   lr  warmup_epochs  train_seconds  mixup  balanced  workers
-_ROWS = {"default": (100, 512, 0.1, 5.0, 10.0, False, False, 4),
-         "as2m": (10, 1024, 0.1, 5.0, 10.0, True, True, 4),
-         "as20k": (200, 512, 0.1, 5.0, 10.0, True, False, 4),
-         "fsd50k": (100, 512, 0.1, 5.0, 10.0, True, False, 4),
-         "spcv2": (50, 512, 0.1, 5.0, 1.0, True, False, 4),
-         "vox1": (50, 512, 0.1, 5.0, 10.0, False, False, 4),
+_ROWS = {"default": (100, 512, 0.1, 5.0, 10.0, False, False, WORKERS),
+         "as2m": (10, 1024, 0.1, 5.0, 10.0, True, True, WORKERS),
+         "as20k": (200, 512, 0.1, 5.0, 10.0, True, False, WORKERS),
+         "fsd50k": (100, 512, 0.1, 5.0, 10.0, True, False, WORKERS),
+         "spcv2": (50, 512, 0.1, 5.0, 1.0, True, False, WORKERS),
+         "vox1": (50, 512, 0.1, 5.0, 10.0, False, False, WORKERS),
          "demo_events": (8, 32, 0.1, 1.0, 4.0, False, False, 2),
          "demo_tags": (8, 32, 0.1, 1.0, 6.0, True, False, 2)}
 TASKS = {k: dict(zip(("epochs", "batch_size", "lr", "warmup_epochs", "train_seconds", "mixup",
@@ -154,10 +154,7 @@ def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
         random_weights(ae, c.seed)
     out_dir = c.out_dir or os.path.join("out", f"{stage}_{os.path.basename(c.data)}_{ae.kind}"
                                                f"{'_random' if c.random_init else ''}")
-    os.makedirs(out_dir, exist_ok=True)
-    if d.master:
-        for p in clean_partial_writes(out_dir):
-            print(f"removed {p}: a save interrupted by a kill")
+    claim_out_dir(out_dir, d)
     if teacher is not None:
         freeze(teacher.to(d.device))
         if teacher.classes != labels.classes:
@@ -177,7 +174,8 @@ def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
     opt = torch.optim.SGD(groups, lr=c.lr, momentum=0.9)
 
     per_rank = c.batch_size // d.world
-    assert per_rank * d.world == c.batch_size, f"batch {c.batch_size} over {d.world} ranks"
+    if not per_rank or per_rank * d.world != c.batch_size:
+        raise UserError(f"--batch_size {c.batch_size} does not split over {d.world} ranks")
     ds = LabelledClips(train_rows, y_train, c.train_seconds, train=True, seed=c.seed)
     if c.balanced:
         w = balanced_weights(y_train, os.path.join(out_dir, "balanced_weights.pt"))
@@ -190,7 +188,9 @@ def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
                                          num_workers=c.num_workers, drop_last=True,
                                          pin_memory=d.device.type == "cuda")
     per_epoch = len(loader)
-    assert per_epoch > 0, f"{len(ds)} training clips are fewer than one batch of {c.batch_size}"
+    if not per_epoch:
+        raise UserError(f"{len(ds)} training clips are fewer than one batch of "
+                        f"{c.batch_size}: lower --batch_size")
     total = c.epochs * per_epoch
     sched = cosine_schedule(c.lr, c.min_lr, total,
                             warmup_steps(c.warmup_epochs, per_epoch, total, d.print))

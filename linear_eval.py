@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (Labels, LabelledClips, pad_collate, read_manifest, resolve_manifest,
-                  task_copy, task_splits)
+from data import (Labels, LabelledClips, manifest_name, pad_collate, read_manifest,
+                  resolve_manifest, task_copy, task_splits)
 from metrics import score
 from model import SAMPLE_RATE, LinearHead, load_encoder, random_weights
-from plumbing import (UserError, cleanup_distributed, configure, cosine_schedule, describe,
-                      gather_shards, my_shard, save_atomic, save_json, setup_distributed,
-                      user_errors)
+from plumbing import (WORKERS, UserError, check_writable, cleanup_distributed,
+                      configure, cosine_schedule, describe, gather_shards, my_shard, save_atomic,
+                      save_json, setup_distributed, user_errors)
 
 # -------------------------------------------------------------------------------- config
 ckpt = ""                   # pre-trained checkpoint: ours (teacher encoder) or a released one
@@ -54,8 +54,8 @@ min_lr = 1e-6               # lr at the last step (cosine)
 random_init = False         # baseline: the same encoder with random weights
 chunk_seconds = 0.0         # encoder chunk; 0 = the model's (Clip 6, Frame 10, ASiT 5.92 s)
 extract_batch = 32          # clips per forward during extraction
-num_workers = 4             # DataLoader workers (reading audio)
-device = "auto"             # auto | cpu
+num_workers = WORKERS       # DataLoader workers reading audio (4; the cores when fewer)
+device = "auto"             # auto (CUDA if torch sees it) | cpu | cuda (an error without CUDA)
 dtype = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 (CPU too) | fp32
 seed = 0                    # seed of the head's init, data order and held-out split
 TASK_FOLDS = {"us8k": 10, "esc50": 5}  # distributed as folds, without a test split
@@ -158,6 +158,14 @@ def main(cfg):
     if len(tasks) > 1 and (c.test_csv or c.valid_csv or (c.out and "{data}" not in c.out)):
         raise UserError(f"--data {c.data}: with several tasks, --out needs '{{data}}' (each "
                         "task's result file) and --test_csv / --valid_csv go with one task")
+    name = os.path.splitext(os.path.basename(c.ckpt))[0] if not c.ckpt.endswith("ckpt.pt") \
+        else os.path.basename(os.path.dirname(os.path.abspath(c.ckpt)))
+    out = c.out or os.path.join("results", f"linear_{{data}}_{name}"
+                                           f"{'_random' if c.random_init else ''}.json")
+    paths = {t: out.replace("{data}", manifest_name(t)) for t in tasks}
+    for path in paths.values():  # said now, not after the work
+        check_writable(path, "out")
+    check_writable(c.cache_dir, "cache_dir", folder=True)
     ae = load_encoder(c.ckpt, d.device, pretrained=True)
     if c.random_init:
         random_weights(ae, c.seed)
@@ -166,14 +174,8 @@ def main(cfg):
                        ae.encoder.max_tokens // ae.per_frame)                  # Table II: 1 s
     d.print(f"{ae.source}: {ae.name}, dim {ae.encoder.dim}, depth {ae.encoder.depth}, "
             f"{d.precision}")
-    name = os.path.splitext(os.path.basename(c.ckpt))[0] if not c.ckpt.endswith("ckpt.pt") \
-        else os.path.basename(os.path.dirname(os.path.abspath(c.ckpt)))
-    for task in tasks:
+    for task, path in paths.items():
         res = evaluate_task(ae, c, d, task)
-        tag = os.path.basename(task).removesuffix(".csv")
-        path = (c.out or os.path.join("results", f"linear_{{data}}_{name}"
-                                                 f"{'_random' if c.random_init else ''}.json")
-                ).replace("{data}", tag)
         if d.master:
             save_json(res, path)
             d.print(f"linear_eval {task} | {ae.name} | {res['metric']} {res['test']:.4f} (test)"

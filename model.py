@@ -14,6 +14,8 @@ How the Encoder differs from a vanilla ViT:
 - padded batches carry valid lengths, turned into a key-padding mask for attention;
 - the same final LayerNorm is applied to every block output that is read.
 """
+import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -651,11 +653,19 @@ class AudioEncoder(nn.Module):
         audio: (S,) one clip; (B, S) a batch; (B, C, S) channels averaged; (S, C) with C <= 16,
         as soundfile returns a multi-channel file, is one clip of C channels. Integer PCM is
         scaled to [-1, 1) (int16 / 2^15, int32 / 2^31, uint8 (x - 128) / 128). sample_rate
-        (Hz) is required; other rates are resampled. Errors say what is wrong instead of
-        encoding nonsense: NaN, a "batch" with more rows than samples, empty clips."""
+        (Hz, any positive number; rounded to whole Hz) is required; other rates are resampled.
+        lengths: one per clip, each at most the audio's samples. Errors say what is wrong
+        instead of encoding nonsense: NaN, a "batch" with more rows than samples, empty clips."""
         if sample_rate is None:
             raise ValueError("sample_rate is required: pass the audio's rate in Hz, e.g. "
                              "enc(x, sample_rate=sr) (it is resampled to 16 kHz)")
+        if torch.is_tensor(sample_rate) and sample_rate.numel() == 1:
+            sample_rate = sample_rate.item()
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real) or \
+                not math.isfinite(sample_rate) or sample_rate < 1:
+            raise ValueError(f"sample_rate {sample_rate!r}: a positive number of Hz expected "
+                             "(e.g. 44100 or 44100.0)")
+        sample_rate = round(sample_rate)  # resampling is between whole rates
         dev = next(self.parameters()).device
         audio = torch.as_tensor(audio)
         if not audio.is_floating_point():
@@ -680,10 +690,16 @@ class AudioEncoder(nn.Module):
                              "clips than samples is a (samples, channels) array: transpose it")
         if not torch.isfinite(audio).all():
             raise ValueError("audio has NaN or infinite samples")
-        B = audio.shape[0]
-        lengths = (torch.full((B,), audio.shape[-1]) if lengths is None else
-                   torch.as_tensor(lengths)).to(dev).long()
-        if audio.shape[-1] == 0 or (lengths <= 0).any():
+        B, S = audio.shape
+        lengths = (torch.full((B,), S) if lengths is None else
+                   torch.as_tensor(lengths)).to(dev).long().reshape(-1)
+        if len(lengths) != B:
+            raise ValueError(f"lengths has {len(lengths)} values for {B} clips: one per clip "
+                             "(its valid samples)")
+        if (lengths > S).any():
+            raise ValueError(f"lengths {lengths.tolist()}: a clip cannot be longer than the "
+                             f"audio's {S} samples")
+        if S == 0 or (lengths <= 0).any():
             raise ValueError("empty audio: every clip needs at least one sample")
         if sample_rate != SAMPLE_RATE:
             audio = torchaudio.functional.resample(audio, sample_rate, SAMPLE_RATE)

@@ -4,6 +4,7 @@ distributed / precision preamble, the one rule that seeds a step, schedules as t
 checkpoints and result files, and the log. Nothing here knows a model or a method.
 """
 import argparse
+import atexit
 import contextlib
 import datetime
 import glob
@@ -11,7 +12,10 @@ import json
 import math
 import os
 import re
+import shutil
+import socket
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -98,7 +102,45 @@ def configure(g, tables=None, implies=None, argv=None, help_files=()):
         if name in by_user:
             g.update({k: v for k, v in others.items() if k not in by_user})
     g.update(vars(_parser(g, keys, helps, sections).parse_args(argv)))  # --help, flags, types
+    check_ranges(g, keys)
     return dict({k: g[k] for k in keys}, set_by_user=sorted(by_user))
+
+
+# The allowed range of every numeric config value of the stages, by name (a name means the same
+# in every script): "[a, b]" closed, "(a, b)" open, "inf" unbounded. configure checks them
+# all, whatever set the value (block, row, edit or flag).
+RANGES = {
+    **dict.fromkeys(["batch_size", "batch_strong", "batch_weak", "batch", "extract_batch",
+                     "log_every", "ckpt_every", "mixup_bank", "mask_span", "align", "steps",
+                     "data_batches", "median_window"], "[1, inf)"),
+    **dict.fromkeys(["seed", "num_workers", "micro_batch", "max_steps", "folds", "data_files",
+                     "warmup_steps", "warmup_epochs", "teacher_temp_epochs", "min_lr",
+                     "weight_decay", "wd_start", "wd_end", "clip_grad", "crop_sec2",
+                     "chunk_seconds"], "[0, inf)"),
+    **dict.fromkeys(["epochs", "lr", "base_lr", "adam_eps", "grad_clip", "seconds",
+                     "crop_sec", "train_seconds", "max_seconds", "mixup_alpha", "teacher_temp0",
+                     "teacher_temp"], "(0, inf)"),
+    **dict.fromkeys(["ema_m0", "mixup_ratio", "kd_weight", "zeros_min", "zeros_max",
+                     "roll_prob", "replace_share", "replace_prob", "mask_prob"], "[0, 1]"),
+    **dict.fromkeys(["threshold", "weak_valid", "strong_valid"], "(0, 1)"),
+    "drop_path": "[0, 1)", "layer_decay": "(0, 1]", "n_thresholds": "[2, inf)",
+    "aug_views": "[0, 2]"}
+
+
+def in_range(value, spec):
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    return math.isfinite(value) and (lo < value if spec[0] == "(" else lo <= value) and \
+        (value < hi if spec[-1] == ")" else value <= hi)
+
+
+def check_ranges(g, keys):
+    """Every numeric config value inside its RANGES entry; else one line naming the flag."""
+    for k in keys:
+        if k in RANGES and type(g[k]) in (int, float) and not in_range(g[k], RANGES[k]):
+            lo, hi = RANGES[k][1:-1].split(", ")
+            want = f"{'>' if RANGES[k][0] == '(' else '>='} {lo}" if hi == "inf" else \
+                f"in {RANGES[k]}"
+            raise SystemExit(f"error: --{k} {g[k]}: must be {want}")
 
 
 def describe(cfg):
@@ -145,20 +187,46 @@ def autocast(device, dtype="auto"):
     return contextlib.nullcontext()
 
 
+DEVICES = ("auto", "cpu", "cuda")  # the `device` flag of every stage
+WORKERS = min(4, os.cpu_count() or 1)  # default DataLoader workers: 4, or the cores when fewer
+
+
+def pick_device(device="auto", local_rank=0):
+    """The torch device a run asked for: auto (CUDA when torch sees it, else the CPU), cpu, or
+    cuda, which is an error, before any data is read, when torch sees no CUDA device for this
+    local rank (a node whose driver failed must not train on its CPU for days)."""
+    if device not in DEVICES:
+        raise UserError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
+    seen = torch.cuda.is_available()
+    count = torch.cuda.device_count() if seen else 0
+    if device == "cuda" and local_rank >= count:
+        raise UserError(f"--device cuda, but torch sees no CUDA device for local rank "
+                        f"{local_rank}: torch.cuda.is_available() is {seen}, "
+                        f"torch.cuda.device_count() is {count} (torch {torch.__version__}, "
+                        f"built for CUDA {torch.version.cuda}, CUDA_VISIBLE_DEVICES="
+                        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); check the node's "
+                        "driver, or pass --device cpu")
+    return torch.device(f"cuda:{local_rank}" if seen and device != "cpu" else "cpu")
+
+
 def setup_distributed(device="auto", dtype="auto"):
-    cuda = torch.cuda.is_available() and device != "cpu"
-    rank, local, world = 0, 0, 1
+    """torchrun's environment -> Dist; nccl on CUDA, gloo on the CPU. Says which device and
+    precision it chose."""
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    dev = pick_device(device, local)
+    rank, world = 0, 1
     if "RANK" in os.environ:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=30))
         rank, world = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        dev = torch.device(f"cuda:{local}")
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.set_float32_matmul_precision("high")
-    else:
-        dev = torch.device("cpu")
-    return Dist(rank, local, world, dev, rank == 0, autocast(dev, dtype), precision(dev, dtype))
+    d = Dist(rank, local, world, dev, rank == 0, autocast(dev, dtype), precision(dev, dtype))
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
+        "CUDA not available" if device == "auto" else "asked for"
+    d.print(f"device {dev} ({name}), {d.precision}" + (f", {world} ranks" if world > 1 else ""))
+    return d
 
 
 def cleanup_distributed():
@@ -232,12 +300,25 @@ def ema_schedule(m0, total_steps):
 
 
 def _atomic(path, write, mode):
+    """write(f) to a temporary file, fsync, rename over path. A failed write (a full disk, a
+    quota, an I/O error: an OSError, or torch.save's RuntimeError around one) removes the
+    temporary file, leaves any previous `path` as it was, and is one line naming the file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else \
+            str(e).strip().splitlines()[-1]
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        raise UserError(f"could not write {path}: {why} ({free / 2**30:.2f} GiB free there); "
+                        + ("the previous file is unchanged" if os.path.exists(path) else
+                           "nothing was written")) from None
 
 
 def save_atomic(obj, path, summary=None):
@@ -287,13 +368,95 @@ def load_checkpoint(path):
                         f"torch.load says: {type(e).__name__}: {e})") from None
 
 
-def clean_partial_writes(out_dir):
-    """Remove what saves interrupted by a kill left behind (save_atomic's temporary files);
-    returns their paths. Call before anything of this run writes."""
-    stale = glob.glob(os.path.join(glob.escape(out_dir), "*.tmp*"))
-    for p in stale:
-        os.remove(p)
-    return stale
+def check_writable(path, flag, folder=False):
+    """`path` (a folder, or a file's folder) can be written now: said before the work, not
+    after it."""
+    where = path if folder else os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(where, exist_ok=True)
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as e:
+        raise UserError(f"--{flag} {path}: cannot write there ({e.strerror or e})") from None
+
+
+LOCK = "run.lock"
+
+
+def claim_out_dir(out_dir, d, flag="out_dir"):
+    """Make out_dir this job's: writable, locked, and cleared of what saves interrupted by a
+    kill left behind (save_atomic's temporary files). The lock, out_dir/run.lock, holds host,
+    pid and command; a second job on the same folder stops at once naming the holder. A lock
+    left by a process of this host that no longer runs (a killed job) is taken over, and said.
+    A lock from another host (a shared filesystem) cannot be checked: the job stops and says to
+    delete the lock if that job is gone. The lock is removed when the job exits."""
+    check_writable(out_dir, flag, folder=True)
+    msg = _lock(out_dir) if d.master else None
+    if d.world > 1:  # every rank stops, not only rank 0
+        box = [msg]
+        dist.broadcast_object_list(box)
+        msg = box[0]
+    if msg and msg.startswith("error: "):
+        raise UserError(msg[len("error: "):])
+    if d.master:
+        if msg:
+            print(msg)
+        for p in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp*")):
+            os.remove(p)
+            print(f"removed {p}: a save interrupted by a kill")
+    return out_dir
+
+
+def _lock(out_dir):
+    """Take out_dir's lock; returns None, a note (a stale lock taken over) or 'error: ...'."""
+    path, host = os.path.join(out_dir, LOCK), socket.gethostname()
+    me = dict(host=host, pid=os.getpid(), since=datetime.datetime.now().isoformat(
+        timespec="seconds"), command=" ".join(sys.argv))
+    note = None
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    held = json.load(f)
+            except (OSError, ValueError):
+                held = {}
+            pid = held.get("pid")
+            holder = (f"pid {pid} on {held.get('host')} since {held.get('since')} "
+                      f"({held.get('command', '?')})")
+            if held.get("host") != host:
+                return (f"error: {out_dir} is in use by {holder}; if that job is gone, delete "
+                        f"{path}")
+            if _alive(pid):
+                return f"error: {out_dir} is in use by {holder}: use another --out_dir"
+            os.remove(path)  # a killed run's lock, on this host
+            note = f"took over {path} from {holder}, which no longer runs"
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        atexit.register(_unlock, path, os.getpid())
+        return note
+    return f"error: could not take {path}"
+
+
+def _alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _unlock(path, pid):
+    try:
+        with open(path) as f:
+            if json.load(f).get("pid") == pid:
+                os.remove(path)
+    except (OSError, ValueError):
+        pass
 
 
 def warmup_steps(warmup_epochs, per_epoch, total, say=print):

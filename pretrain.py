@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from data import read_manifest, resolve_manifest, stream_loader, task_copy
 from model import param_groups
-from plumbing import (Log, UserError, all_mean, clean_partial_writes, cleanup_distributed,
+from plumbing import (Log, UserError, all_mean, claim_out_dir, cleanup_distributed,
                       cosine_schedule, describe, ema_schedule, load_checkpoint, save_atomic,
                       setup_distributed, step_seed, warmup_steps, wrap_ddp)
 
@@ -39,20 +39,20 @@ def train(cfg, model_args, make_model, views, schedules=None):
     c = SimpleNamespace(**cfg)
     d = setup_distributed(c.device, c.dtype)
     d.print(describe(cfg))
-    os.makedirs(c.out_dir, exist_ok=True)
-    if d.master:  # nothing of this run writes before the model is broadcast (DDP's init)
-        for p in clean_partial_writes(c.out_dir):
-            print(f"removed {p}: a save interrupted by a kill")
+    claim_out_dir(c.out_dir, d)  # nothing of this run writes before the model is broadcast
     t0 = time.time()
     rows = read_manifest(resolve_manifest(c.data, "train", c.data_root or None))
     copy = task_copy(c.data, c.data_root or None)  # what prepare.py recorded of this copy
     checked = time.time() - t0
     micro = c.micro_batch or c.batch_size // d.world
-    accum = c.batch_size // (micro * d.world)
-    assert accum * micro * d.world == c.batch_size, \
-        f"batch_size {c.batch_size} is not micro_batch {micro} x {d.world} ranks x an integer"
+    accum = c.batch_size // (micro * d.world) if micro else 0
+    if not accum or accum * micro * d.world != c.batch_size:
+        raise UserError(f"--batch_size {c.batch_size} is not --micro_batch {micro} x {d.world} "
+                        "ranks x a whole number of accumulation steps")
     per_epoch = len(rows) // c.batch_size
-    assert per_epoch > 0, f"{len(rows)} clips are fewer than one batch of {c.batch_size}"
+    if not per_epoch:
+        raise UserError(f"{len(rows)} clips of {c.data} are fewer than one batch of "
+                        f"{c.batch_size}: lower --batch_size")
     total = c.max_steps or max(1, int(c.epochs * per_epoch))
     warmup = warmup_steps(c.warmup_epochs, per_epoch, total, d.print)
     peak_lr = c.base_lr * c.batch_size / 256

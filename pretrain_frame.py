@@ -30,7 +30,7 @@ data_root = ""              # root of named datasets; '' = $ATST_DATA or ./data
 log_every = 50              # steps between log lines
 ckpt_every = 2000           # steps between checkpoints (and always at the end)
 num_workers = 8             # DataLoader workers per rank (they only read and crop audio)
-device = "auto"             # auto (CUDA when present) | cpu
+device = "auto"             # auto (CUDA if torch sees it) | cpu | cuda (an error without CUDA)
 dtype = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 (CPU too) | fp32
 seed = 0                    # every random draw of a step derives from (seed, step, rank)
 # model

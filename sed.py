@@ -28,15 +28,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (SedClips, audio_files, dataset_copy, default_data_root, encode_strong,
-                  hold_out, load_audio, read_durations, read_strong, read_weak, write_table)
+from data import (AudioError, SedClips, audio_files, dataset_copy, default_data_root,
+                  encode_strong, hold_out, load_audio, read_durations, read_strong, read_weak,
+                  write_table)
 from demo import make_demo
 from metrics import detections, evaluate_sed, median_filter
 from model import (SAMPLE_RATE, TOKEN_S, SedModel, freeze, load_classifier, load_encoder,
                    random_weights, tokens_for)
-from plumbing import (Log, autocast, cleanup_distributed, configure, cosine_schedule, describe,
-                      gather_shards, load_checkpoint, my_shard, save_atomic, save_json,
-                      setup_distributed, step_seed, UserError, user_errors, warmup_steps,
+from plumbing import (WORKERS, Log, UserError, autocast, check_writable,
+                      claim_out_dir, cleanup_distributed, configure, cosine_schedule, describe,
+                      gather_shards, load_checkpoint, my_shard, pick_device, save_atomic,
+                      save_json, setup_distributed, step_seed, user_errors, warmup_steps,
                       wrap_ddp)
 
 # -------------------------------------------------------------------------------- config
@@ -79,8 +81,8 @@ cache = False               # keep every clip's log-mel (linear: its frozen fram
                             # output in memory after one pass: exact (no augmentation, frozen
                             # parts in eval mode), epochs skip audio I/O; RAM: ~0.26 MB per clip
                             # (linear: 4 bytes x 250 x dim), on every rank
-num_workers = 4             # DataLoader workers per rank
-device = "auto"             # auto | cpu
+num_workers = WORKERS       # DataLoader workers per rank (4, or the cores when fewer)
+device = "auto"             # auto (CUDA if torch sees it) | cpu | cuda (an error without CUDA)
 dtype = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 (CPU too) | fp32
 seed = 0                    # every random draw of a step derives from (seed, step, rank)
 # --data NAME: per-task settings. Every row lists the same names; the first repeats the block
@@ -89,7 +91,8 @@ seed = 0                    # every random draw of a step derives from (seed, st
 # frames (7: test PSDS1 0.000, 31: 0.057, tiny Frame).
 TASKS = {
     "dcase2022": dict(epochs=100, batch_strong=128, batch_weak=128, warmup_epochs=5.0, lr=0.1,
-                      num_workers=4, cache=False, median_window=7, class_windows=""),
+                      num_workers=WORKERS, cache=False, median_window=7,
+                      class_windows=""),
     "demo_sed": dict(epochs=20, batch_strong=16, batch_weak=16, warmup_epochs=1.0, lr=0.5,
                      num_workers=2, cache=True, median_window=31, class_windows="")}
 
@@ -103,8 +106,8 @@ def task_dir(c):
         return os.path.join(make_demo(root), "sed")
     path = os.path.join(root, c.data)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"SED dataset {c.data!r}: expected the folder {path} "
-                                "(README 'Sound event detection' shows the layout)")
+        raise UserError(f"SED dataset {c.data!r}: expected the folder {path} "
+                        "(README 'Sound event detection' shows the layout)")
     return path
 
 
@@ -221,6 +224,11 @@ def train(cfg):
     test = read_strong(fs.test_tsv, classes, durations)
     s_train, s_valid = hold_out(sorted(strong), c.strong_valid, c.seed)
     w_train, _ = hold_out(sorted(weak), c.weak_valid, c.seed)
+    for n, b, what in ((len(s_train), c.batch_strong, "strong"), (len(w_train), c.batch_weak,
+                                                                   "weak")):
+        if b % d.world or n // d.world < b // d.world:  # said before encoding anything
+            raise UserError(f"--batch_{what} {b}: {n} {what} training clips over {d.world} "
+                            f"ranks hold no whole batch (or {b} does not split over the ranks)")
     absent = sorted(set(classes) - {e[2] for f in s_valid for e in strong[f]})
     if absent:
         d.print(f"note: the {len(s_valid)} held-out strong clips hold no event of {absent}; "
@@ -230,7 +238,7 @@ def train(cfg):
         random_weights(ae, c.seed)
     out_dir = c.out_dir or os.path.join("out", f"sed_{os.path.basename(c.data)}_{ae.kind}_"
                                                f"{c.mode}{'_random' if c.random_init else ''}")
-    os.makedirs(out_dir, exist_ok=True)
+    claim_out_dir(out_dir, d)
     teacher = None
     if c.teacher:
         teacher = freeze(load_classifier(c.teacher, d.device, expect=["atst-sed"]))
@@ -269,7 +277,6 @@ def train(cfg):
             ds, b // d.world, sampler=sampler, num_workers=0 if c.cache else c.num_workers,
             drop_last=True)))
     per_epoch = len(loaders[0][1])
-    assert per_epoch > 0 and len(loaders[1][1]) > 0, "fewer clips than one batch"
     total = c.epochs * per_epoch
     sched = cosine_schedule(c.lr, c.min_lr, total,
                             warmup_steps(c.warmup_epochs, per_epoch, total, d.print))
@@ -382,31 +389,47 @@ def train(cfg):
 def detect(c):
     """--predict: events (filename, onset, offset, event_label) in files of any length and
     sample rate, with the SED checkpoint's classes and median windows (--median_window /
-    --class_windows, when you set them, instead)."""
-    device = torch.device("cuda" if torch.cuda.is_available() and c.device != "cpu" else "cpu")
+    --class_windows, when you set them, instead). A file found in a folder is named by its
+    path inside that folder; an unreadable file is said and skipped, the others processed,
+    and the exit status is then 1."""
+    device = pick_device(c.device)
+    if c.out:
+        check_writable(c.out, "out")
     model = load_classifier(c.ckpt, device, expect=["atst-sed"])
     ck = load_checkpoint(c.ckpt)
     windows = ck.get("median_windows") or class_window_list(c, model.classes)
     if {"median_window", "class_windows"} & set(c.set_by_user):
         windows = class_window_list(c, model.classes)
-    paths = []
+    named = {}  # path -> its name in the output
     for p in c.predict.split(","):
-        paths += audio_files(p) if os.path.isdir(p) else [p]   # an empty folder is an error
-    rows = []
-    for path in paths:
-        wav, n = load_audio(path, where="--predict")
+        if os.path.isdir(p):                                   # an empty folder is an error
+            named.update((f, os.path.relpath(f, p)) for f in audio_files(p))
+        else:
+            named[p] = os.path.basename(p)
+    rows, failed = [], []
+    for path, name in named.items():
+        try:
+            wav, n = load_audio(path, where="--predict")
+        except AudioError as e:
+            failed.append(path)
+            tqdm.write(f"skipped: {e}", file=sys.stderr)
+            continue
         audio, lengths = model.ae.prepare(wav, SAMPLE_RATE)
         with torch.no_grad(), autocast(device, c.dtype):
             s, _ = model(*model.ae.features(audio, lengths))
         s = median_filter(s.float().cpu().numpy(), windows)
-        det = detections(s, [os.path.basename(path)], model.classes, [c.threshold], TOKEN_S)
+        det = detections(s, [name], model.classes, [c.threshold], TOKEN_S)
         dur = n / SAMPLE_RATE
         rows += [(f, f"{min(a, dur):.3f}", f"{min(b, dur):.3f}", label)
                  for f, a, b, label in det[c.threshold].itertuples(index=False)]
     header = ["filename", "onset", "offset", "event_label"]
     write_table(c.out or sys.stdout, header, rows)
-    print(f"{len(rows)} events in {len(paths)} files" + (f" -> {c.out}" if c.out else ""),
+    print(f"{len(rows)} events in {len(named) - len(failed)} files" +
+          (f" -> {c.out}" if c.out else "") +
+          (f"; {len(failed)} files could not be read: {', '.join(failed)}" if failed else ""),
           file=sys.stdout if c.out else sys.stderr)
+    if failed:
+        raise SystemExit(1)
     return rows
 
 

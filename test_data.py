@@ -149,3 +149,31 @@ def test_task_splits_hold_out_valid_and_never_use_test(tmp_path):
     train, valid, test = D.task_splits("us", str(tmp_path), folds=5, fold=2)
     assert names(test) == {f"f{i}.wav" for i in range(1, 20, 5)}
     assert not names(test) & (names(train) | names(valid)) and len(train) + len(valid) == 16
+
+
+def test_manifests_as_people_have_them(tmp_path):
+    """A CSV saved by a spreadsheet (byte-order mark), a .tsv manifest given as --data, and
+    comma-separated multi-labels, which would silently become one combined class: an error
+    that says how to write them (a single label holding a comma ends with ';')."""
+    (tmp_path / "a.wav").touch()
+    (tmp_path / "b.wav").touch()
+    (tmp_path / "bom.csv").write_bytes("\ufeffpath,label\na.wav,dog\n".encode("utf-8"))
+    assert D.read_manifest(str(tmp_path / "bom.csv"))[0]["label"] == "dog"
+    (tmp_path / "m.tsv").write_text("path\tlabel\na.wav\tdog, barking\nb.wav\tcat\n")
+    assert D.resolve_manifest(str(tmp_path / "m.tsv")) == str(tmp_path / "m.tsv")
+    rows = D.read_manifest(D.resolve_manifest(str(tmp_path / "m.tsv")))
+    assert [r["label"] for r in rows] == ["dog, barking", "cat"]      # single-label: as is
+    assert D.manifest_name(str(tmp_path / "m.tsv")) == "m" and D.manifest_name("as1.9m") == \
+        "as1.9m"
+    (tmp_path / "tags.csv").write_text('path,labels\na.wav,"dog,cat"\n')
+    rows = D.read_manifest(str(tmp_path / "tags.csv"))
+    with pytest.raises(D.DataError, match=r"tags.csv line 2: labels 'dog,cat' hold commas and "
+                       r"no ';': separate multi-labels with ';' \('a;b'\); a single label "
+                       r"holding a comma ends with ';' \('dog,cat;'\)"):
+        D.Labels(rows)
+    one = D.Labels([dict(labels="Male speech, man speaking;", _where="x"),
+                    dict(labels="Speech;Male speech, man speaking", _where="x")])
+    assert one.classes == ["Male speech, man speaking", "Speech"]
+    with pytest.raises(D.DataMissing, match="manifest not found") as e:
+        D.read_manifest(str(tmp_path / "gone.csv"))
+    assert isinstance(e.value, FileNotFoundError)         # also a UserError: one line

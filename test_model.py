@@ -629,6 +629,24 @@ def test_embedding_api_takes_what_users_pass(tmp_path):
         ae(torch.zeros(16000), sample_rate=16000, layers=[7])
 
 
+@pytest.mark.parametrize("kind", ["frame", "asit"])
+def test_embedding_api_checks_lengths_and_sample_rate(kind):
+    """lengths: one per clip, none longer than the audio; sample_rate: any positive number
+    (44100.0 is 44100 for every kind), anything else said plainly."""
+    ae = _tiny_asit() if kind == "asit" else _tiny_encoder(kind)
+    x = torch.randn(2, 44100, generator=torch.Generator().manual_seed(0)) * 0.1
+    assert torch.equal(ae(x, 44100.0).frames, ae(x, 44100).frames)
+    assert torch.equal(ae(x, np.float64(44100)).frames, ae(x, 44100).frames)
+    for bad in ("16000", 0, -8000, float("nan"), None, True):
+        with pytest.raises(ValueError, match="sample_rate"):
+            ae(x, bad)
+    with pytest.raises(ValueError, match="lengths has 3 values for 2 clips"):
+        ae(x, 44100, lengths=[100, 200, 300])
+    with pytest.raises(ValueError, match=r"lengths \[44100, 50000\]: a clip cannot be longer "
+                       "than the audio's 44100 samples"):
+        ae(x, 44100, lengths=[44100, 50000])
+
+
 def test_unreadable_checkpoints_are_named(tmp_path):
     """A truncated file, random bytes, a text file, a pickle of something else: each is an error
     naming the file, not a raw torch / pickle message; a classifier given where an SED model

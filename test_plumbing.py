@@ -1,6 +1,10 @@
-"""plumbing.py: config flags and their precedence, schedules, atomic files."""
+"""plumbing.py: config flags and their precedence and ranges, schedules, atomic files, the
+device, the out_dir lock, a full disk."""
+import errno
+import json
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -174,3 +178,146 @@ def test_user_errors_end_with_one_line(capsys):
         with P.user_errors():
             raise P.UserError("plain")
     assert capsys.readouterr().err == "error: plain\n"
+
+
+# ---------------------------------------------------------------- what a cluster job meets
+
+
+def one_line_error(p):
+    """The last stderr line of a stage that stopped on bad input: exit 1, no traceback."""
+    assert p.returncode == 1 and "Traceback" not in p.stderr, (p.returncode, p.stderr[-2000:])
+    return p.stderr.strip().splitlines()[-1]
+
+
+def test_a_device_asked_for_and_absent_stops_at_start(monkeypatch, tmp_path):
+    """--device cuda on a node where torch sees no CUDA is an error before anything is read
+    (the checkpoint named does not even exist), saying what torch sees; auto says what it
+    chose."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    p = subprocess.run([sys.executable, "linear_eval.py", "--device", "cuda", "--ckpt",
+                        str(tmp_path / "nothing.pt")], cwd=HERE, env=env, capture_output=True,
+                       text=True, timeout=120)
+    line = one_line_error(p)
+    assert "--device cuda" in line and "torch.cuda.is_available() is False" in line
+    assert "device_count() is 0" in line and "nothing.pt" not in p.stderr
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(P.UserError, match="choose one of auto, cpu, cuda"):
+        P.pick_device("gpu")
+    assert P.pick_device("auto") == torch.device("cpu")
+
+
+def test_second_job_on_an_out_dir_stops_and_a_dead_jobs_lock_is_taken_over(tmp_path, capsys):
+    """A live holder (here a sleeping process of this host) stops a second job at once, named;
+    a lock of a process that no longer runs is taken over and said; a lock of another host is
+    not guessed at; a job's own lock is gone when it exits."""
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    lock = os.path.join(out, P.LOCK)
+    one = P.Dist(0, 0, 1, torch.device("cpu"), True, None, "fp32")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with open(lock, "w") as f:
+            json.dump(dict(host=socket.gethostname(), pid=holder.pid, since="then",
+                           command="pretrain_frame.py --out_dir run"), f)
+        with pytest.raises(P.UserError, match=f"in use by pid {holder.pid} on "
+                           f"{socket.gethostname()} since then \\(pretrain_frame.py"):
+            P.claim_out_dir(out, one)
+        p = subprocess.run([sys.executable, "pretrain_frame.py", "--preset", "tiny", "--out_dir",
+                            out], cwd=HERE, capture_output=True, text=True, timeout=120)
+        assert f"in use by pid {holder.pid}" in one_line_error(p)
+    finally:
+        holder.kill()
+        holder.wait()
+    (tmp_path / "run" / "ck.pt.tmp123").write_text("torn")          # a killed save's debris
+    P.claim_out_dir(out, one)
+    said = capsys.readouterr().out
+    assert f"took over {lock}" in said and "which no longer runs" in said
+    assert json.load(open(lock))["pid"] == os.getpid()
+    assert not (tmp_path / "run" / "ck.pt.tmp123").exists()
+    with open(lock, "w") as f:
+        json.dump(dict(host="node-17", pid=1, since="then", command="x"), f)
+    with pytest.raises(P.UserError, match=f"on node-17 .*if that job is gone, delete {lock}"):
+        P.claim_out_dir(out, one)
+    os.remove(lock)
+    code = ("import torch, plumbing as P; P.claim_out_dir(%r, P.Dist(0, 0, 1, "
+            "torch.device('cpu'), True, None, 'fp32'))" % out)
+    subprocess.run([sys.executable, "-c", code], cwd=HERE, check=True, timeout=120)
+    assert not os.path.exists(lock)                                  # released at exit
+
+
+@pytest.mark.parametrize("script,flags,want", [
+    ("pretrain_frame.py", ["--batch_size", "0"], "--batch_size 0: must be >= 1"),
+    ("pretrain_asit.py", ["--batch_size", "-4"], "--batch_size -4: must be >= 1"),
+    ("pretrain_frame.py", ["--max_steps", "-5"], "--max_steps -5: must be >= 0"),
+    ("finetune.py", ["--epochs", "-1"], "--epochs -1: must be > 0"),
+    ("linear_eval.py", ["--batch_size", "0"], "--batch_size 0: must be >= 1"),
+    ("sed.py", ["--epochs", "0"], "--epochs 0: must be > 0"),
+    ("sed.py", ["--predict", "x.wav", "--threshold", "1.5"], "--threshold 1.5: must be in (0, 1)"),
+    ("sed.py", ["--predict", "x", "--threshold", "-0.5"], "--threshold -0.5: must be in (0, 1)"),
+    ("finetune.py", ["--lr", "nan"], "--lr nan: must be > 0")])
+def test_impossible_numbers_stop_at_parse_time(script, flags, want, monkeypatch):
+    """Every numeric flag is checked against plumbing.RANGES when the command line is read:
+    one line naming the flag and the allowed range."""
+    module = {"pretrain_frame.py": pretrain_frame, "pretrain_asit.py": pretrain_asit,
+              "finetune.py": finetune, "sed.py": sed}.get(script)
+    if module is None:
+        import linear_eval as module
+    g = dict(vars(module))
+    tables = dict(preset=module.PRESETS) if hasattr(module, "PRESETS") else \
+        dict(data=module.TASKS) if hasattr(module, "TASKS") else None
+    with pytest.raises(SystemExit) as e:
+        P.configure(g, tables, argv=["--ckpt", "x.pt", *flags] if "ckpt" in g else flags)
+    assert str(e.value.code) == f"error: {want}"
+
+
+def test_every_numeric_flag_has_a_range_and_every_default_is_inside_it():
+    import linear_eval
+    import bench
+    for module in (pretrain_frame, pretrain_clip, pretrain_asit, finetune, linear_eval, sed,
+                   bench):
+        g = vars(module)
+        for k in P.config_keys(g):
+            if type(g[k]) in (int, float):
+                assert k in P.RANGES and P.in_range(g[k], P.RANGES[k]), (module.__name__, k)
+        for rows in (getattr(module, "PRESETS", {}), getattr(module, "TASKS", {})):
+            for name, row in rows.items():
+                for k, v in row.items():
+                    assert type(v) not in (int, float) or P.in_range(v, P.RANGES[k]), (name, k)
+
+
+def test_unwritable_outputs_are_said_before_the_work(tmp_path):
+    """linear_eval.py --out where nothing can be written (under a file, which even root cannot
+    write into) stops before any feature is extracted."""
+    (tmp_path / "afile").write_text("x")
+    p = subprocess.run([sys.executable, "linear_eval.py", "--ckpt", str(tmp_path / "none.pt"),
+                        "--out", str(tmp_path / "afile" / "res.json")], cwd=HERE,
+                       capture_output=True, text=True, timeout=120)
+    line = one_line_error(p)
+    assert "--out" in line and "cannot write there" in line and "afile" in line
+    with pytest.raises(P.UserError, match="--out_dir .*cannot write there"):
+        P.check_writable(str(tmp_path / "afile" / "run"), "out_dir", folder=True)
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_previous_save(tmp_path,
+                                                                             monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    P.save_atomic(dict(step=1), path)
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(P.UserError) as e:
+        P.save_atomic(dict(step=2), path)
+    msg = str(e.value)
+    assert msg.startswith(f"could not write {path}: No space left on device (")
+    assert "GiB free there); the previous file is unchanged" in msg
+    assert P.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
+    with pytest.raises(P.UserError, match="result.json: No space left on device .*nothing was"):
+        P.save_json(dict(a=1), str(tmp_path / "result.json"))
+    monkeypatch.undo()
+    real_save = torch.save                      # torch's writer fails with a RuntimeError
+    monkeypatch.setattr(torch, "save", lambda obj, f: (real_save(obj, f), (_ for _ in ()).throw(
+        RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed "
+                     "writing file data/0: file write failed")))[0])
+    with pytest.raises(P.UserError, match="could not write .*ckpt.pt: .*file write failed"):
+        P.save_atomic(dict(step=3), path)
+    assert P.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]

@@ -138,7 +138,7 @@ def test_sed_demo_end_to_end_and_prediction_on_long_stereo_audio(pretrained, dat
         assert f == "long.wav" and 0 <= float(a) < float(b) <= 25.0
         assert label in json.load(open(os.path.join(outs["lin"], "result.json")))["classes"]
     p = run("sed.py", "--predict", str(tmp_path / "long.wav"), "--ckpt",      # ASiT, 160 ms
-            os.path.join(outs["asit"], "best.pt"), "--threshold", "0.0", data_root=data_root)
+            os.path.join(outs["asit"], "best.pt"), "--threshold", "0.001", data_root=data_root)
     rows = [r.split("\t") for r in p.stdout.splitlines()[1:]]
     assert rows and all(0 <= float(a) < float(b) <= 25.0 for _, a, b, _ in rows)
     assert max(float(b) for _, _, b, _ in rows) >= 24.9            # up to the file's end
@@ -151,6 +151,20 @@ def test_sed_demo_end_to_end_and_prediction_on_long_stereo_audio(pretrained, dat
     p = run("sed.py", "--predict", str(tmp_path / "empty"), "--ckpt",
             os.path.join(outs["lin"], "best.pt"), data_root=data_root, check=False)
     assert p.returncode == 1 and "no audio files" in p.stderr and "Traceback" not in p.stderr
+    # a folder as people have it: one name in two subfolders, one unreadable file (reported and
+    # skipped, the rest written, exit status 1)
+    for sub in ("kitchen", "garden"):
+        (tmp_path / "rec" / sub).mkdir(parents=True)
+        sf.write(tmp_path / "rec" / sub / "take1.wav", tone[:5 * sr].astype(np.float32), sr)
+    (tmp_path / "rec" / "broken.wav").write_text("not audio")
+    p = run("sed.py", "--predict", str(tmp_path / "rec"), "--ckpt",
+            os.path.join(outs["lin"], "best.pt"), "--threshold", "0.001", data_root=data_root,
+            check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert {r.split("\t")[0] for r in p.stdout.splitlines()[1:]} == {
+        os.path.join("kitchen", "take1.wav"), os.path.join("garden", "take1.wav")}
+    assert "skipped: --predict: cannot read audio file" in p.stderr and "broken.wav" in p.stderr
+    assert "in 2 files; 1 files could not be read" in p.stderr
     # the median windows: the checkpoint's (the demo's 31), unless --median_window is set
     seen = []
     monkeypatch.setattr(sed, "median_filter", lambda s, w: seen.append(w) or s)
