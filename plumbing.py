@@ -377,7 +377,11 @@ def check_writable(path, flag, folder=False):
         with tempfile.TemporaryFile(dir=where):
             pass
     except OSError as e:
-        raise UserError(f"--{flag} {path}: cannot write there ({e.strerror or e})") from None
+        up = where
+        while not os.path.exists(up):
+            up = os.path.dirname(up)
+        why = f"{up} is a file, not a folder" if not os.path.isdir(up) else e.strerror or e
+        raise UserError(f"--{flag} {path}: cannot write there ({why})") from None
 
 
 LOCK = "run.lock"
