@@ -144,7 +144,8 @@ def evaluate_sed(scores, files, classes, gt_tsv, dur_tsv, windows, frame_s, n_th
     gt = pd.read_csv(gt_tsv, sep="\t").dropna()
     meta = pd.read_csv(dur_tsv, sep="\t")
     if quick:  # a few held-out clips may hold no event of a class: score the classes they hold
-        keep = [i for i, k in enumerate(classes) if k in set(gt["event_label"])]
+        present = set(gt["event_label"])
+        keep = [i for i, k in enumerate(classes) if k in present]
         scores, classes, windows = scores[..., keep], [classes[i] for i in keep], \
             [windows[i] for i in keep]
     scores = median_filter(scores, windows)

@@ -395,16 +395,16 @@ def claim_out_dir(out_dir, d, flag="out_dir"):
     A lock from another host (a shared filesystem) cannot be checked: the job stops and says to
     delete the lock if that job is gone. The lock is removed when the job exits."""
     check_writable(out_dir, flag, folder=True)
-    msg = _lock(out_dir) if d.master else None
+    err, note = _lock(out_dir) if d.master else (None, None)
     if d.world > 1:  # every rank stops, not only rank 0
-        box = [msg]
+        box = [err]
         dist.broadcast_object_list(box)
-        msg = box[0]
-    if msg and msg.startswith("error: "):
-        raise UserError(msg[len("error: "):])
+        err = box[0]
+    if err:
+        raise UserError(err)
     if d.master:
-        if msg:
-            print(msg)
+        if note:
+            print(note)
         for p in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp*")):
             os.remove(p)
             print(f"removed {p}: a save interrupted by a kill")
@@ -412,7 +412,8 @@ def claim_out_dir(out_dir, d, flag="out_dir"):
 
 
 def _lock(out_dir):
-    """Take out_dir's lock; returns None, a note (a stale lock taken over) or 'error: ...'."""
+    """Take out_dir's lock: (error or None, note of a stale lock taken over or None). A lock
+    file without a readable holder (a job killed as it wrote it) counts as stale."""
     path, host = os.path.join(out_dir, LOCK), socket.gethostname()
     me = dict(host=host, pid=os.getpid(), since=datetime.datetime.now().isoformat(
         timespec="seconds"), command=" ".join(sys.argv))
@@ -426,22 +427,22 @@ def _lock(out_dir):
                     held = json.load(f)
             except (OSError, ValueError):
                 held = {}
-            pid = held.get("pid")
-            holder = (f"pid {pid} on {held.get('host')} since {held.get('since')} "
+            holder = (f"pid {held.get('pid')} on {held.get('host')} since {held.get('since')} "
                       f"({held.get('command', '?')})")
-            if held.get("host") != host:
-                return (f"error: {out_dir} is in use by {holder}; if that job is gone, delete "
-                        f"{path}")
-            if _alive(pid):
-                return f"error: {out_dir} is in use by {holder}: use another --out_dir"
+            if held and held.get("host") != host:
+                return (f"{out_dir} is in use by {holder}; if that job is gone, delete {path}",
+                        None)
+            if held and _alive(held.get("pid")):
+                return f"{out_dir} is in use by {holder}: use another --out_dir", None
             os.remove(path)  # a killed run's lock, on this host
-            note = f"took over {path} from {holder}, which no longer runs"
+            note = f"took over {path} from {holder if held else 'a torn lock'}, which no " \
+                "longer runs"
             continue
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         atexit.register(_unlock, path, os.getpid())
-        return note
-    return f"error: could not take {path}"
+        return None, note
+    return f"could not take {path}: another job is taking it", None
 
 
 def _alive(pid):

@@ -232,12 +232,17 @@ def scale_note(out, notes):
     return lines + [""]
 
 
+def lead(d, digits):
+    """'ahead by x', 'behind by x' or 'level' for a difference d."""
+    return "level" if d == 0 else f"{'ahead' if d > 0 else 'behind'} by {abs(d):.{digits}f}"
+
+
 def compare(a, b, ra):
     """'ahead / behind by x points' and whether that is beyond the noise of the test set: the
     standard error of a difference of two accuracies on n clips (independent binomials, a
     conservative bound for paired runs); no standard error for mAP or PSDS (one seed)."""
     d = a - b
-    words = "level" if d == 0 else f"{'ahead' if d > 0 else 'behind'} by {abs(d):.1f} points"
+    words = lead(d, 1) + ("" if d == 0 else " points")
     n = (ra.get("n") or [None])[-1]
     if ra.get("metric") != "accuracy" or not n:
         return f"{words} (one seed; no standard error for {ra.get('metric', 'this metric')})"
@@ -267,10 +272,9 @@ def checks(out):
             c = load(os.path.join(out, "sed", f"{other}_{mode}", "result.json")) or {}
             if f.get("psds1") is not None and c.get("psds1") is not None:
                 d = f["psds1"] - c["psds1"]
-                words = "level" if d == 0 else f"{'ahead' if d > 0 else 'behind'} by {abs(d):.3f}"
                 lines.append(f"- SED ({mode}): ATST-Frame PSDS1 {f['psds1']:.3f} vs "
-                             f"{KINDS[other]} {c['psds1']:.3f}: {words} (one seed; no standard "
-                             "error for PSDS).")
+                             f"{KINDS[other]} {c['psds1']:.3f}: {lead(d, 3)} (one seed; no "
+                             "standard error for PSDS).")
     return lines + [""] if lines else []
 
 

@@ -234,6 +234,9 @@ def test_second_job_on_an_out_dir_stops_and_a_dead_jobs_lock_is_taken_over(tmp_p
     assert f"took over {lock}" in said and "which no longer runs" in said
     assert json.load(open(lock))["pid"] == os.getpid()
     assert not (tmp_path / "run" / "ck.pt.tmp123").exists()
+    open(lock, "w").close()                     # torn: a job killed as it wrote its lock
+    P.claim_out_dir(out, one)
+    assert f"took over {lock} from a torn lock" in capsys.readouterr().out
     with open(lock, "w") as f:
         json.dump(dict(host="node-17", pid=1, since="then", command="x"), f)
     with pytest.raises(P.UserError, match=f"on node-17 .*if that job is gone, delete {lock}"):

@@ -47,7 +47,8 @@ def test_tables_cells_averages_and_checks(tmp_path):
               "clip_demo_events": acc(0.5), "clip_random_demo_events": acc(0.7),
               "frame_us8k": acc(0.855, 873), "frame_random_us8k": acc(0.84, 873),
               "frame_demo_tags": (0.62, "mAP", 120), "frame_random_demo_tags": (0.6, "mAP", 120),
-              "asit_demo_events": acc(0.7), "asit_random_demo_events": acc(0.55)}
+              "asit_demo_events": acc(0.7), "asit_random_demo_events": acc(0.55),
+              "asit_demo_tags": (0.5, "mAP", 120), "asit_random_demo_tags": (0.5, "mAP", 120)}
     fake_results(out, linear, {"frame_finetune": 0.3, "clip_finetune": 0.2,
                                "asit_finetune": 0.05})
     md = open(tables.main(out)).read()
@@ -70,6 +71,7 @@ def test_tables_cells_averages_and_checks(tmp_path):
     assert "62.0 vs the same encoder with random weights 60.0: ahead by 2.0 points (one seed; " \
         "no standard error for mAP)" in md
     assert "SED (finetune): ATST-Frame PSDS1 0.300 vs ATST-Clip 0.200: ahead by 0.100" in md
+    assert "ASiT 50.0 vs the same encoder with random weights 50.0: level (one seed" in md
     # Table VI: the paper's DESED columns hold ours only for a run on DESED
     row = next(line for line in md.splitlines() if line.startswith("| Finetuning | ATST-Frame"))
     assert "| 0.300 (0.361) | 0.200 (0.581) | dcase2022 |" in row
