@@ -1,9 +1,9 @@
 """
-Pre-training views (SPEC 4-5), batched on the device: Mixup, Random Resized Crop, frequency
-warping on normalised log-mel (B, F, T), waveform crops and group masking.
-Every random draw comes from an explicit torch.Generator, so a step is reproducible from its
-seed; the only state is the Mixup bank, which the training script saves with its checkpoint.
-Nothing here runs in DataLoader workers.
+Pre-training views (REFERENCE.md R4-R5), batched on the device: Mixup, Random Resized Crop,
+frequency warping on normalised log-mel (B, F, T), waveform crops and group masking. Every
+random draw comes from an explicit torch.Generator, so a step is reproducible from its seed;
+the only state is the Mixup bank, which the training script saves with its checkpoint. Nothing
+here runs in DataLoader workers.
 """
 import torch
 import torch.nn as nn
@@ -167,7 +167,7 @@ def roll_shifts(valid, g, p=0.5):
 
 
 def group_mask(n_valid, n_tokens, span=5, prob=0.65, generator=None, min_spans=2):
-    """wav2vec2-style span masking (SPEC 4), one mask per clip, vectorised over the batch.
+    """wav2vec2-style span masking (R4), one mask per clip, vectorised over the batch.
 
     Per clip: k = max(min_spans, int(prob * n / span + U[0,1))) span starts drawn without
     replacement from [0, n - span), each masking `span` tokens (spans may overlap): about 50%
@@ -194,7 +194,7 @@ def group_mask(n_valid, n_tokens, span=5, prob=0.65, generator=None, min_spans=2
 
 def gmml(x, g, p_replace=0.5, zeros=(0.5, 0.7), replace=0.3, max_block=0.3, align=1,
          chunk=62):
-    """ASiT's group masking (SPEC_ASIT 3), batched on the device: x (B, F, T) clean crops ->
+    """ASiT's group masking (R13), batched on the device: x (B, F, T) clean crops ->
     (corrupted, mask), mask 1 on corrupted pixels. Per clip, with probability 1 - p_replace
     ("zeros") a target share a ~ U(zeros) of the T x F pixels is set to 0; else ("replace") a
     share `replace` is pasted from the clean crop of a random clip of the batch (maybe

@@ -31,7 +31,8 @@ import pretrain_clip
 import pretrain_frame
 from augment import Mixup
 from data import stream_loader
-from plumbing import configure, setup_distributed
+from config import configure, script_config
+from plumbing import setup_distributed
 
 # -------------------------------------------------------------------------------- config
 preset = "tiny"      # tiny | small | base
@@ -68,9 +69,14 @@ def step_flops(model_args, n_tokens, batch):
 
 
 # method -> (script, model class, views class, tokens per view at the default crop)
-METHODS = {"frame": (pretrain_frame, M.ATST, "FrameViews", M.MAX_TOKENS),
-           "clip": (pretrain_clip, M.ATST, "ClipViews", 150),
-           "asit": (pretrain_asit, M.ASiT, "AsitViews", M.ASIT_TOKENS)}
+METHODS = {"frame": (pretrain_frame, M.ATST, "FrameViews", M.KINDS["frame"].max_tokens),
+           "clip": (pretrain_clip, M.ATST, "ClipViews", M.KINDS["clip"].chunk),
+           "asit": (pretrain_asit, pretrain_asit.ASiT, "AsitViews", M.KINDS["asit"].max_tokens)}
+
+
+def preset_config(mod, preset):
+    """A pre-training script's config for --preset, as the script itself resolves it."""
+    return SimpleNamespace(**script_config(mod, "--preset", preset))
 
 
 def reference_gmml(x, rng, p_replace=0.5, zeros=(0.5, 0.7), replace=0.3, max_block=0.3):
@@ -127,9 +133,7 @@ def reference_asit_views(c, rng):
 
 def time_step(c, d, style):
     mod, Model, views_name, n_tokens = METHODS[c.method]
-    defaults = SimpleNamespace(**{k: getattr(mod, k) for k in dir(mod) if not k.startswith("_")})
-    defaults.preset = c.preset
-    defaults.crop_sec = getattr(mod, "PRESETS", {}).get(c.preset, {}).get("crop_sec", 6.0)
+    defaults = preset_config(mod, c.preset)
     torch.manual_seed(c.seed)
     m = Model(**mod.model_args(defaults)).to(d.device)
     opt = torch.optim.AdamW(M.param_groups(m, 0.05), lr=1e-4, eps=1e-6,
@@ -192,9 +196,7 @@ def time_step(c, d, style):
 def time_views(c, d):
     """The ASiT data path alone (roll, crops, Kaldi fbank, GMML on a batch): ours batched on
     the device against the reference's per-clip way, in one run."""
-    defaults = SimpleNamespace(**{k: getattr(pretrain_asit, k) for k in dir(pretrain_asit)
-                                  if not k.startswith("_")})
-    defaults.crop_sec = pretrain_asit.PRESETS[c.preset]["crop_sec"]
+    defaults = preset_config(pretrain_asit, c.preset)
     wav = (torch.randn(c.batch, 160000) * 0.1).to(d.device)
     valid = torch.full((c.batch,), 160000, device=d.device)
     ours = pretrain_asit.AsitViews(defaults).to(d.device)

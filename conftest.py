@@ -16,6 +16,9 @@ import pytest
 import soundfile as sf
 import torch
 
+import model as M
+import pretrain_asit as A
+import runtime as R
 from demo import make_demo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -54,6 +57,35 @@ TINY = ["--data", "demo", "--preset", "tiny", "--num_workers", "1"]
 
 def mel_batch(B=4, T=301, seed=0):
     return torch.rand(B, 64, T, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def tiny_encoder(kind, seed=0):
+    """A small ATST-Frame or ATST-Clip AudioEncoder with seeded random weights."""
+    torch.manual_seed(seed)
+    enc = M.Encoder(dim=64, depth=3, heads=4, drop_path=0.0, **M.KINDS[kind].encoder_args())
+    return R.AudioEncoder(enc, kind).eval()
+
+
+def tiny_asit(seed=0):
+    """A small ASiT AudioEncoder with seeded random weights."""
+    torch.manual_seed(seed)
+    enc = M.Encoder(dim=32, depth=2, heads=2, drop_path=0.0, **M.KINDS["asit"].encoder_args())
+    return R.AudioEncoder(enc, "asit").eval()
+
+
+def asit_pair(**kw):
+    """A small ASiT teacher-student module (pretrain_asit.ASiT)."""
+    torch.manual_seed(0)
+    return A.ASiT(dim=32, depth=2, heads=2, head_hidden=64, bottleneck=16, global_k=40,
+                  local_k=24, recon_hidden=32, **kw)
+
+
+def asit_inputs(B=3, T=64, seed=0):
+    """(clean, corrupted, mask) of 2B crops of 128 x T, half the pixels masked to zero."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randn(2 * B, 128, T, generator=g)
+    mask = (torch.rand(2 * B, 128, T, generator=g) < 0.5).float()
+    return clean, clean * (1 - mask), mask
 
 
 @pytest.fixture(scope="session")

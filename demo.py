@@ -21,8 +21,8 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from data import default_data_root, write_table
 from model import SAMPLE_RATE
+from plumbing import default_data_root, write_table
 
 # Deterministic synthetic sounds whose classes differ in spectro-temporal structure
 # (pitch contour, modulation, envelope, bandwidth), never in loudness alone: every event and

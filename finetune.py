@@ -1,9 +1,9 @@
 """
-Fine-tuning (SPEC 6, paper Table V): the pre-trained teacher encoder and a BatchNorm + Linear
-head on the last block (Frame: mean of frames; Clip and ASiT: [CLS, mean]) trained together: SGD
-momentum 0.9, layer-wise lr decay 0.75, 5 warmup epochs then cosine to 1e-6, grad clip 3,
-Mixup with labels + Random Resized Crop where SPEC says so (BCE then). The best epoch on the
-validation split is kept and scored once on test. distill.py shares this loop (`train`).
+Fine-tuning (REFERENCE.md R6, paper Table V): the pre-trained teacher encoder and a BatchNorm +
+Linear head on the last block (Frame: mean of frames; Clip and ASiT: [CLS, mean]) trained
+together: SGD momentum 0.9, layer-wise lr decay 0.75, 5 warmup epochs then cosine to 1e-6, grad
+clip 3, Mixup with labels + Random Resized Crop where R6 says so (BCE then). The best epoch on
+the validation split is kept and scored once on test. distill.py shares this loop (`train`).
 
     python finetune.py --ckpt out/frame_tiny/ckpt.pt --data demo_events
     torchrun --nproc_per_node=8 finetune.py --ckpt atstframe_base.ckpt --data as2m
@@ -27,16 +27,19 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from augment import RandomResizedCrop, mixup_labels
+from config import config_keys, configure
 from data import Labels, LabelledClips, pad_collate, task_copy, task_splits
+from downstream import publish, record, resume, run_dir, save_epoch, start, start_encoder
+from heads import Classifier, layer_decay_groups
 from metrics import score
-from model import (Classifier, freeze, layer_decay_groups, load_encoder, random_weights,
-                   set_drop_path)
-from plumbing import (WORKERS, Log, UserError, claim_out_dir, cleanup_distributed, config_keys,
-                      configure, cosine_schedule, describe, gather_shards, load_checkpoint,
-                      my_shard, save_atomic, save_json, setup_distributed, step_seed,
+from model import freeze, set_drop_path
+from plumbing import (WORKERS, Log, UserError, cleanup_distributed, cosine_schedule,
+                      gather_shards, load_checkpoint, my_shard, save_atomic, step_seed,
                       user_errors, warmup_steps, wrap_ddp)
 
 # -------------------------------------------------------------------------------- config
+# None = the value of the task's TASKS row (a CSV or an unnamed dataset takes "default");
+# anything written here, or a flag, wins over a row.
 # I/O
 ckpt = ""                   # pre-trained checkpoint: ours (teacher encoder) or a released one
 data = "demo_events"        # task: named dataset, demo_events / demo_tags, or a train CSV
@@ -46,30 +49,29 @@ valid_csv = ""              # validation manifest (else 10% of train is held out
 out_dir = ""                # checkpoints, log, result; '' = out/finetune_<data>_<kind>
 random_init = False         # baseline: the same encoder with random weights
 # optimizer: SGD, momentum 0.9
-lr = 0.1                    # peak lr (the head's; blocks get layer_decay powers of it)
+lr = None                   # peak lr (the head's; blocks get layer_decay powers of it)
 layer_decay = 0.75          # layer-wise lr decay
 weight_decay = 0.0          # SGD weight decay (matrices only; biases and norms none)
-batch_size = 512            # global batch over all GPUs
-epochs = 100                # training epochs
-warmup_epochs = 5.0         # linear warmup, then cosine to min_lr
+batch_size = None           # global batch over all GPUs
+epochs = None               # training epochs
+warmup_epochs = None        # linear warmup, then cosine to min_lr
 min_lr = 1e-6               # lr at the last step
 grad_clip = 3.0             # global gradient norm clip
 drop_path = 0.1             # stochastic depth of the last block (linear from 0)
 # data and augmentation
-train_seconds = 10.0        # random crop of longer training clips
+train_seconds = None        # random crop of longer training clips
 max_seconds = 12.0          # evaluation: centre crop of longer clips, then 6 s / 10 s chunks
-mixup = False               # Mixup with labels (lambda ~ Beta(a, a)) + RRC; targets use BCE
+mixup = None                # Mixup with labels (lambda ~ Beta(a, a)) + RRC; targets use BCE
 mixup_alpha = 0.5           # a of Beta(a, a)
-balanced = False            # balanced sampling (AS-2M): weight sum_c y_c 1000 / (count_c + 0.01)
+balanced = None             # balanced sampling (AS-2M): weight sum_c y_c 1000 / (count_c + 0.01)
 # runtime
-num_workers = WORKERS       # DataLoader workers per rank (4, or the cores when fewer)
+num_workers = None          # DataLoader workers per rank
 device = "auto"             # auto (CUDA if torch sees it) | cpu | cuda (an error without CUDA)
 dtype = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 (CPU too) | fp32
 seed = 0                    # every random draw of a step derives from (seed, step, rank)
-# --data NAME: the paper's per-dataset settings (SPEC 6; the demo rows are CPU-sized: at lr 0.5
-# demo fine-tuning diverged at first, at 0.1 its loss falls every epoch). Every
-# row lists the same names; the first ("default": CSVs and other datasets) repeats the block
-# above, so an edited global wins over any row. The columns:
+# --data NAME: the paper's per-dataset settings (R6); "default" for CSVs and other datasets.
+# The demo rows are CPU-sized (at lr 0.5 demo fine-tuning diverged at first, at 0.1 its loss
+# falls every epoch). Workers: 4, or the cores when fewer (plumbing.WORKERS).
 #                 epochs batch_size   lr  warmup_epochs  train_seconds  mixup  balanced  workers
 _ROWS = {"default": (100, 512, 0.1, 5.0, 10.0, False, False, WORKERS),
          "as2m": (10, 1024, 0.1, 5.0, 10.0, True, True, WORKERS),
@@ -81,6 +83,7 @@ _ROWS = {"default": (100, 512, 0.1, 5.0, 10.0, False, False, WORKERS),
          "demo_tags": (8, 32, 0.1, 1.0, 6.0, True, False, 2)}
 TASKS = {k: dict(zip(("epochs", "batch_size", "lr", "warmup_epochs", "train_seconds", "mixup",
                       "balanced", "num_workers"), v)) for k, v in _ROWS.items()}
+TABLES = dict(data=TASKS)
 CONFIG_KEYS = config_keys(globals())  # distill.py extends this config
 
 
@@ -116,7 +119,7 @@ def task_loss(logits, target, soft):
 
 
 def kd_loss(student, teacher_logits, soft):
-    """SPEC 6: BCE(s, sigmoid(t)) for multi-label or Mixup, CE(s, softmax(t)) otherwise."""
+    """R6: BCE(s, sigmoid(t)) for multi-label or Mixup, CE(s, softmax(t)) otherwise."""
     if soft:
         return F.binary_cross_entropy_with_logits(student, torch.sigmoid(teacher_logits))
     return F.cross_entropy(student, teacher_logits.softmax(-1))
@@ -137,24 +140,18 @@ def teacher_inputs(teacher, ae, x, n, wav, valid, c, seed):
     return tx, tn
 
 
-def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
-    c = SimpleNamespace(**cfg)
-    t0 = time.time()
-    d = setup_distributed(c.device, c.dtype)
-    d.print(describe(cfg))
+def setup(cfg, teacher, stage):
+    """Everything a run needs before its first epoch: splits, labels, model, optimizer,
+    loader, schedule; a namespace."""
+    c, d, t0 = start(cfg)
     if not c.ckpt:
         raise SystemExit(f"{stage}.py needs --ckpt (a pre-trained checkpoint)")
     train_rows, valid_rows, test_rows = task_splits(c.data, c.data_root or None, c.test_csv,
                                                     c.valid_csv, seed=c.seed)
     labels = Labels(train_rows)
     y_train, y_valid, y_test = (labels.encode(r) for r in (train_rows, valid_rows, test_rows))
-    soft = labels.multi or c.mixup  # BCE on (mixed) soft targets
-    ae = load_encoder(c.ckpt, d.device, pretrained=True)
-    if c.random_init:
-        random_weights(ae, c.seed)
-    out_dir = c.out_dir or os.path.join("out", f"{stage}_{os.path.basename(c.data)}_{ae.kind}"
-                                               f"{'_random' if c.random_init else ''}")
-    claim_out_dir(out_dir, d)
+    ae = start_encoder(c, d)
+    out_dir = run_dir(c, d, stage, ae)
     if teacher is not None:
         freeze(teacher.to(d.device))
         if teacher.classes != labels.classes:
@@ -172,7 +169,6 @@ def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
             + ", ".join(f"{g['lr_scale']:.3g}/{g['weight_decay']:g} x{len(g['params'])}"
                         for g in groups))
     opt = torch.optim.SGD(groups, lr=c.lr, momentum=0.9)
-
     per_rank = c.batch_size // d.world
     if not per_rank or per_rank * d.world != c.batch_size:
         raise UserError(f"--batch_size {c.batch_size} does not split over {d.world} ranks")
@@ -194,98 +190,110 @@ def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
     total = c.epochs * per_epoch
     sched = cosine_schedule(c.lr, c.min_lr, total,
                             warmup_steps(c.warmup_epochs, per_epoch, total, d.print))
-    rrc, gen = RandomResizedCrop(), torch.Generator(device=d.device)
+    return SimpleNamespace(c=c, d=d, t0=t0, cfg=cfg, labels=labels, ae=ae, out_dir=out_dir,
+                           rrc=RandomResizedCrop(),
+                           teacher=teacher, model=model, ddp=ddp, opt=opt, ds=ds,
+                           sampler=sampler, loader=loader, per_epoch=per_epoch, total=total,
+                           sched=sched, soft=labels.multi or c.mixup,  # BCE on soft targets
+                           splits=dict(train=train_rows, valid=valid_rows, test=test_rows),
+                           y=dict(valid=y_valid, test=y_test))
 
-    ckpt_path, best_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt")
-    epoch, best = 0, dict(valid=-math.inf, epoch=-1)
-    if os.path.exists(ckpt_path):
-        ck = load_checkpoint(ckpt_path)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        epoch, best = ck["epoch"], ck["best"]
-        d.print(f"resumed from {ckpt_path} after epoch {epoch}")
-    log = Log(out_dir, d.master, resume=("epoch", epoch))
-    pbar = tqdm(total=total, initial=epoch * per_epoch, disable=not d.master, dynamic_ncols=True)
+
+def run_epoch(r, epoch, kd_weight, pbar):
+    """One epoch; returns the mean loss."""
+    c, d, model, opt, labels = r.c, r.d, r.model, r.opt, r.labels
+    model.train()
+    r.ds.set_epoch(epoch)
+    if hasattr(r.sampler, "set_epoch"):
+        r.sampler.set_epoch(epoch)
+    loss_sum, gen = 0.0, torch.Generator(device=d.device)
+    for i, (wav, valid, y) in enumerate(r.loader):
+        step = epoch * r.per_epoch + i
+        for g in opt.param_groups:
+            g["lr"] = r.sched[step].item() * g["lr_scale"]
+        seed = step_seed(c.seed, step, d.rank)
+        torch.manual_seed(seed)  # drop-path
+        wav, valid, y = wav.to(d.device), valid.to(d.device), y.to(d.device)
+        with torch.no_grad():
+            x, n = model.ae.features(wav, valid)                    # (B, F, T), (B,)
+            target = y.float() if labels.multi else y
+            if c.mixup:  # RRC stretches time, so every clip is taken as full length
+                gen.manual_seed(seed)
+                onehot = target if labels.multi else F.one_hot(y, len(labels.classes)).float()
+                x, target = mixup_labels(x, onehot, c.mixup_alpha, np.random.default_rng(seed))
+                x = r.rrc(x, gen)
+                n = torch.full_like(n, x.shape[-1] // model.ae.unit)
+        with d.ctx:
+            logits = r.ddp(x, n).float()
+            loss = task_loss(logits, target, r.soft)
+            if r.teacher is not None:
+                with torch.no_grad():
+                    t_logits = r.teacher(*teacher_inputs(r.teacher, model.ae, x, n, wav, valid,
+                                                         c, seed)).float()
+                loss = (1 - kd_weight) * loss + kd_weight * kd_loss(logits, t_logits, r.soft)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+        loss_val = loss.item()
+        if not math.isfinite(loss_val):
+            raise SystemExit(f"non-finite loss ({loss_val}) at epoch {epoch} step {i}: stopping")
+        opt.step()
+        loss_sum += loss_val
+        pbar.update(1)
+    return loss_sum / r.per_epoch
+
+
+def evaluate(r, split):
+    """mAP (multi-label) or accuracy of the model on a split."""
+    return score(predict(r.model, r.splits[split], r.y[split], r.c, r.d), r.y[split],
+                 r.labels.multi)
+
+
+def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
+    r = setup(cfg, teacher, stage)
+    c, d, model, labels = r.c, r.d, r.model, r.labels
+    ckpt_path, best_path = (os.path.join(r.out_dir, f) for f in ("ckpt.pt", "best.pt"))
+    epoch, best = resume(ckpt_path, model, r.opt, d)
+    best = best or dict(valid=-math.inf, epoch=-1)
+    log = Log(r.out_dir, d.master, resume=("epoch", epoch))
+    pbar = tqdm(total=r.total, initial=epoch * r.per_epoch, disable=not d.master,
+                dynamic_ncols=True)
+    metric = "mAP" if labels.multi else "acc"
     for epoch in range(epoch, c.epochs):
-        model.train()
-        ds.set_epoch(epoch)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        loss_sum, t_ep = 0.0, time.time()
-        for i, (wav, valid, y) in enumerate(loader):
-            step = epoch * per_epoch + i
-            for g in opt.param_groups:
-                g["lr"] = sched[step].item() * g["lr_scale"]
-            seed = step_seed(c.seed, step, d.rank)
-            torch.manual_seed(seed)  # drop-path
-            wav, valid, y = wav.to(d.device), valid.to(d.device), y.to(d.device)
-            with torch.no_grad():
-                x, n = model.ae.features(wav, valid)                    # (B, F, T), (B,)
-                target = y.float() if labels.multi else y
-                if c.mixup:  # RRC stretches time, so every clip is taken as full length
-                    gen.manual_seed(seed)
-                    onehot = target if labels.multi else F.one_hot(y, len(labels.classes)).float()
-                    x, target = mixup_labels(x, onehot, c.mixup_alpha, np.random.default_rng(seed))
-                    x = rrc(x, gen)
-                    n = torch.full_like(n, x.shape[-1] // model.ae.unit)
-            with d.ctx:
-                logits = ddp(x, n).float()
-                loss = task_loss(logits, target, soft)
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_logits = teacher(*teacher_inputs(teacher, model.ae, x, n, wav, valid,
-                                                           c, seed)).float()
-                    loss = (1 - kd_weight) * loss + kd_weight * kd_loss(logits, t_logits, soft)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-            loss_val = loss.item()
-            if not math.isfinite(loss_val):
-                raise SystemExit(f"non-finite loss ({loss_val}) at epoch {epoch} step {i}: "
-                                 "stopping")
-            opt.step()
-            loss_sum += loss_val
-            pbar.update(1)
-        v = score(predict(model, valid_rows, y_valid, c, d), y_valid, labels.multi)
+        t_ep = time.time()
+        loss = run_epoch(r, epoch, kd_weight, pbar)
+        v = evaluate(r, "valid")
         if v > best["valid"]:
             best = dict(valid=v, epoch=epoch + 1)
             if d.master:
                 save_atomic(dict(kind="atst-finetune", model=model.export(),
-                                 encoder_args=ae.encoder.args, classes=labels.classes,
-                                 multi=labels.multi, valid=v, epoch=epoch + 1, config=cfg,
-                                 pretrained=c.ckpt), best_path)
-        if d.master:
-            save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(),
-                             epoch=epoch + 1, best=best, config=cfg), ckpt_path)
-        metric = "mAP" if labels.multi else "acc"
-        log(dict(epoch=epoch + 1, loss=loss_sum / per_epoch, lr=sched[step].item(), valid=v,
-                 best=best["valid"], s=time.time() - t_ep),
-            f"epoch {epoch + 1}/{c.epochs} | loss {loss_sum / per_epoch:.4f} | lr "
-            f"{sched[step].item():.3g} | valid {metric} {v:.4f} | best {best['valid']:.4f} "
-            f"(epoch {best['epoch']}) | {time.time() - t_ep:.0f}s")
+                                 encoder_args=r.ae.encoder.args, encoder_kind=r.ae.kind,
+                                 classes=labels.classes, multi=labels.multi, valid=v,
+                                 epoch=epoch + 1, config=cfg, pretrained=c.ckpt), best_path)
+        save_epoch(ckpt_path, model, r.opt, epoch + 1, best, cfg, d)
+        lr = r.sched[(epoch + 1) * r.per_epoch - 1].item()
+        log(dict(epoch=epoch + 1, loss=loss, lr=lr, valid=v, best=best["valid"],
+                 s=time.time() - t_ep),
+            f"epoch {epoch + 1}/{c.epochs} | loss {loss:.4f} | lr {lr:.3g} | valid {metric} "
+            f"{v:.4f} | best {best['valid']:.4f} (epoch {best['epoch']}) | "
+            f"{time.time() - t_ep:.0f}s")
     pbar.close()
     if d.world > 1:
         dist.barrier()  # best.pt is written by rank 0
     model.load_export(load_checkpoint(best_path)["model"])  # the best epoch, strictly
-    test = score(predict(model, test_rows, y_test, c, d), y_test, labels.multi)
-    res = dict(stage=stage, dataset=c.data, dataset_copy=task_copy(c.data, c.data_root or None),
-               checkpoint=c.ckpt, kind=ae.kind, precision=d.precision,
-               random_init=c.random_init,
-               teacher=cfg.get("teacher"), teacher_kind=teacher.ae.kind if teacher else None,
-               metric="mAP" if labels.multi else "accuracy", test=test, valid=best["valid"],
-               best_epoch=best["epoch"], lr=c.lr, seed=c.seed,
-               elapsed_s=round(time.time() - t0, 1),
-               n=[len(train_rows), len(valid_rows), len(test_rows)], config=cfg)
-    if d.master:
-        save_json(res, os.path.join(out_dir, "result.json"))
-        d.print(f"{stage} {c.data} | {ae.name} | {res['metric']} {test:.4f} (test) | valid "
-                f"{best['valid']:.4f} at epoch {best['epoch']} | {res['elapsed_s']:.0f}s -> "
-                f"{out_dir}/result.json")
+    test = evaluate(r, "test")
+    res = record(stage, c.data, task_copy(c.data, c.data_root or None), c, d, r.ae, r.t0, cfg,
+                 teacher=cfg.get("teacher"), teacher_kind=teacher.ae.kind if teacher else None,
+                 metric="mAP" if labels.multi else "accuracy", test=test, valid=best["valid"],
+                 best_epoch=best["epoch"], lr=c.lr, n=[len(r.splits[k]) for k in r.splits])
+    publish(res, os.path.join(r.out_dir, "result.json"), d,
+            f"{stage} {c.data} | {r.ae.name} | {res['metric']} {test:.4f} (test) | valid "
+            f"{best['valid']:.4f} at epoch {best['epoch']} | {res['elapsed_s']:.0f}s")
     cleanup_distributed()
     return res
 
 
 if __name__ == "__main__":
-    cfg = configure(globals(), dict(data=TASKS))
+    cfg = configure(globals(), TABLES)
     with user_errors():
         train(cfg)

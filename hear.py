@@ -8,13 +8,14 @@ ATST-Frame / ATST-Clip / ASiT files.
     emb, ts = hear.get_timestamp_embeddings(audio, model)      # (n, T, size), (n, T) in ms
 
 audio: (n_sounds, n_samples) at 16 kHz, on the model's device. Embeddings concatenate the
-outputs of every block (the linear-evaluation features of SPEC 6); load_model(path, layers=None)
-takes the last block only. Timestamps are frame centres: ATST 40 ms apart from 20 ms, ASiT 160 ms
-apart from 80 ms.
+outputs of every block (the linear-evaluation features of REFERENCE.md R6); load_model(path,
+layers=None) takes the last block only. Timestamps are frame centres: ATST 40 ms apart from
+20 ms, ASiT 160 ms apart from 80 ms.
 """
 import torch
 
-from model import SAMPLE_RATE, load_encoder
+from model import SAMPLE_RATE
+from runtime import load_encoder
 
 
 def load_model(model_file_path="", layers="all", device=None):

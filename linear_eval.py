@@ -1,5 +1,5 @@
 """
-Linear evaluation (SPEC 6, paper Table IV): the frozen teacher encoder of a pre-trained
+Linear evaluation (REFERENCE.md R6, paper Table IV): the frozen teacher encoder of a pre-trained
 ATST-Clip, ATST-Frame or ASiT checkpoint (ours or released) gives one feature per clip: every
 block, after the final norm; Clip and ASiT [CLS, mean of frames] per block, Frame mean of frames
 per block (2*L*D / L*D); clips centre-cropped to 12 s, cut into 6 s / 10 s / 5.92 s (ASiT)
@@ -22,19 +22,19 @@ import json
 import math
 import os
 import time
-from types import SimpleNamespace
-
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from config import configure
 from data import (Labels, LabelledClips, manifest_name, pad_collate, read_manifest,
                   resolve_manifest, task_copy, task_splits)
+from downstream import publish, record, start, start_encoder
+from heads import LinearHead
 from metrics import score
-from model import SAMPLE_RATE, LinearHead, load_encoder, random_weights
-from plumbing import (WORKERS, UserError, check_writable, cleanup_distributed,
-                      configure, cosine_schedule, describe, gather_shards, my_shard, save_atomic,
-                      save_json, setup_distributed, user_errors)
+from model import SAMPLE_RATE
+from plumbing import (WORKERS, UserError, check_writable, cleanup_distributed, cosine_schedule,
+                      gather_shards, my_shard, save_atomic, user_errors)
 
 # -------------------------------------------------------------------------------- config
 ckpt = ""                   # pre-trained checkpoint: ours (teacher encoder) or a released one
@@ -129,7 +129,7 @@ def evaluate_split(c, d, task, features, folds=0, fold=0):
                 metric="mAP" if labels.multi else "accuracy", feature_dim=Xs[0].shape[1])
 
 
-def evaluate_task(ae, c, d, task):
+def evaluate_task(ae, c, d, task, cfg):
     """Every split (or fold) of a task -> its result record."""
     t0 = time.time()
     folds = c.folds or TASK_FOLDS.get(task, 0)
@@ -143,17 +143,13 @@ def evaluate_task(ae, c, d, task):
             for f in (range(1, folds + 1) if folds else [0])]
     res = dict(runs[0], test=sum(r["test"] for r in runs) / len(runs),
                folds=runs if folds else None)
-    res.update(stage="linear_eval", dataset=task, dataset_copy=task_copy(task, c.data_root or
-                                                                         None),
-               checkpoint=c.ckpt, kind=ae.kind, random_init=c.random_init, seed=c.seed,
-               precision=d.precision, elapsed_s=round(time.time() - t0, 1), config=c.cfg)
+    res.update(record("linear_eval", task, task_copy(task, c.data_root or None), c, d, ae, t0,
+                      cfg))
     return res
 
 
 def main(cfg):
-    c = SimpleNamespace(**cfg, cfg=cfg)
-    d = setup_distributed(c.device, c.dtype)
-    d.print(describe(cfg))
+    c, d, _ = start(cfg)
     tasks = c.data.split(",")
     if len(tasks) > 1 and (c.test_csv or c.valid_csv or (c.out and "{data}" not in c.out)):
         raise UserError(f"--data {c.data}: with several tasks, --out needs '{{data}}' (each "
@@ -166,21 +162,17 @@ def main(cfg):
     for path in paths.values():  # said now, not after the work
         check_writable(path, "out")
     check_writable(c.cache_dir, "cache_dir", folder=True)
-    ae = load_encoder(c.ckpt, d.device, pretrained=True)
-    if c.random_init:
-        random_weights(ae, c.seed)
+    ae = start_encoder(c, d)
     if c.chunk_seconds:
         ae.chunk = min(round(c.chunk_seconds / ae.frame_s),
                        ae.encoder.max_tokens // ae.per_frame)                  # Table II: 1 s
     d.print(f"{ae.source}: {ae.name}, dim {ae.encoder.dim}, depth {ae.encoder.depth}, "
             f"{d.precision}")
     for task, path in paths.items():
-        res = evaluate_task(ae, c, d, task)
-        if d.master:
-            save_json(res, path)
-            d.print(f"linear_eval {task} | {ae.name} | {res['metric']} {res['test']:.4f} (test)"
-                    f" | lr {res['lr']:g} (valid {res['valid']:.4f}) | {res['elapsed_s']:.0f}s "
-                    f"-> {path}")
+        res = evaluate_task(ae, c, d, task, cfg)
+        publish(res, path, d, f"linear_eval {task} | {ae.name} | {res['metric']} "
+                f"{res['test']:.4f} (test) | lr {res['lr']:g} (valid {res['valid']:.4f}) | "
+                f"{res['elapsed_s']:.0f}s")
     cleanup_distributed()
 
 

@@ -41,7 +41,16 @@ def collapse_std(rows, world=1):
     return var.sqrt().mean().item()
 
 # ----------------------------------------------------------------------------------------------
-# Sound event detection (SPEC 7)
+# Sound event detection (R7)
+
+
+def median_windows(spec, classes, default):
+    """Median windows (frames) per class from "Speech:7,Dishes:3"; others take `default`."""
+    w = {k: int(v) for k, v in (x.split(":") for x in spec.split(",") if x)}
+    unknown = set(w) - set(classes)
+    if unknown:
+        raise ValueError(f"--class_windows names unknown classes {sorted(unknown)}")
+    return [w.get(k, default) for k in classes]
 
 
 def median_filter(scores, windows):

@@ -1,17 +1,16 @@
 """
-Run plumbing shared by every stage: the config block of a script turned into --flags, the
-distributed / precision preamble, the one rule that seeds a step, schedules as tensors, atomic
-checkpoints and result files, and the log. Nothing here knows a model or a method.
+Run plumbing shared by every stage: the distributed / precision preamble, the one rule that
+seeds a step, schedules as tensors, atomic checkpoints and result files, the run folder's
+lock, and the log. Nothing here knows a model or a method (the config block: config.py).
 """
-import argparse
 import atexit
 import contextlib
+import csv
 import datetime
 import glob
 import json
 import math
 import os
-import re
 import shutil
 import socket
 import sys
@@ -21,133 +20,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-
-# ----------------------------------------------------------------------------------------------
-# Config: the commented globals of a stage script become --flags
-
-
-def str2bool(s):
-    if s.lower() in ("1", "true", "yes", "y", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
-
-
-def config_keys(g):
-    """The config globals of a script: public int/float/bool/str values with lower-case names
-    (UPPER_CASE names are constants, imported or not)."""
-    return [k for k, v in g.items() if not k.startswith("_") and not k.isupper()
-            and type(v) in (int, float, bool, str)]
-
-
-def _parser(g, keys, helps, sections=None, defaults=True):
-    """argparse for the config keys; with defaults (the real parser), --help groups the flags
-    by the section comments of the config block (`# I/O`, `# model`, ...)."""
-    p = argparse.ArgumentParser(description=g.get("__doc__", "").split("\n\n")[0].strip(),
-                                add_help=defaults,
-                                argument_default=None if defaults else argparse.SUPPRESS)
-    groups = {}
-    for k in keys:
-        typ = str2bool if type(g[k]) is bool else type(g[k])
-        kw = dict(default=g[k], help=(helps.get(k, "") + f" (default {g[k]!r})")
-                  .replace("%", "%%")) if defaults else {}
-        name = (sections or {}).get(k)
-        where = p if name is None else groups.setdefault(name, p.add_argument_group(name))
-        where.add_argument(f"--{k}", type=typ, **kw)
-    return p
-
-
-def configure(g, tables=None, implies=None, argv=None, help_files=()):
-    """Expose every int/float/bool/str global of a script as --name (the type of its default,
-    help = the comment on its line) and resolve the run's config. Lowest to highest precedence:
-
-    1. the config block as shipped;
-    2. per table {key: rows}: the row named by the value of `key` (a preset, a task's
-       settings); every row lists the same names, and the first row repeats the config block
-       as shipped, so a global that differs from it was edited in the script;
-    3. a global edited in the script;
-    4. a flag.
-    implies {name: {other: value}}: when `name` is set by an edit or a flag and `other` is
-    not, `other` takes `value` (e.g. setting epochs clears max_steps). --help shows the values
-    this command line would run with. Updates the globals; returns the config dict, whose
-    `set_by_user` lists the names set by an edit or a flag. help_files: more sources of
-    comments (a script that extends another's config)."""
-    keys, tables, implies = config_keys(g), tables or {}, implies or {}
-    helps, sections = {}, {}
-    for path in (*help_files, g["__file__"]):
-        section = None
-        with open(path) as f:
-            for line in f:
-                m = re.match(r"^(\w+)\s*=(.*?#\s*(.*))?", line)
-                if m:
-                    helps[m.group(1)] = m.group(3) or ""
-                    sections[m.group(1)] = section
-                header = re.match(r"^# (\w.*)$", line)  # a section comment starts a group
-                keep = m or line.startswith(" ")                  # an assignment or its comment
-                section = header.group(1) if header else section if keep else None
-    argv = sys.argv[1:] if argv is None else argv
-    given = vars(_parser(g, keys, helps, defaults=False).parse_known_args(argv)[0])
-    edited = {k for rows in tables.values() for k, v in next(iter(rows.values())).items()
-              if g[k] != v}
-    for key, rows in tables.items():
-        assert all(r.keys() == next(iter(rows.values())).keys() for r in rows.values()), key
-        value = given.get(key, g[key])
-        if key == "preset" and value not in rows:
-            raise SystemExit(f"--preset {value!r}: choose one of {sorted(rows)}")
-        g.update({k: v for k, v in rows.get(value, {}).items() if k not in edited})
-    g.update(given)
-    by_user = edited | set(given)
-    for name, others in implies.items():
-        if name in by_user:
-            g.update({k: v for k, v in others.items() if k not in by_user})
-    g.update(vars(_parser(g, keys, helps, sections).parse_args(argv)))  # --help, flags, types
-    check_ranges(g, keys)
-    return dict({k: g[k] for k in keys}, set_by_user=sorted(by_user))
-
-
-# The allowed range of every numeric config value of the stages, by name (a name means the same
-# in every script): "[a, b]" closed, "(a, b)" open, "inf" unbounded. configure checks them
-# all, whatever set the value (block, row, edit or flag).
-RANGES = {
-    **dict.fromkeys(["batch_size", "batch_strong", "batch_weak", "batch", "extract_batch",
-                     "log_every", "ckpt_every", "mixup_bank", "mask_span", "align", "steps",
-                     "data_batches", "median_window"], "[1, inf)"),
-    **dict.fromkeys(["seed", "num_workers", "micro_batch", "max_steps", "folds", "data_files",
-                     "warmup_steps", "warmup_epochs", "teacher_temp_epochs", "min_lr",
-                     "weight_decay", "wd_start", "wd_end", "clip_grad", "crop_sec2",
-                     "chunk_seconds"], "[0, inf)"),
-    **dict.fromkeys(["epochs", "lr", "base_lr", "adam_eps", "grad_clip", "seconds",
-                     "crop_sec", "train_seconds", "max_seconds", "mixup_alpha", "teacher_temp0",
-                     "teacher_temp"], "(0, inf)"),
-    **dict.fromkeys(["ema_m0", "mixup_ratio", "kd_weight", "zeros_min", "zeros_max",
-                     "roll_prob", "replace_share", "replace_prob", "mask_prob"], "[0, 1]"),
-    **dict.fromkeys(["threshold", "weak_valid", "strong_valid"], "(0, 1)"),
-    "drop_path": "[0, 1)", "layer_decay": "(0, 1]", "n_thresholds": "[2, inf)",
-    "aug_views": "[0, 2]"}
-
-
-def in_range(value, spec):
-    lo, hi = (float(x) for x in spec[1:-1].split(","))
-    return math.isfinite(value) and (lo < value if spec[0] == "(" else lo <= value) and \
-        (value < hi if spec[-1] == ")" else value <= hi)
-
-
-def check_ranges(g, keys):
-    """Every numeric config value inside its RANGES entry; else one line naming the flag."""
-    for k in keys:
-        if k in RANGES and type(g[k]) in (int, float) and not in_range(g[k], RANGES[k]):
-            lo, hi = RANGES[k][1:-1].split(", ")
-            want = f"{'>' if RANGES[k][0] == '(' else '>='} {lo}" if hi == "inf" else \
-                f"in {RANGES[k]}"
-            raise SystemExit(f"error: --{k} {g[k]}: must be {want}")
-
-
-def describe(cfg):
-    """The config line every stage prints at start."""
-    line = " ".join(f"{k}={v}" for k, v in cfg.items() if k != "set_by_user")
-    return f"config: {line}" + (f"\nset by you (edit or flag): {', '.join(cfg['set_by_user'])}"
-                                if cfg.get("set_by_user") else "")
 
 # ----------------------------------------------------------------------------------------------
 # Distributed and precision preamble: torchrun -> nccl on CUDA, gloo on CPU; bf16 autocast on
@@ -291,8 +163,13 @@ def cosine_schedule(start, end, total_steps, warmup_steps=0, warmup_from=0.0):
     return torch.cat([warm.double(), cos])
 
 
-def ema_schedule(m0, total_steps):
-    """EMA momentum: m = 1 - (1 - m0) (1 + cos(pi t / T)) / 2, from m0 to 1 (SPEC 3)."""
+def ema_schedule(m0, total_steps, ramp="cosine"):
+    """EMA momentum from m0 at step 0 to 1 at the last: cosine, m = 1 - (1 - m0) (1 + cos(pi
+    t / T)) / 2 (R3, R16), or linear."""
+    if ramp == "linear":
+        return torch.linspace(m0, 1.0, total_steps + 1, dtype=torch.float64)
+    if ramp != "cosine":
+        raise SystemExit(f"error: --ema_ramp {ramp!r}: cosine or linear")
     return cosine_schedule(m0, 1.0, total_steps)
 
 # ----------------------------------------------------------------------------------------------
@@ -336,6 +213,26 @@ def save_json(obj, path):
 
 def save_text(text, path):
     _atomic(path, lambda f: f.write(text), "w")
+
+
+def write_table(path, header, rows):
+    """A CSV manifest or, for a .tsv path (or an open file), a DESED-style TSV: header, rows."""
+    if not isinstance(path, str):
+        return _write_rows(path, "\t", header, rows)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        _write_rows(f, "," if path.endswith(".csv") else "\t", header, rows)
+
+
+def _write_rows(f, delimiter, header, rows):
+    w = csv.writer(f, delimiter=delimiter, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+
+
+def default_data_root():
+    """Where named datasets and the demo live: $ATST_DATA, else ./data."""
+    return os.environ.get("ATST_DATA", "data")
 
 
 class UserError(RuntimeError):

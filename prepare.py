@@ -28,18 +28,13 @@ import csv
 import datetime
 import hashlib
 import json
-import multiprocessing
 import os
 
 import numpy as np
-import soundfile as sf
-import torch
-import torchaudio
 from tqdm import tqdm
 
-from data import AUDIO_EXTS, default_data_root, read_table, write_table
-from model import SAMPLE_RATE
-from plumbing import UserError, save_json, save_text, user_errors
+from data import AUDIO_EXTS, read_table, to_flac16k
+from plumbing import UserError, default_data_root, save_json, save_text, user_errors, write_table
 
 INFO_VERSION = 1
 
@@ -111,7 +106,7 @@ def write(out, name, src, splits, label_col, classes, resample="", workers=4, ex
     check(name, src, splits)
     fp = fingerprint(splits)
     if resample:
-        splits = resampled(splits, src, resample, workers)
+        splits = resampled(splits, resample, workers)
     cols = ["path", label_col] + (["fold"] if "fold" in next(iter(splits.values())).rows[0]
                                   else [])
     for split, s in splits.items():
@@ -411,49 +406,16 @@ def dcase2022(src, out):
     classes = sorted({r["event_label"] for r in tables["train_strong"][2] if r["event_label"]})
     return splits, classes
 
-# ----------------------------------------------------------------------------------------------
-# --resample: a 16 kHz mono FLAC copy, made once in parallel processes
-
-
-def _resample(job):
-    src, dst = job
-    if os.path.exists(dst):
-        return None
-    try:
-        x, sr = sf.read(src, dtype="float32", always_2d=True)
-        if x.shape[0] == 0:
-            return src, "zero length"
-        wav = torch.from_numpy(x.mean(1))
-        if sr != SAMPLE_RATE:  # what the training workers would do on every read
-            wav = torchaudio.functional.resample(wav, sr, SAMPLE_RATE)
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        tmp = f"{dst}.tmp{os.getpid()}"
-        sf.write(tmp, wav.clamp(-1, 1).numpy(), SAMPLE_RATE, format="FLAC", subtype="PCM_16")
-        os.replace(tmp, dst)
-    except (RuntimeError, sf.LibsndfileError) as e:
-        return src, str(e).splitlines()[0]
-    return None
-
-
-def resampled(splits, src, dest, workers):
-    """The splits with every clip converted to dest/<relative path>.flac (16 kHz mono, 16-bit);
+def resampled(splits, dest, workers):
+    """The splits with every clip converted to dest/<relative path>.flac (data.to_flac16k);
     clips already converted are kept, unreadable ones are dropped and said."""
     jobs = {r["path"]: os.path.join(dest, os.path.splitext(r["rel"])[0] + ".flac")
             for s in splits.values() for r in s.rows}
-    todo = [j for j in jobs.items() if not os.path.exists(j[1])]
-    bad = {}
-    if todo:
-        with multiprocessing.get_context("fork").Pool(workers, initializer=torch.set_num_threads,
-                                                       initargs=(1,)) as pool:
-            for res in tqdm(pool.imap_unordered(_resample, todo, chunksize=16), total=len(todo),
-                            desc=f"resampling to {dest}", unit=" clips"):
-                if res:
-                    bad[res[0]] = res[1]
-    for path, why in bad.items():
-        print(f"  unreadable, left out: {path}: {why}")
+    bad = to_flac16k(jobs, workers)
     for s in splits.values():
         s.rows = [dict(r, path=jobs[r["path"]]) for r in s.rows if r["path"] not in bad]
     return splits
+
 
 # ----------------------------------------------------------------------------------------------
 # One dataset, end to end; the command line

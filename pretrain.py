@@ -1,5 +1,5 @@
 """
-The pre-training loop every method shares (ATST-Frame, ATST-Clip): DDP (nccl on CUDA, gloo on
+The pre-training loop every method shares (ATST-Frame, ATST-Clip, ASiT): DDP (nccl on CUDA, gloo on
 CPU), bf16 autocast on CUDA, gradient accumulation, AdamW with lr / weight-decay / EMA schedules
 indexed by step, atomic checkpoints and exact resume, a non-finite loss stops the run, one log
 line. It knows no method: a pre-training script gives it
@@ -7,14 +7,22 @@ line. It knows no method: a pre-training script gives it
 - `model_args` and `make_model`: make_model(**model_args) builds the teacher-student module,
   whose forward(*inputs) returns (loss, stats: a dict of detached tensors),
   update_teacher(m) does the EMA step, summarize(stats, world) turns stats into the logged
-  numbers (e.g. collapse monitors; it may all-reduce), and `ckpt_kind` names its checkpoints;
+  numbers (e.g. collapse monitors; it may all-reduce), `ckpt_kind` names its checkpoints and
+  `encoder_kind` the model.KINDS row of its encoder;
 - `views`: an nn.Module, views(wav (B, S), valid samples (B,), generator) -> the model's
   inputs, run on the device under no_grad; its state (augmentation banks) is saved per rank;
 - optionally `schedules(total_steps, steps_per_epoch)` -> {name: tensor indexed by step}:
   per-step values of the method (ASiT's teacher temperature), passed to the model's forward
   as keyword arguments and logged.
-The config also names the optimizer's eps (`adam_eps`) and the per-tensor gradient-norm
-clip (`clip_grad`, 0 = none).
+The method's config block holds every value of the recipe the loop reads (NEEDS below): the
+optimizer's betas and eps, the lr scaling rule, the schedules' ends and shapes, the per-tensor
+gradient-norm clip (`clip_grad`, 0 = none).
+
+out_dir holds ckpt.pt (`model`: the whole teacher-student state, strict; `model_args`, which
+rebuild it; `optimizer`, `step`, `config`; `kind` "atst-pretrain" / "asit-pretrain" and
+`encoder_kind`, the model.KINDS row; downstream stages read `teacher.encoder.*`), ckpt.pt.json
+(the same summary for people), log.jsonl (one record per log line) and, per rank, the views'
+state (Mixup banks) of the last save, so that a killed run resumes bit for bit.
 """
 import contextlib
 import glob
@@ -30,12 +38,26 @@ from tqdm import tqdm
 
 from data import read_manifest, resolve_manifest, stream_loader, task_copy
 from model import param_groups
+from config import describe
 from plumbing import (Log, UserError, all_mean, claim_out_dir, cleanup_distributed,
-                      cosine_schedule, describe, ema_schedule, load_checkpoint, save_atomic,
+                      cosine_schedule, ema_schedule, load_checkpoint, save_atomic,
                       setup_distributed, step_seed, warmup_steps, wrap_ddp)
 
 
+NEEDS = ("out_dir", "data", "data_root", "seed", "device", "dtype", "num_workers", "log_every",
+         "ckpt_every", "seconds", "batch_size", "micro_batch", "base_lr", "lr_rule", "min_lr",
+         "max_steps", "epochs", "warmup_epochs", "beta1", "beta2", "adam_eps", "clip_grad",
+         "wd_start", "wd_end", "ema_m0", "ema_ramp")
+LR_RULES = {"linear": lambda base_lr, batch: base_lr * batch / 256, "none": lambda lr, _: lr}
+
+
 def train(cfg, model_args, make_model, views, schedules=None):
+    missing = [k for k in NEEDS if k not in cfg]
+    if missing:
+        raise KeyError(f"pretrain.train: the config lacks {missing} (every method's config "
+                       "block sets them; see pretrain_frame.py)")
+    if cfg["lr_rule"] not in LR_RULES:
+        raise SystemExit(f"error: --lr_rule {cfg['lr_rule']!r}: one of {sorted(LR_RULES)}")
     c = SimpleNamespace(**cfg)
     d = setup_distributed(c.device, c.dtype)
     d.print(describe(cfg))
@@ -55,7 +77,7 @@ def train(cfg, model_args, make_model, views, schedules=None):
                         f"{c.batch_size}: lower --batch_size")
     total = c.max_steps or max(1, int(c.epochs * per_epoch))
     warmup = warmup_steps(c.warmup_epochs, per_epoch, total, d.print)
-    peak_lr = c.base_lr * c.batch_size / 256
+    peak_lr = LR_RULES[c.lr_rule](c.base_lr, c.batch_size)
     d.print(f"{len(rows)} clips (every file present, checked in {checked:.1f} s), {per_epoch} "
             f"steps/epoch, {total} steps ({total / per_epoch:.1f} epochs), warmup {warmup}, "
             f"batch {c.batch_size} = {micro} x {d.world} ranks x {accum} accum, peak lr "
@@ -70,11 +92,11 @@ def train(cfg, model_args, make_model, views, schedules=None):
             "trained; AdamW groups: " + ", ".join(
                 f"{'decay' if g['decay'] else 'no decay'} {len(g['params'])} tensors"
                 for g in groups))
-    opt = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999), eps=c.adam_eps,
+    opt = torch.optim.AdamW(groups, lr=peak_lr, betas=(c.beta1, c.beta2), eps=c.adam_eps,
                             fused=d.device.type == "cuda")
     lr_s = cosine_schedule(peak_lr, c.min_lr, total, warmup)
     wd_s = cosine_schedule(c.wd_start, c.wd_end, total)
-    m_s = ema_schedule(c.ema_m0, total)
+    m_s = ema_schedule(c.ema_m0, total, c.ema_ramp)
     extra = schedules(total, per_epoch) if schedules else {}
     views.to(d.device)
 
@@ -102,7 +124,8 @@ def train(cfg, model_args, make_model, views, schedules=None):
             saved = step
             if d.master:
                 save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step,
-                                 model_args=model_args, config=cfg, kind=model.ckpt_kind),
+                                 model_args=model_args, config=cfg, kind=model.ckpt_kind,
+                                 encoder_kind=model.encoder_kind),
                             ckpt_path, summary=dict(step=step, total=total,
                                                     model_args=model_args, config=cfg,
                                                     dataset_copy=copy, precision=d.precision))

@@ -1,5 +1,5 @@
 """
-ATST-Frame pre-training (SPEC 3-5): one 10 s crop per clip; view 1 clean, view 2 Mixup ->
+ATST-Frame pre-training (REFERENCE.md R3-R5): one 10 s crop per clip; view 1 clean, view 2 Mixup ->
 frequency warp; one group mask per clip shared by both views; the student sees each view
 masked, the EMA teacher the other view unmasked; BYOL loss on the masked frames, symmetric.
 This file holds the config and the views; the loop is pretrain.train.
@@ -19,64 +19,72 @@ import torch
 import pretrain
 from augment import FreqWarp, Mixup, group_mask
 from model import ATST, FRAMES_PER_TOKEN, PRESETS as MODEL_PRESETS, MelFrontEnd, tokens_for
-from plumbing import configure, user_errors
+from config import configure
+from plumbing import user_errors
 
 # -------------------------------------------------------------------------------- config
-# defaults = the paper's ATST-Frame base run (Table I; steps as the reference code)
+# The paper's ATST-Frame runs (Table I; steps as the reference code). None = the value of the
+# chosen PRESETS row (or MASK_MODES row); anything written here, or a flag, wins over a row.
 # I/O
-out_dir = "out/frame_base"  # checkpoints + log.jsonl; a rerun with the same dir resumes
-data = "as1.9m"             # named dataset, demo, or a CSV manifest (column `path`)
+out_dir = None              # checkpoints + log.jsonl; a rerun with the same dir resumes
+data = None                 # named dataset, demo, or a CSV manifest (column `path`)
 data_root = ""              # root of named datasets; '' = $ATST_DATA or ./data
-log_every = 50              # steps between log lines
-ckpt_every = 2000           # steps between checkpoints (and always at the end)
-num_workers = 8             # DataLoader workers per rank (they only read and crop audio)
+log_every = None            # steps between log lines
+ckpt_every = None           # steps between checkpoints (and always at the end)
+num_workers = None          # DataLoader workers per rank (they only read and crop audio)
 device = "auto"             # auto (CUDA if torch sees it) | cpu | cuda (an error without CUDA)
 dtype = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 (CPU too) | fp32
 seed = 0                    # every random draw of a step derives from (seed, step, rank)
 # model
-preset = "base"             # tiny | small | base (model size; also sets the run defaults)
+preset = "base"             # run defaults, a PRESETS row: base | small | tiny (the CPU demo)
+model = None                # model size, model.PRESETS: tiny | small | base
 drop_path = 0.1             # stochastic depth of the last student block (linear from 0)
 teacher_drop_path = True    # teacher has the student's drop-path (reference); false: none
 # data
 seconds = 10.0              # crop length per clip (shorter clips are zero-padded)
-# optimizer (AdamW 0.9/0.999)
-batch_size = 864            # global batch over all GPUs and accumulation steps
+# optimizer: AdamW
+batch_size = None           # global batch over all GPUs and accumulation steps
 micro_batch = 0             # clips per GPU per forward; 0 = batch_size / GPUs
-base_lr = 8e-5              # peak lr = base_lr * batch_size / 256
+base_lr = None              # peak lr = base_lr * batch_size / 256 (lr_rule linear)
+lr_rule = "linear"          # linear: scale base_lr by batch_size / 256 | none: base_lr as is
 min_lr = 1e-6               # lr at the last step (cosine)
-max_steps = 398000          # optimizer steps (the reference's); 0 = derive from epochs
-epochs = 200.0              # the paper's; setting it (edit or flag) sets max_steps to 0
-warmup_epochs = 10.0        # linear lr warmup
+max_steps = None            # optimizer steps (the reference's); 0 = derive from epochs
+epochs = None               # setting it (edit or flag) sets max_steps to 0
+warmup_epochs = None        # linear lr warmup
+beta1 = 0.9                 # AdamW beta1 (first-moment decay)
+beta2 = 0.999               # AdamW beta2 (second-moment decay)
 adam_eps = 1e-6             # AdamW eps
-clip_grad = 0.0             # per-tensor gradient norm clip; 0 = none (SPEC 3)
+clip_grad = 0.0             # per-tensor gradient norm clip; 0 = none (R3)
 wd_start = 0.04             # weight decay, cosine to wd_end (matrices only)
 wd_end = 0.4                # weight decay at the last step
-ema_m0 = 0.9996             # teacher EMA momentum, cosine to 1
+ema_m0 = None               # teacher EMA momentum at step 0, rising to 1
+ema_ramp = "cosine"         # shape of that rise: cosine | linear
 # ATST-Frame views and masking (Table III ablations)
 aug_views = 1               # 0: none, 1: view 2 augmented (D, the paper), 2: both (E)
 mask_teacher = False        # the teacher is masked too (config C)
 mask_mode = "group"         # group: spans of mask_span tokens | random: single tokens (config B)
-mask_span = 5               # tokens per span (random mode: 1)
-mask_prob = 0.65            # group: span starts per token x span; random: share of tokens masked
-mixup_bank = 2000           # Mixup FIFO size (per rank)
+mask_span = None            # tokens per span (MASK_MODES: group 5, random 1)
+mask_prob = None            # group: span starts per token x span; random: share masked
+mixup_bank = None           # Mixup FIFO size (per rank)
 mixup_ratio = 0.4           # a ~ mixup_ratio * U(0, 1)
 freq_warp = "code"          # code: h = U(0.6,1.5)*F clipped | paper: h ~ U[0.6F, F]
-# --preset: model size (model.PRESETS) and the run defaults of Table I. Every row lists the
-# same names; the first repeats the block above, so an edited global wins over any row.
+# --preset: the run defaults of Table I (base: the paper's model; small: Table III's ablations
+# on AS-200K; tiny: the CPU demo), each with its model size.
 PRESETS = {
-    "base": dict(out_dir="out/frame_base", data="as1.9m", batch_size=864, base_lr=8e-5,
-                 max_steps=398000, epochs=200.0, warmup_epochs=10.0, ema_m0=0.9996,
-                 mixup_bank=2000, num_workers=8, log_every=50, ckpt_every=2000),
-    "small": dict(out_dir="out/frame_small", data="as200k", batch_size=1024, base_lr=4e-4,
-                  max_steps=58500, epochs=300.0, warmup_epochs=10.0, ema_m0=0.997,
-                  mixup_bank=2000, num_workers=8, log_every=50, ckpt_every=2000),
-    "tiny": dict(out_dir="out/frame_tiny", data="demo", batch_size=32, base_lr=4e-3,
-                 max_steps=0, epochs=40.0, warmup_epochs=4.0, ema_m0=0.99, mixup_bank=256,
-                 num_workers=2, log_every=20, ckpt_every=100),
+    "base": dict(model="base", out_dir="out/frame_base", data="as1.9m", batch_size=864,
+                 base_lr=8e-5, max_steps=398000, epochs=200.0, warmup_epochs=10.0,
+                 ema_m0=0.9996, mixup_bank=2000, num_workers=8, log_every=50, ckpt_every=2000),
+    "small": dict(model="small", out_dir="out/frame_small", data="as200k", batch_size=1024,
+                  base_lr=4e-4, max_steps=58500, epochs=300.0, warmup_epochs=10.0,
+                  ema_m0=0.997, mixup_bank=2000, num_workers=8, log_every=50, ckpt_every=2000),
+    "tiny": dict(model="tiny", out_dir="out/frame_tiny", data="demo", batch_size=32,
+                 base_lr=4e-3, max_steps=0, epochs=40.0, warmup_epochs=4.0, ema_m0=0.99,
+                 mixup_bank=256, num_workers=2, log_every=20, ckpt_every=100),
 }
 # --mask_mode: group masking (the method) or random single tokens at the same 50% share
 MASK_MODES = {"group": dict(mask_span=5, mask_prob=0.65),
               "random": dict(mask_span=1, mask_prob=0.5)}
+TABLES, IMPLIES = dict(preset=PRESETS, mask_mode=MASK_MODES), dict(epochs=dict(max_steps=0))
 
 
 class FrameViews(torch.nn.Module):
@@ -104,12 +112,11 @@ class FrameViews(torch.nn.Module):
 
 def model_args(c):
     return dict(method="frame", drop_path=c.drop_path, teacher_drop_path=c.teacher_drop_path,
-                mask_teacher=c.mask_teacher, **MODEL_PRESETS[c.preset])
+                mask_teacher=c.mask_teacher, **MODEL_PRESETS[c.model])
 
 
 if __name__ == "__main__":
-    cfg = configure(globals(), dict(preset=PRESETS, mask_mode=MASK_MODES),
-                    implies=dict(epochs=dict(max_steps=0)))
+    cfg = configure(globals(), TABLES, IMPLIES)
     c = SimpleNamespace(**cfg)
     with user_errors():
         pretrain.train(cfg, model_args(c), ATST, FrameViews(c))

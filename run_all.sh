@@ -26,7 +26,8 @@ LINEAR_EPOCHS=${LINEAR_EPOCHS:-}  # linear-evaluation head epochs
 BATCH=${BATCH:-}            # global batch of every stage (SED: strong and weak clips each)
 DTYPE=${DTYPE:-}            # auto (bf16 on CUDA, fp32 on CPU) | bf16 (on the CPU too) | fp32
 WORKERS=${WORKERS:-}        # DataLoader workers per process of every stage
-JOBS=${JOBS:-1}             # cells run side by side (a CPU machine: each gets cores/JOBS threads)
+JOBS=${JOBS:-1}             # cells run side by side (a CPU machine: each gets cores/JOBS threads;
+                            # on GPUs keep 1 and use NPROC: jobs would share the devices)
 
 if [ -z "$DATA_ROOT" ]; then
   # demo scale: every run CPU-sized; ablations at the same budget as the main runs
@@ -119,7 +120,7 @@ sed_run() {  # sed_run NAME CKPT MODE [FLAGS...]: Table VI cells
 # ---- 1. pre-training: ATST-Clip (two 6 s segments) and ATST-Frame (config D) -------------
 cell pretrain clip pretrain_clip.py "$PRESET" "$PRE_DATA"
 cell pretrain frame pretrain_frame.py "$PRESET" "$PRE_DATA"
-cell pretrain asit pretrain_asit.py "$PRESET" "$PRE_DATA"      # ASiT (SPEC_ASIT), same budget
+cell pretrain asit pretrain_asit.py "$PRESET" "$PRE_DATA"      # ASiT (REFERENCE.md R11-R19), same budget
 barrier
 
 # ---- 2. linear evaluation (Table IV), and the same encoders with random weights -----------

@@ -1,13 +1,13 @@
 """
-Sound event detection (SPEC 7, paper Table VI): DCASE 2022 task 4 (DESED) on top of an ATST-Frame,
-ATST-Clip or ASiT checkpoint. Last-block frames (ATST 40 ms; ASiT 160 ms, each repeated over
-four 40 ms label frames) -> strong sigmoid + class-softmax attention
-pooling to a weak prediction; batches of strong + weak clips, loss BCE(strong) + BCE(weak);
-SGD lr 0.1, 5 warmup epochs then cosine, grad clip 3. --mode linear trains the head only;
---mode finetune also the last block and final norm (the rest frozen in eval mode). Evaluation:
-median filter, 50 thresholds, PSDS1/PSDS2 through psds_eval (the paper's numbers), the exact
-threshold-free PSDS1/PSDS2 through sed_scores_eval, intersection F1 at 0.5, PSD-ROC plots,
-DESED detection TSVs.
+Sound event detection (REFERENCE.md R7, paper Table VI): DCASE 2022 task 4 (DESED) on top of an
+ATST-Frame, ATST-Clip or ASiT checkpoint. Last-block frames (ATST 40 ms; ASiT 160 ms, each
+repeated over four 40 ms label frames) -> strong sigmoid + class-softmax attention pooling to a
+weak prediction; batches of strong + weak clips, loss BCE(strong) + BCE(weak); SGD lr 0.1, 5
+warmup epochs then cosine, grad clip 3. --mode linear trains the head only; --mode finetune
+also the last block and final norm (the rest frozen in eval mode). Evaluation: median filter,
+50 thresholds, PSDS1/PSDS2 through psds_eval (the paper's numbers), the exact threshold-free
+PSDS1/PSDS2 through sed_scores_eval, intersection F1 at 0.5, PSD-ROC plots, DESED detection
+TSVs.
 
     python sed.py --ckpt out/frame_tiny/ckpt.pt --data demo_sed --mode linear
     python sed.py --ckpt out/frame_tiny/ckpt.pt --data demo_sed --mode finetune
@@ -28,20 +28,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (AudioError, SedClips, audio_files, dataset_copy, default_data_root,
-                  encode_strong, hold_out, load_audio, read_durations, read_strong, read_weak,
-                  write_table)
-from demo import make_demo
-from metrics import detections, evaluate_sed, median_filter
-from model import (SAMPLE_RATE, TOKEN_S, SedModel, freeze, load_classifier, load_encoder,
-                   random_weights, tokens_for)
-from plumbing import (WORKERS, Log, UserError, autocast, check_writable,
-                      claim_out_dir, cleanup_distributed, configure, cosine_schedule, describe,
-                      gather_shards, load_checkpoint, my_shard, pick_device, save_atomic,
-                      save_json, setup_distributed, step_seed, user_errors, warmup_steps,
-                      wrap_ddp)
+from config import configure
+from data import AudioError, dataset_copy, hold_out, load_audio, named_audio
+from desed import (CLIP_FRAMES, SedClips, encode_strong, read_task, reference_files, sed_files,
+                   task_dir)
+from downstream import (EVAL_BATCH, publish, record, resume, run_dir, save_epoch, start,
+                        start_encoder)
+from heads import SedModel, load_classifier, on_grid
+from metrics import evaluate_sed, median_windows
+from model import SAMPLE_RATE, TOKEN_S, freeze
+from plumbing import (WORKERS, Log, UserError, check_writable, cleanup_distributed,
+                      cosine_schedule, gather_shards, load_checkpoint, my_shard, pick_device,
+                      save_atomic, step_seed, user_errors, warmup_steps, wrap_ddp, write_table)
 
 # -------------------------------------------------------------------------------- config
+# None = the value of the task's TASKS row (below); anything written here, or a flag, wins.
 # I/O
 ckpt = ""                   # pre-trained checkpoint (training) or an SED checkpoint (--predict)
 data = "dcase2022"          # dcase2022 (DESED layout under the data root) | demo_sed | a folder
@@ -60,33 +61,32 @@ mode = "finetune"           # linear: head only | finetune: + last block and fin
 random_init = False         # baseline: the same encoder with random weights
 teacher = ""                # SED checkpoint of another kind: C2F / F2C (any two kinds)
 kd_weight = 0.5             # total = task + kd_weight * mean(BCE strong, BCE weak) vs teacher
-lr = 0.1                    # SGD, momentum 0.9
-epochs = 100                # training epochs
-warmup_epochs = 5.0         # linear lr warmup, then cosine to min_lr
+lr = None                   # SGD, momentum 0.9
+epochs = None               # training epochs
+warmup_epochs = None        # linear lr warmup, then cosine to min_lr
 min_lr = 1e-6               # lr at the last step
 grad_clip = 3.0             # global gradient norm clip
-batch_strong = 128          # strong (synthetic) clips per step, all GPUs together
-batch_weak = 128            # weak clips per step
+batch_strong = None         # strong (synthetic) clips per step, all GPUs together
+batch_weak = None           # weak clips per step
 weak_valid = 0.1            # weak clips held out for validation (the other 90% train)
 strong_valid = 0.1          # strong clips held out for validation (best epoch by their F1)
 # evaluation and --predict
-median_window = 7           # frames (40 ms) of the median filter
-class_windows = ""          # per-class windows, e.g. "Speech:7,Dishes:3" (others: median_window)
+median_window = None        # frames (40 ms) of the median filter
+class_windows = None        # per-class windows, e.g. "Speech:7,Dishes:3" (others: median_window)
 n_thresholds = 50           # operating points for psds_eval: 0.01, 0.03, ..., 0.99
 threshold = 0.5             # --predict and the F1 / detection TSVs
 predict = ""                # files or a folder to detect events in (needs an SED --ckpt)
 out = ""                    # --predict output TSV; '' = stdout
 # runtime
-cache = False               # keep every clip's log-mel (linear: its frozen frames) and teacher
-                            # output in memory after one pass: exact (no augmentation, frozen
-                            # parts in eval mode), epochs skip audio I/O; RAM: ~0.26 MB per clip
-                            # (linear: 4 bytes x 250 x dim), on every rank
-num_workers = WORKERS       # DataLoader workers per rank (4, or the cores when fewer)
+cache = None                # keep each clip's log-mel (linear: frozen frames, 4 bytes x 250 x dim)
+                            # and teacher output in memory (~0.26 MB a clip, every rank) after
+                            # one pass: exact (nothing augmented, frozen parts in eval mode)
+num_workers = None          # DataLoader workers per rank
 device = "auto"             # auto (CUDA if torch sees it) | cpu | cuda (an error without CUDA)
 dtype = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 (CPU too) | fp32
 seed = 0                    # every random draw of a step derives from (seed, step, rank)
-# --data NAME: per-task settings. Every row lists the same names; the first repeats the block
-# above (DESED, SPEC 7), so an edited global wins over any row. The demo is CPU-sized; its
+# --data NAME: per-task settings (dcase2022: R7; a folder takes that row too). The demo is
+# CPU-sized; workers: 4, or the cores when fewer (plumbing.WORKERS). Its
 # intermittent events (clicks, plucks, tremolo) need a longer median filter than DESED's 7
 # frames (7: test PSDS1 0.000, 31: 0.057, tiny Frame).
 TASKS = {
@@ -95,35 +95,7 @@ TASKS = {
                       class_windows=""),
     "demo_sed": dict(epochs=20, batch_strong=16, batch_weak=16, warmup_epochs=1.0, lr=0.5,
                      num_workers=2, cache=True, median_window=31, class_windows="")}
-
-
-def task_dir(c):
-    """DATA_ROOT/<name>/ (demo_sed lives under demo/sed) or a folder given directly."""
-    if os.path.isdir(c.data):
-        return c.data
-    root = c.data_root or default_data_root()
-    if c.data == "demo_sed":
-        return os.path.join(make_demo(root), "sed")
-    path = os.path.join(root, c.data)
-    if not os.path.isdir(path):
-        raise UserError(f"SED dataset {c.data!r}: expected the folder {path} "
-                        "(README 'Sound event detection' shows the layout)")
-    return path
-
-
-SED_FILES = ("train_strong_tsv", "train_weak_tsv", "test_tsv", "test_durations_tsv",
-             "train_strong_audio", "train_weak_audio", "test_audio")
-
-
-def sed_files(c, root):
-    """The DESED files and folders of the flags above, resolved against the task folder; a
-    missing one is an error naming it and its flag."""
-    paths = {k: os.path.join(root, getattr(c, k)) for k in SED_FILES}
-    for k, p in paths.items():
-        if not (os.path.isdir(p) if k.endswith("_audio") else os.path.isfile(p)):
-            raise UserError(f"{p} not found (--{k} {getattr(c, k)}, relative to the --data "
-                            f"folder {root}); README 'Sound event detection' shows the flags")
-    return SimpleNamespace(**paths)
+TABLES = dict(data=TASKS)
 
 
 @torch.no_grad()
@@ -131,14 +103,14 @@ def clip_inputs(model, ds, c, d, features=False, teacher=None):
     """One pass over SedClips in eval mode: CPU tensors (x, n_tok, targets, teacher strong,
     teacher weak); x is the log-mel (B, F, T), or with `features` the encoder's frames."""
     model.eval()
-    loader = torch.utils.data.DataLoader(ds, batch_size=32, num_workers=c.num_workers)
+    loader = torch.utils.data.DataLoader(ds, batch_size=EVAL_BATCH, num_workers=c.num_workers)
     out = []
     for wav, valid, y in loader:
         wav, valid = wav.to(d.device), valid.to(d.device)
         x, n = model.ae.features(wav, valid)
         with d.ctx:
             none = torch.zeros(len(y), 0)  # no teacher: empty columns
-            ts, tw = teacher_outputs(teacher, model.ae, x, n, wav, valid) \
+            ts, tw = teacher.teach(model.ae, x, n, wav, valid) \
                 if teacher is not None else (none, none)
             if features:
                 x = model.ae.encode(x, n).frames
@@ -154,11 +126,11 @@ def predict_scores(model, audio_dir, files, c, d, cached=None):
     mine = my_shard(len(files), d)
     if cached is not None:
         features = c.cache and c.mode == "linear"
-        batches = zip(cached[0].split(32), cached[1].split(32))
+        batches = zip(cached[0].split(EVAL_BATCH), cached[1].split(EVAL_BATCH))
     else:
         features = False
         ds = SedClips(audio_dir, [files[i] for i in mine], torch.zeros(len(mine)))
-        loader = torch.utils.data.DataLoader(ds, batch_size=32, num_workers=c.num_workers)
+        loader = torch.utils.data.DataLoader(ds, batch_size=EVAL_BATCH, num_workers=c.num_workers)
         batches = (model.ae.features(w.to(d.device), v.to(d.device)) for w, v, _ in loader)
     out = []
     for x, n in batches:
@@ -167,61 +139,13 @@ def predict_scores(model, audio_dir, files, c, d, cached=None):
     return gather_shards(mine, torch.cat(out), len(files), d).numpy()
 
 
-def teacher_outputs(teacher, ae, x, n, wav, valid):
-    """(strong, weak) of the SED teacher: on the student's input when both share a front-end,
-    else (ASiT <-> ATST) on its own front-end's view of the same waveforms."""
-    if not teacher.ae.same_front(ae):
-        x, n = teacher.ae.features(wav, valid)
-    return teacher(x, n)
-
-
-def on_grid(*strong):
-    """Strong outputs and labels cut to their common number of 40 ms frames (ASiT's 160 ms
-    frames cover 9.92 s of a 10 s clip: 248 label frames of 250)."""
-    T = min(s.shape[1] for s in strong)
-    return [s[:, :T] for s in strong]
-
-
-def class_window_list(c, classes):
-    w = {k: int(v) for k, v in (x.split(":") for x in c.class_windows.split(",") if x)}
-    unknown = set(w) - set(classes)
-    if unknown:
-        raise ValueError(f"--class_windows names unknown classes {sorted(unknown)}")
-    return [w.get(k, c.median_window) for k in classes]
-
-
-def freeze_for(model, mode):
-    """linear: head only; finetune: + last block and final norm. Frozen parts stay in eval."""
-    enc = model.ae.encoder
-    model.requires_grad_(False)
-    model.head.requires_grad_(True)
-    if mode == "finetune":
-        enc.blocks[-1].requires_grad_(True)
-        enc.norm.requires_grad_(True)
-    elif mode != "linear":
-        raise SystemExit(f"--mode {mode!r}: linear or finetune")
-
-
-def set_train(model, mode):
-    model.eval()
-    model.head.train()
-    if mode == "finetune":
-        model.ae.encoder.blocks[-1].train()
-
-
-def train(cfg):
-    c = SimpleNamespace(**cfg)
-    t0 = time.time()
-    d = setup_distributed(c.device, c.dtype)
-    d.print(describe(cfg))
-    root = task_dir(c)
+def setup(cfg):
+    """Everything a training run needs, before its first epoch: data, model, optimizer,
+    loaders, schedule, the validation files; a namespace."""
+    c, d, t0 = start(cfg)
+    root = task_dir(c.data, c.data_root)
     fs = sed_files(c, root)
-    strong = read_strong(fs.train_strong_tsv)
-    weak = read_weak(fs.train_weak_tsv)
-    classes = sorted({e[2] for ev in strong.values() for e in ev} |
-                     {lab for labels in weak.values() for lab in labels})  # the class list
-    durations = read_durations(fs.test_durations_tsv)
-    test = read_strong(fs.test_tsv, classes, durations)
+    strong, weak, classes, test = read_task(fs)
     s_train, s_valid = hold_out(sorted(strong), c.strong_valid, c.seed)
     w_train, _ = hold_out(sorted(weak), c.weak_valid, c.seed)
     for n, b, what in ((len(s_train), c.batch_strong, "strong"), (len(w_train), c.batch_weak,
@@ -233,12 +157,8 @@ def train(cfg):
     if absent:
         d.print(f"note: the {len(s_valid)} held-out strong clips hold no event of {absent}; "
                 "validation scores the other classes (--strong_valid holds out more)")
-    ae = load_encoder(c.ckpt, d.device, pretrained=True)
-    if c.random_init:
-        random_weights(ae, c.seed)
-    out_dir = c.out_dir or os.path.join("out", f"sed_{os.path.basename(c.data)}_{ae.kind}_"
-                                               f"{c.mode}{'_random' if c.random_init else ''}")
-    claim_out_dir(out_dir, d)
+    ae = start_encoder(c, d)
+    out_dir = run_dir(c, d, "sed", ae, c.mode)
     teacher = None
     if c.teacher:
         teacher = freeze(load_classifier(c.teacher, d.device, expect=["atst-sed"]))
@@ -246,16 +166,15 @@ def train(cfg):
             raise SystemExit(f"{c.teacher} was trained on other classes: {teacher.classes}")
     torch.manual_seed(c.seed)
     model = SedModel(ae, len(classes)).to(d.device)
-    freeze_for(model, c.mode)
+    model.trainable(c.mode)
     model, ddp = wrap_ddp(model, d)
     params = [p for p in model.parameters() if p.requires_grad]
     d.print(f"{ae.source}: {ae.name}, {len(classes)} classes, {c.mode}: "
             f"{sum(p.numel() for p in params):,} trainable parameters; strong {len(s_train)}/"
             f"{len(s_valid)}, weak {len(w_train)}, test {len(test)} clips")
     opt = torch.optim.SGD(params, lr=c.lr, momentum=0.9)
-    n_frames = tokens_for(10 * SAMPLE_RATE)
     s_ds = SedClips(fs.train_strong_audio, s_train, torch.stack(
-        [encode_strong(strong[f], classes, n_frames) for f in s_train]))
+        [encode_strong(strong[f], classes, CLIP_FRAMES) for f in s_train]))
     w_ds = SedClips(fs.train_weak_audio, w_train, torch.tensor(
         [[float(k in weak[f]) for k in classes] for f in w_train]))
     features = c.cache and c.mode == "linear"
@@ -280,109 +199,127 @@ def train(cfg):
     total = c.epochs * per_epoch
     sched = cosine_schedule(c.lr, c.min_lr, total,
                             warmup_steps(c.warmup_epochs, per_epoch, total, d.print))
-    windows = class_window_list(c, classes)
-    valid_gt = os.path.join(out_dir, "valid_strong.tsv")
-    valid_dur = os.path.join(out_dir, "valid_durations.tsv")
-    if d.master:  # the held-out strong clips, in DESED format, for validation PSDS
-        write_table(valid_gt, ["filename", "onset", "offset", "event_label"],
-                    ([name, *ev] for name in s_valid for ev in strong[name]))
-        write_table(valid_dur, ["filename", "duration"], ([name, 10.0] for name in s_valid))
-    best, step = dict(obj=-1.0, epoch=0), 0
-    log = Log(out_dir, d.master)
-    best_path = os.path.join(out_dir, "best.pt")
+    valid_gt, valid_dur = reference_files(out_dir, "valid", strong, s_valid, d.master)
+    return SimpleNamespace(c=c, d=d, t0=t0, cfg=cfg, root=root, fs=fs, classes=classes,
+                           test=test, s_valid=s_valid, ae=ae, out_dir=out_dir, teacher=teacher,
+                           model=model, ddp=ddp, params=params, opt=opt, loaders=loaders,
+                           per_epoch=per_epoch, sched=sched, features=features,
+                           v_cache=v_cache,
+                           windows=median_windows(c.class_windows, classes, c.median_window),
+                           valid_gt=valid_gt, valid_dur=valid_dur)
 
-    def inputs(batch):
-        """A loader batch -> (x, n_tok, targets, teacher strong, teacher weak) on the device."""
-        batch = [t.to(d.device) for t in batch]
-        if c.cache:
-            return batch
-        wav, valid, y = batch
-        with torch.no_grad():
-            x, n = model.ae.features(wav, valid)
-            with d.ctx:
-                ts, tw = teacher_outputs(teacher, model.ae, x, n, wav, valid) \
-                    if teacher is not None else (None, None)
-        return x, n, y, ts, tw
 
-    for epoch in range(c.epochs):
-        set_train(model, c.mode)
-        for sampler, _ in loaders:
-            sampler.set_epoch(epoch)
-        weak_iter, loss_sum, t_ep = iter(loaders[1][1]), 0.0, time.time()
-        for batch_s in tqdm(loaders[0][1], disable=not d.master, leave=False):
-            try:
-                batch_w = next(weak_iter)
-            except StopIteration:
-                weak_iter = iter(loaders[1][1])
-                batch_w = next(weak_iter)
-            for g in opt.param_groups:
-                g["lr"] = sched[step].item()
-            torch.manual_seed(step_seed(c.seed, step, d.rank))
-            xs, ns_tok, ys, tss, tws = inputs(batch_s)
-            xw, nw_tok, yw, tsw, tww = inputs(batch_w)
-            ns = xs.shape[0]
-            with d.ctx:
-                s, w = ddp(torch.cat([xs, xw]), torch.cat([ns_tok, nw_tok]), features)
-            loss = F.binary_cross_entropy(*on_grid(s[:ns].float(), ys)) + \
-                F.binary_cross_entropy(w[ns:].float(), yw)
-            if teacher is not None:
-                ts, tw = torch.cat([tss, tsw]), torch.cat([tws, tww])
-                kd_strong = F.binary_cross_entropy(*on_grid(s.float(), ts.float()))
-                loss = loss + c.kd_weight * (kd_strong +
-                                             F.binary_cross_entropy(w.float(), tw.float())) / 2
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
-            loss_val = loss.item()
-            if not math.isfinite(loss_val):
-                raise SystemExit(f"non-finite loss ({loss_val}) at epoch {epoch}: stopping")
-            opt.step()
-            loss_sum += loss_val
-            step += 1
-        scores = predict_scores(model, fs.train_strong_audio, s_valid, c, d, v_cache)
-        v = evaluate_sed(scores, s_valid, classes, valid_gt, valid_dur, windows, TOKEN_S,
-                         c.n_thresholds, c.threshold, quick=True)[0] if d.master else {}
-        if d.world > 1:
-            box = [v]
-            dist.broadcast_object_list(box)
-            v = box[0]
+def inputs(r, batch):
+    """A loader batch -> (x, n_tok, targets, teacher strong, teacher weak) on the device."""
+    batch = [t.to(r.d.device) for t in batch]
+    if r.c.cache:
+        return batch
+    wav, valid, y = batch
+    with torch.no_grad():
+        x, n = r.model.ae.features(wav, valid)
+        with r.d.ctx:
+            ts, tw = r.teacher.teach(r.model.ae, x, n, wav, valid) \
+                if r.teacher is not None else (None, None)
+    return x, n, y, ts, tw
+
+
+def run_epoch(r, epoch):
+    """One epoch of strong + weak batches; returns the mean loss."""
+    c, d, opt = r.c, r.d, r.opt
+    r.model.train_mode(c.mode)
+    for sampler, _ in r.loaders:
+        sampler.set_epoch(epoch)
+    weak_iter, loss_sum, step = iter(r.loaders[1][1]), 0.0, epoch * r.per_epoch
+    for batch_s in tqdm(r.loaders[0][1], disable=not d.master, leave=False):
+        try:
+            batch_w = next(weak_iter)
+        except StopIteration:
+            weak_iter = iter(r.loaders[1][1])
+            batch_w = next(weak_iter)
+        for g in opt.param_groups:
+            g["lr"] = r.sched[step].item()
+        torch.manual_seed(step_seed(c.seed, step, d.rank))
+        xs, ns_tok, ys, tss, tws = inputs(r, batch_s)
+        xw, nw_tok, yw, tsw, tww = inputs(r, batch_w)
+        ns = xs.shape[0]
+        with d.ctx:
+            s, w = r.ddp(torch.cat([xs, xw]), torch.cat([ns_tok, nw_tok]), r.features)
+        loss = F.binary_cross_entropy(*on_grid(s[:ns].float(), ys)) + \
+            F.binary_cross_entropy(w[ns:].float(), yw)
+        if r.teacher is not None:
+            ts, tw = torch.cat([tss, tsw]), torch.cat([tws, tww])
+            kd_strong = F.binary_cross_entropy(*on_grid(s.float(), ts.float()))
+            loss = loss + c.kd_weight * (kd_strong +
+                                         F.binary_cross_entropy(w.float(), tw.float())) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(r.params, c.grad_clip)
+        loss_val = loss.item()
+        if not math.isfinite(loss_val):
+            raise SystemExit(f"non-finite loss ({loss_val}) at epoch {epoch}: stopping")
+        opt.step()
+        loss_sum += loss_val
+        step += 1
+    return loss_sum / r.per_epoch
+
+
+def validate(r):
+    """Intersection F1 and exact PSDS1 on the held-out strong clips (the same on every rank)."""
+    scores = predict_scores(r.model, r.fs.train_strong_audio, r.s_valid, r.c, r.d, r.v_cache)
+    v = evaluate_sed(scores, r.s_valid, r.classes, r.valid_gt, r.valid_dur, r.windows, TOKEN_S,
+                     r.c.n_thresholds, r.c.threshold, quick=True)[0] if r.d.master else {}
+    if r.d.world > 1:
+        box = [v]
+        dist.broadcast_object_list(box)
+        v = box[0]
+    return v
+
+
+def train(cfg):
+    r = setup(cfg)
+    c, d, model = r.c, r.d, r.model
+    ckpt_path, best_path = (os.path.join(r.out_dir, f) for f in ("ckpt.pt", "best.pt"))
+    epoch, best = resume(ckpt_path, model, r.opt, d)
+    best = best or dict(obj=-1.0, epoch=0)
+    log = Log(r.out_dir, d.master, resume=("epoch", epoch))
+    for epoch in range(epoch, c.epochs):
+        t_ep = time.time()
+        loss = run_epoch(r, epoch)
+        v = validate(r)
         # model selection: intersection F1 on the held-out strong clips (the DCASE 2022
         # baseline's synthetic-validation objective); PSDS1 of a few clips is mostly 0 early on
         obj = v["f1_intersection"] + 1e-3 * v["psds1_exact"]
         if obj > best["obj"]:
             best = dict(obj=obj, epoch=epoch + 1)
             if d.master:
-                save_atomic(dict(kind="atst-sed", model=model.export(), classes=classes,
-                                 encoder_args=ae.encoder.args, median_windows=windows,
-                                 config=cfg, pretrained=c.ckpt, epoch=epoch + 1), best_path)
-        log(dict(epoch=epoch + 1, loss=loss_sum / per_epoch, valid=v), f"epoch {epoch + 1}/"
-            f"{c.epochs} | loss {loss_sum / per_epoch:.4f} | valid F1 {v['f1_intersection']:.3f} "
-            f"PSDS1 {v['psds1_exact']:.3f} | best epoch {best['epoch']} | "
-            f"{time.time() - t_ep:.0f}s")
+                save_atomic(dict(kind="atst-sed", model=model.export(), classes=r.classes,
+                                 encoder_args=r.ae.encoder.args, encoder_kind=r.ae.kind,
+                                 median_windows=r.windows, config=cfg, pretrained=c.ckpt,
+                                 epoch=epoch + 1), best_path)
+        save_epoch(ckpt_path, model, r.opt, epoch + 1, best, cfg, d)
+        log(dict(epoch=epoch + 1, loss=loss, valid=v), f"epoch {epoch + 1}/{c.epochs} | loss "
+            f"{loss:.4f} | valid F1 {v['f1_intersection']:.3f} PSDS1 {v['psds1_exact']:.3f} | "
+            f"best epoch {best['epoch']} | {time.time() - t_ep:.0f}s")
     if d.world > 1:
         dist.barrier()
     model.load_export(load_checkpoint(best_path)["model"])
-    files = sorted(test)
-    scores = predict_scores(model, fs.test_audio, files, c, d)
+    files = sorted(r.test)
+    scores = predict_scores(model, r.fs.test_audio, files, c, d)
     if d.master:
-        res, det = evaluate_sed(scores, files, classes, fs.test_tsv, fs.test_durations_tsv,
-                                windows, TOKEN_S,
-                                c.n_thresholds, c.threshold, plot_dir=out_dir,
-                                title=f"{os.path.basename(out_dir)}:")
-        write_table(os.path.join(out_dir, f"detections_{c.threshold:.2f}.tsv"),
+        res, det = evaluate_sed(scores, files, r.classes, r.fs.test_tsv,
+                                r.fs.test_durations_tsv, r.windows, TOKEN_S, c.n_thresholds,
+                                c.threshold, plot_dir=r.out_dir,
+                                title=f"{os.path.basename(r.out_dir)}:")
+        write_table(os.path.join(r.out_dir, f"detections_{c.threshold:.2f}.tsv"),
                     list(det.columns), det.round(3).itertuples(index=False))
-        res.update(stage="sed", dataset=c.data, dataset_copy=dataset_copy(root),
-                   checkpoint=c.ckpt, kind=ae.kind, mode=c.mode, precision=d.precision,
-                   random_init=c.random_init,
-                   classes=classes,
-                   teacher=c.teacher or None, best_epoch=best["epoch"], lr=c.lr, seed=c.seed,
-                   elapsed_s=round(time.time() - t0, 1), config=cfg)
-        save_json(res, os.path.join(out_dir, "result.json"))
-        d.print(f"sed {c.data} | {ae.name} {c.mode}{' + teacher' if c.teacher else ''} | "
-                f"PSDS1 {res['psds1']:.3f} PSDS2 {res['psds2']:.3f} (psds_eval, "
-                f"{res['psds_eval_s']:.1f}s) | exact {res['psds1_exact']:.3f} / "
-                f"{res['psds2_exact']:.3f} ({res['sed_scores_eval_s']:.1f}s) | F1 "
-                f"{res['f1_intersection']:.3f} | {out_dir}")
+        res.update(record("sed", c.data, dataset_copy(r.root), c, d, r.ae, r.t0, cfg,
+                          mode=c.mode, classes=r.classes, teacher=c.teacher or None,
+                          best_epoch=best["epoch"], lr=c.lr))
+        publish(res, os.path.join(r.out_dir, "result.json"), d, f"sed {c.data} | {r.ae.name} "
+                f"{c.mode}{' + teacher' if c.teacher else ''} | PSDS1 {res['psds1']:.3f} PSDS2 "
+                f"{res['psds2']:.3f} (psds_eval, {res['psds_eval_s']:.1f}s) | exact "
+                f"{res['psds1_exact']:.3f} / {res['psds2_exact']:.3f} "
+                f"({res['sed_scores_eval_s']:.1f}s) | F1 {res['f1_intersection']:.3f}")
     cleanup_distributed()
 
 
@@ -397,15 +334,10 @@ def detect(c):
         check_writable(c.out, "out")
     model = load_classifier(c.ckpt, device, expect=["atst-sed"])
     ck = load_checkpoint(c.ckpt)
-    windows = ck.get("median_windows") or class_window_list(c, model.classes)
-    if {"median_window", "class_windows"} & set(c.set_by_user):
-        windows = class_window_list(c, model.classes)
-    named = {}  # path -> its name in the output
-    for p in c.predict.split(","):
-        if os.path.isdir(p):                                   # an empty folder is an error
-            named.update((f, os.path.relpath(f, p)) for f in audio_files(p))
-        else:
-            named[p] = os.path.basename(p)
+    windows = ck.get("median_windows")
+    if not windows or {"median_window", "class_windows"} & set(c.set_by_user):
+        windows = median_windows(c.class_windows, model.classes, c.median_window)
+    named = named_audio(c.predict)
     rows, failed = [], []
     for path, name in named.items():
         try:
@@ -414,14 +346,7 @@ def detect(c):
             failed.append(path)
             tqdm.write(f"skipped: {e}", file=sys.stderr)
             continue
-        audio, lengths = model.ae.prepare(wav, SAMPLE_RATE)
-        with torch.no_grad(), autocast(device, c.dtype):
-            s, _ = model(*model.ae.features(audio, lengths))
-        s = median_filter(s.float().cpu().numpy(), windows)
-        det = detections(s, [name], model.classes, [c.threshold], TOKEN_S)
-        dur = n / SAMPLE_RATE
-        rows += [(f, f"{min(a, dur):.3f}", f"{min(b, dur):.3f}", label)
-                 for f, a, b, label in det[c.threshold].itertuples(index=False)]
+        rows += model.events(wav, name, n / SAMPLE_RATE, windows, c.threshold, c.dtype)
     header = ["filename", "onset", "offset", "event_label"]
     write_table(c.out or sys.stdout, header, rows)
     print(f"{len(rows)} events in {len(named) - len(failed)} files" +
@@ -434,7 +359,7 @@ def detect(c):
 
 
 if __name__ == "__main__":
-    cfg = configure(globals(), dict(data=TASKS))
+    cfg = configure(globals(), TABLES)
     if not cfg["ckpt"]:
         raise SystemExit("sed.py needs --ckpt (a pre-trained checkpoint, or with --predict an "
                          "SED checkpoint)")

@@ -20,7 +20,7 @@ def _runs(row):
 
 
 def test_group_mask_statistics():
-    """Over many draws at N=250: masked fraction 0.50 +- 0.02 (SPEC: mean 50.3%), every
+    """Over many draws at N=250: masked fraction 0.50 +- 0.02 (R4: mean 50.3%), every
     masked run at least 5 tokens, and per-clip fractions in the expected ~38-61% band."""
     g = torch.Generator().manual_seed(0)
     m = group_mask(torch.full((4000,), 250), 250, span=5, prob=0.65, generator=g)
@@ -105,7 +105,7 @@ def test_mixup_bank_is_a_fifo_and_round_trips():
 
 
 def test_random_crops_lie_inside_the_real_audio():
-    """Waveform segments (ATST-Clip, SPEC 4 / the reference's RandomCrop): a crop starts inside
+    """Waveform segments (ATST-Clip, R4 / the reference's RandomCrop): a crop starts inside
     the clip's real audio, never in the zero padding of a short clip; a clip shorter than the
     segment is taken from its start and padded with zeros."""
     S, n = 1000, 200
@@ -133,7 +133,7 @@ def test_mixup_labels_mixes_inputs_and_targets_alike():
     y = torch.nn.functional.one_hot(torch.arange(64) % 4, 4).float()
     xm, ym = mixup_labels(x, y, 0.5, np.random.default_rng(0))
     assert torch.allclose(ym.sum(1), torch.ones(64))        # mixed one-hots stay distributions
-    rng = np.random.default_rng(0)                           # SPEC 6: partner, then lambda
+    rng = np.random.default_rng(0)                           # R6: partner, then lambda
     perm = torch.from_numpy(rng.permutation(64))
     lam = torch.from_numpy(rng.beta(0.5, 0.5, 64)).float()
     want = lam[:, None, None] * x + (1 - lam[:, None, None]) * x[perm]
@@ -145,7 +145,7 @@ def test_mixup_labels_mixes_inputs_and_targets_alike():
 
 
 def test_gmml_statistics_and_branches():
-    """SPEC_ASIT 3 on 592 x 128: the zeros branch covers U(0.5, 0.7) of the pixels and a bit
+    """R13 on 592 x 128: the zeros branch covers U(0.5, 0.7) of the pixels and a bit
     more (the last rectangle overshoots: mean 0.606 measured on the reference), covered pixels
     exactly 0; the replace branch covers at least 0.30 (mean 0.314), its pixels are the clean
     pixels of one donor clip at the same place; nothing else changes; a branch is taken half

@@ -7,6 +7,7 @@ import pytest
 import soundfile as sf
 
 import data as D
+import desed as DS
 
 def test_stream_sampler_resumes_and_splits_ranks():
     full = iter(D.StreamSampler(50, 4, rank=0, world=2, seed=3))
@@ -113,9 +114,9 @@ def test_sed_tsv_errors_name_the_row(tmp_path):
              (head + "a.wav\t1\t3\tdog\na.wav\t2\t4\tdog\n", "line 3: overlaps")]
     for i, (text, msg) in enumerate(cases):
         with pytest.raises(ValueError, match=msg):
-            D.read_strong(tsv(f"s{i}.tsv", text), ["dog"], durs)
+            DS.read_strong(tsv(f"s{i}.tsv", text), ["dog"], durs)
     with pytest.raises(ValueError, match=r"w.tsv line 2: event label\(s\) \['cat'\]"):
-        D.read_weak(tsv("w.tsv", "filename\tevent_labels\na.wav\tdog,cat\n"), ["dog"])
+        DS.read_weak(tsv("w.tsv", "filename\tevent_labels\na.wav\tdog,cat\n"), ["dog"])
 
 
 def _manifest(path, rows, header="path,label"):

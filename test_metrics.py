@@ -6,15 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data as D
+import desed as DS
 import metrics
 
 def test_strong_labels_round_trip_within_one_frame():
-    """data.encode_strong (events -> 40 ms frames) and metrics.detections (frames -> events)
+    """desed.encode_strong (events -> 40 ms frames) and metrics.detections (frames -> events)
     invert each other to within one frame."""
     classes = ["a", "b"]
     events = [(0.013, 1.5, "a"), (2.0, 2.05, "b"), (2.5, 4.0, "a"), (9.97, 10.0, "b")]
-    y = D.encode_strong(events, classes, 250)
+    y = DS.encode_strong(events, classes, 250)
     assert y.shape == (250, 2) and y[0, 0] == 1 and y[37, 0] == 1 and y[38, 0] == 0
     det = metrics.detections(y.numpy()[None], ["f.wav"], classes, [0.5], 0.04)[0.5]
     back = list(det[["onset", "offset", "event_label"]].itertuples(index=False))

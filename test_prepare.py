@@ -14,6 +14,7 @@ import pytest
 import soundfile as sf
 
 import data as D
+import desed as DS
 import prepare
 from conftest import AS_CLASSES, HERE
 from plumbing import UserError
@@ -133,17 +134,16 @@ def test_desed_tree_is_read_by_sed_without_flags(prepared, downloads):
     import sed
     from types import SimpleNamespace
     root = prepared[0]
-    c = SimpleNamespace(data="dcase2022", data_root=root,
-                        **{k: getattr(sed, k) for k in sed.SED_FILES})
-    fs = sed.sed_files(c, sed.task_dir(c))
-    strong = D.read_strong(fs.train_strong_tsv)
+    c = SimpleNamespace(**{k: getattr(sed, k) for k in DS.SED_FILES})
+    fs = DS.sed_files(c, DS.task_dir("dcase2022", root))
+    strong = DS.read_strong(fs.train_strong_tsv)
     assert len(strong) == 12 and "12.wav" not in strong
     assert all(os.path.isfile(os.path.join(fs.train_strong_audio, f)) for f in strong)
     assert os.path.realpath(fs.test_audio).endswith("validation_16k")
     assert os.path.realpath(fs.train_weak_audio).endswith(os.path.join("train", "weak"))
-    test = D.read_strong(fs.test_tsv, ["Alarm_bell_ringing", "Dog", "Speech"],
-                         D.read_durations(fs.test_durations_tsv))
-    assert len(test) == 6 and len(D.read_weak(fs.train_weak_tsv)) == 10
+    test = DS.read_strong(fs.test_tsv, ["Alarm_bell_ringing", "Dog", "Speech"],
+                         DS.read_durations(fs.test_durations_tsv))
+    assert len(test) == 6 and len(DS.read_weak(fs.train_weak_tsv)) == 10
     i = info(root, "dcase2022")
     assert i["splits"]["train_strong"] == dict(listed=13, found=12, missing=1)
 

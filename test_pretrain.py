@@ -7,19 +7,21 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data as D
 import model as M
+import pretrain_asit as A
 import pretrain_clip
 import pretrain_frame
-from conftest import TINY, read_log, run
+from config import script_config
+from conftest import TINY, asit_inputs, asit_pair, read_log, run
 from plumbing import load_checkpoint
 
 
 def _config(module, **over):
-    c = {k: getattr(module, k) for k in dir(module) if k.islower() and not k.startswith("_")
-         and type(getattr(module, k)) in (int, float, bool, str)}
-    return SimpleNamespace(**dict(c, preset="tiny", **over))
+    """The script's config for --preset tiny, resolved as the script resolves it, then `over`."""
+    return SimpleNamespace(**dict(script_config(module, "--preset", "tiny"), **over))
 
 
 def _waves(B=4, seconds=10, seed=0):
@@ -94,8 +96,8 @@ def test_asit_demo_run_logs_its_losses_and_monitors(pretrained):
     """A real tiny ASiT run: the total is global + local + 2 x reconstruction, the teacher's
     entropies lie between 0 and log K, the teacher temperature follows its per-epoch ramp
     (tiny: 0.04 -> 0.07 over 12 epochs of 8 steps), the centres moved, the checkpoint loads
-    strictly. (Over 24 steps the distillation terms first rise while the centres form; the
-    default 320-step demo run is where the losses fall: README "ASiT".)"""
+    strictly. (Over 24 steps the distillation terms first rise while the centres form; a
+    longer demo run, e.g. run_all.sh's, is where the losses fall.)"""
     log = read_log(pretrained["asit"])
     ck = load_checkpoint(os.path.join(pretrained["asit"], "ckpt.pt"))
     kg, kl = ck["model_args"]["global_k"], ck["model_args"]["local_k"]
@@ -107,7 +109,7 @@ def test_asit_demo_run_logs_its_losses_and_monitors(pretrained):
         assert r["teacher_temp"] == pytest.approx(0.04 + 0.03 * min(epoch / 11, 1))
         assert 0 < r["std_t"] < 1 and 0 < r["loss_r"] < 2
     assert ck["kind"] == "asit-pretrain" and ck["model"]["center_global"].abs().sum() > 0
-    M.ASiT(**ck["model_args"]).load_state_dict(ck["model"])  # strict
+    A.ASiT(**ck["model_args"]).load_state_dict(ck["model"])  # strict
 
 
 @pytest.mark.parametrize("script", ["pretrain_frame.py", "pretrain_asit.py"])
@@ -187,3 +189,72 @@ def test_bad_manifest_rows_are_reported_before_and_during_training(data_root, tm
     error = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and "m.csv line 33" in error[0]
     assert "cannot read audio file" in error[0] and "bad.wav" in error[0]
+
+
+def test_asit_losses():
+    """Constant student logits give exactly log K; swapping the two crops leaves the global
+    loss unchanged (symmetric); one centre update from zero is 0.1 x the batch mean; the
+    reconstruction loss ignores uncorrupted pixels."""
+    K = 40
+    t = torch.randn(5, K)
+    assert math.isclose(A.dino_ce(torch.zeros(5, K), t, torch.zeros(1, K), 0.04).item(),
+                        math.log(K), rel_tol=1e-6)
+    clean, corrupt, mask = asit_inputs()
+    swap = lambda x: torch.cat(x.chunk(2)[::-1])
+    a = asit_pair(drop_path=0.0)(clean, corrupt, mask)[1]
+    b = asit_pair(drop_path=0.0)(swap(clean), swap(corrupt), swap(mask))[1]
+    for k in ("loss_g", "loss_l", "loss_r"):
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    model = asit_pair()
+    tg, tl = torch.randn(6, 40), torch.randn(30, 24)
+    model.update_centers(tg, tl)
+    assert torch.allclose(model.center_global, 0.1 * tg.mean(0, keepdim=True), atol=1e-7)
+    assert torch.allclose(model.center_local, 0.1 * tl.mean(0, keepdim=True), atol=1e-7)
+    pred = torch.randn_like(clean)
+    other = torch.where(mask.bool(), pred, pred + 5.0)            # differs off the mask only
+    assert A.masked_l1(pred, clean, mask) == A.masked_l1(other, clean, mask)
+    assert torch.isclose(A.masked_l1(pred, clean, mask), (pred - clean).abs()[mask.bool()].mean())
+
+
+def test_asit_step_prototypes_teacher_and_clipping():
+    """After an optimizer step the prototype rows are still unit vectors (logits are cosines)
+    and no parameter holds their norm; the teacher gets no gradient and one EMA update is
+    exact; per-tensor clipping leaves every gradient norm <= 3."""
+    import pretrain
+    model = asit_pair()
+    names = {n for n, _ in model.student.head.named_parameters() if not n.startswith("mlp.")}
+    assert names == {"global_protos", "local_protos"}             # no trained norm (weight_g)
+    opt = torch.optim.AdamW(M.param_groups(model), lr=0.5)
+    loss, _ = model(*asit_inputs(), teacher_temp=0.04)
+    loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    for p in grads:
+        p.mul_(100)
+    pretrain.clip_per_tensor(grads, 3.0)
+    assert max(g.norm().item() for g in grads) <= 3.0 + 1e-4
+    opt.step()
+    head = model.student.head
+    with torch.no_grad():
+        head.global_protos.mul_(7.0)                              # the norm does not matter
+        g_logits, l_logits, _ = head(torch.randn(2, 5, 32))
+    assert g_logits.abs().max() <= 1 + 1e-5 and l_logits.abs().max() <= 1 + 1e-5
+    protos = F.normalize(head.global_protos, dim=-1)
+    assert torch.allclose(protos.norm(dim=-1), torch.ones(40), atol=1e-6)
+    before = [p.clone() for p in model.teacher.parameters()]
+    model.update_teacher(0.9)
+    for t0, t, s in zip(before, model.teacher.parameters(), model.student.parameters()):
+        assert torch.allclose(t, 0.9 * t0 + 0.1 * s, atol=1e-6)
+
+
+def test_the_recipe_betas_lr_rule_and_ema_ramp_reach_the_loop(data_root, tmp_path):
+    """A method's config block sets AdamW's betas, the lr scaling rule and the EMA ramp."""
+    out = tmp_path / "r"
+    run("pretrain_frame.py", *TINY, "--max_steps", "4", "--warmup_epochs", "0", "--log_every",
+        "1", "--beta2", "0.95", "--lr_rule", "none", "--ema_ramp", "linear", "--ema_m0", "0.9",
+        "--min_lr", "0.004", "--out_dir", str(out), data_root=data_root)
+    ck = load_checkpoint(str(out / "ckpt.pt"))
+    assert all(g["betas"] == (0.9, 0.95) for g in ck["optimizer"]["param_groups"])
+    log = read_log(out)
+    assert [round(r["ema"], 6) for r in log] == [0.9, 0.925, 0.95, 0.975]  # linear to 1
+    assert all(math.isclose(r["lr"], 4e-3) for r in log)  # base_lr as is: no batch / 256

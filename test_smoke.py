@@ -13,7 +13,8 @@ import numpy as np
 import soundfile as sf
 import torch
 
-import model as M
+import runtime as R
+import heads as H
 import sed
 from conftest import HERE, run
 from plumbing import load_checkpoint
@@ -57,7 +58,7 @@ def test_downstream_scripts_end_to_end(pretrained, data_root, tmp_path):
             "--num_workers", "1", "--out_dir", ft[kind], data_root=data_root)
         r = json.load(open(os.path.join(ft[kind], "result.json")))
         assert r["stage"] == "finetune" and r["kind"] == kind and 0 <= r["test"] <= 1
-        assert M.load_encoder(os.path.join(ft[kind], "best.pt")).finetuned
+        assert R.load_encoder(os.path.join(ft[kind], "best.pt")).finetuned
     for student, teacher in (("frame", "clip"), ("asit", "frame")):
         out = str(tmp_path / f"kd_{student}")
         run("distill.py", "--ckpt", ck[student], "--teacher",
@@ -167,7 +168,7 @@ def test_sed_demo_end_to_end_and_prediction_on_long_stereo_audio(pretrained, dat
     assert "in 2 files; 1 files could not be read" in p.stderr
     # the median windows: the checkpoint's (the demo's 31), unless --median_window is set
     seen = []
-    monkeypatch.setattr(sed, "median_filter", lambda s, w: seen.append(w) or s)
+    monkeypatch.setattr(H, "median_filter", lambda s, w: seen.append(w) or s)
     c = dict(ckpt=os.path.join(outs["lin"], "best.pt"), predict=str(tmp_path / "long.wav"),
              threshold=0.5, out=str(tmp_path / "e.tsv"), device="cpu", dtype="auto",
              median_window=7, class_windows="")
@@ -189,6 +190,23 @@ for script in sys.argv[1:]:
     out[script] = [code, buf.getvalue()]
 print(json.dumps(out))
 """
+
+
+def test_killed_sed_run_resumes_after_its_last_epoch(pretrained, data_root, tmp_path):
+    """sed.py killed after epoch 1 of 2 resumes after it and ends as an uninterrupted run."""
+    args = ["--ckpt", os.path.join(pretrained["clip"], "ckpt.pt"), "--data", "demo_sed",
+            "--mode", "linear", "--epochs", "2", "--num_workers", "0"]
+    run("sed.py", *args, "--out_dir", str(tmp_path / "a"), data_root=data_root)
+    killed = run("sed.py", *args, "--out_dir", str(tmp_path / "b"), data_root=data_root,
+                 check=False, env=dict(ATST_DIE_AFTER_EPOCH="1"))
+    assert killed.returncode == -9 and not (tmp_path / "b" / "result.json").exists()
+    assert load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))["epoch"] == 1
+    p = run("sed.py", *args, "--out_dir", str(tmp_path / "b"), data_root=data_root)
+    assert "after epoch 1" in p.stdout and "epoch 1/2" not in p.stdout
+    a, b = (json.load(open(tmp_path / x / "result.json")) for x in "ab")
+    assert all(a[k] == b[k] for k in ("psds1", "psds1_exact", "f1_intersection", "best_epoch"))
+    ma, mb = (load_checkpoint(str(tmp_path / x / "best.pt"))["model"] for x in "ab")
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
 def test_every_script_prints_its_help():

@@ -1,0 +1,78 @@
+"""
+What the downstream stages share (linear_eval.py, finetune.py, distill.py, sed.py): the start
+(distributed preamble, the config print), the encoder they train or probe (a pre-trained
+checkpoint, or the same shape with fresh weights: --random_init), the run folder (named,
+locked, cleared of interrupted saves), resuming after the last finished epoch, and the fields
+every result file starts with.
+"""
+import os
+import signal
+import time
+from types import SimpleNamespace
+
+from config import describe
+from plumbing import claim_out_dir, load_checkpoint, save_atomic, save_json, setup_distributed
+from runtime import load_encoder, random_weights
+
+EVAL_BATCH = 32  # clips per rank per batch where nothing is trained (caching, scoring)
+
+
+def start(cfg):
+    """(config namespace, Dist, start time): the preamble every stage runs first."""
+    t0 = time.time()
+    c = SimpleNamespace(**cfg)
+    d = setup_distributed(c.device, c.dtype)
+    d.print(describe(cfg))
+    return c, d, t0
+
+
+def start_encoder(c, d):
+    """The pre-trained AudioEncoder of --ckpt or, with --random_init, the same shape with
+    fresh weights (the baseline); a fine-tuned checkpoint is refused."""
+    ae = load_encoder(c.ckpt, d.device, pretrained=True)
+    if c.random_init:
+        random_weights(ae, c.seed)
+    return ae
+
+
+def run_dir(c, d, stage, ae, *parts):
+    """--out_dir, or out/<stage>_<data>_<kind>[_<parts>][_random], claimed for this job."""
+    name = "_".join([stage, os.path.basename(c.data), ae.kind, *parts])
+    return claim_out_dir(c.out_dir or os.path.join(
+        "out", name + ("_random" if c.random_init else "")), d)
+
+
+def resume(path, model, opt, d):
+    """(epochs done, best so far or None) from a run folder's ckpt.pt, loaded into model and
+    optimizer; (0, None) when the run starts afresh."""
+    if not os.path.exists(path):
+        return 0, None
+    ck = load_checkpoint(path)
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    d.print(f"resumed from {path} after epoch {ck['epoch']}")
+    return ck["epoch"], ck["best"]
+
+
+def save_epoch(path, model, opt, epoch, best, cfg, d):
+    """The state resume() reads, after each finished epoch (rank 0, atomically)."""
+    if d.master:
+        save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
+                         best=best, config=cfg), path)
+    if epoch == int(os.environ.get("ATST_DIE_AFTER_EPOCH", -1)):  # tests: a kill mid-run
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def record(stage, dataset, copy, c, d, ae, t0, cfg, **fields):
+    """A result file's fields: what ran on what (stage, dataset and its copy, checkpoint,
+    kind, precision, baseline or not, seed), the stage's own fields, time and config."""
+    return dict(stage=stage, dataset=dataset, dataset_copy=copy, checkpoint=c.ckpt,
+                kind=ae.kind, precision=d.precision, random_init=c.random_init, seed=c.seed,
+                **fields, elapsed_s=round(time.time() - t0, 1), config=cfg)
+
+
+def publish(res, path, d, line):
+    """Rank 0 writes the result file and prints its one line."""
+    if d.master:
+        save_json(res, path)
+        d.print(f"{line} -> {path}")
