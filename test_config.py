@@ -182,7 +182,7 @@ def test_an_edited_script_runs_with_its_edit(tmp_path, script, edit, want):
 
 @pytest.mark.parametrize("script", ["pretrain_frame.py", "pretrain_clip.py", "pretrain_asit.py",
                                     "linear_eval.py", "finetune.py", "distill.py", "sed.py",
-                                    "bench.py"])
+                                    "bench.py", "embed.py"])
 def test_every_flag_is_documented_and_grouped(script, capsys):
     """Every config global has a comment (its --help text), and --help groups the flags by
     the block's section comments; the test-only kill switch is not a flag."""
@@ -220,8 +220,9 @@ def test_impossible_numbers_stop_at_parse_time(script, flags, want):
 
 
 def test_every_numeric_flag_has_a_range_and_every_default_is_inside_it():
+    import embed
     import linear_eval
-    for module in (*SCRIPTS, linear_eval, bench):
+    for module in (*SCRIPTS, linear_eval, bench, embed):
         g = vars(module)
         for k in C.config_keys(g):
             if type(g[k]) in (int, float):

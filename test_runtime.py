@@ -1,5 +1,8 @@
 """runtime.py: the embedding API of every kind (audio of any length, rate and channels;
 padded batches; layers; bf16), the HEAR module, and every checkpoint layout the loader reads."""
+import json
+import os
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -395,3 +398,44 @@ def test_our_files_name_their_kind_and_the_loader_reads_it(tmp_path):
     P.save_atomic(ck, str(tmp_path / "odd.pt"))
     with pytest.raises(P.UserError, match="odd.pt: an encoder with .* is none of the known"):
         R.load_encoder(str(tmp_path / "odd.pt"))
+
+
+def test_export_and_load_back_exactly_for_every_layout(tmp_path):
+    """export.py -> model.safetensors + config.json + README.md; load_encoder(folder) gives
+    torch.equal embeddings for every layout the loader reads, and keeps kind and fine-tuning."""
+    import export
+    torch.manual_seed(0)
+    audio = torch.randn(2, 3 * 16000) * 0.1
+    files = []
+    for kind in ("frame", "clip"):
+        enc = M.Encoder(dim=64, depth=2, heads=2, drop_path=0.0, **M.KINDS[kind].encoder_args())
+        for name, ck in _layouts(enc, kind):
+            torch.save(ck, tmp_path / f"{kind}_{name}.ckpt")
+            files.append(tmp_path / f"{kind}_{name}.ckpt")
+    files.append(tmp_path / "ASIT_ssl.pt")
+    torch.save({"model." + k: v for k, v in _asit_release_names(tiny_asit()).items()}, files[-1])
+    ae = tiny_encoder("clip")
+    P.save_atomic(dict(kind="atst-sed", model=H.SedModel(ae, 3).export(), classes=list("abc"),
+                       encoder_args=ae.encoder.args, encoder_kind="clip", config={}),
+                  str(tmp_path / "sed.pt"))
+    files.append(tmp_path / "sed.pt")
+    for f in files:
+        folder = export.export(str(f), str(tmp_path / "x" / f.stem))
+        assert sorted(os.listdir(folder)) == ["README.md", "config.json", "model.safetensors"]
+        cfg = json.load(open(os.path.join(folder, "config.json")))
+        want, got = R.load_encoder(str(f)), R.load_encoder(folder)
+        assert cfg["kind"] == want.kind == got.kind and got.finetuned == want.finetuned, f
+        assert cfg["provenance"]["sha256"] and cfg["kind_row"]["name"] == want.name
+        a, b = want(audio, 16000, layers="all"), got(audio, 16000, layers="all")
+        assert torch.equal(a.frames, b.frames) and torch.equal(a.clip, b.clip), f
+    with pytest.raises(P.UserError, match="could not fetch it from the Hugging Face Hub|pip"):
+        R.load_encoder("nobody-here/no-such-encoder")          # a Hub id, offline or absent
+
+
+def _asit_release_names(ae):
+    """Our ASiT encoder's weights in the release's names (Conv2d patch embedding)."""
+    sd = {k: v.clone() for k, v in ae.encoder.state_dict().items()}
+    w = sd.pop("patch_embed.weight")
+    sd["patch_embed.proj.weight"] = w.view(w.shape[0], 1, 16, 16)
+    sd["patch_embed.proj.bias"] = sd.pop("patch_embed.bias")
+    return sd

@@ -214,7 +214,7 @@ def test_every_script_prints_its_help():
     scripts run as __main__ one after another in one interpreter (one torch import)."""
     scripts = ("pretrain_frame.py", "pretrain_clip.py", "pretrain_asit.py", "linear_eval.py",
                "finetune.py", "distill.py", "sed.py", "demo.py", "bench.py", "tables.py",
-               "hear.py", "data.py", "prepare.py")
+               "hear.py", "data.py", "prepare.py", "embed.py")
     p = subprocess.run([sys.executable, "-c", HELP_RUNNER, *scripts], cwd=HERE,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]

@@ -1,0 +1,159 @@
+"""
+Embeddings of your own audio, from any checkpoint load_encoder reads (ours, the released
+ATST-Frame / ATST-Clip / ASiT files): every audio file of a folder (recursively), of
+comma-separated files and folders, or of a manifest (CSV / TSV with a `path` column) -> one
+`.npz` per file under --out, at the file's path inside its folder (a manifest's files: inside
+their common folder), `.npz` added to the name. Each holds `frames` (N, D) float32, one row per
+output frame (ATST 40 ms, ASiT 160 ms), `timestamps` (N,) their centres in ms, `clip` (D',) and
+`kind`, `checkpoint`, `layers`, `seconds`: numpy.load reads it without this repository (an
+.npz is a zip of .npy arrays; one file per input keeps a run resumable and a reader simple).
+The embeddings equal the Python API's (runtime.AudioEncoder) for the file alone.
+
+    python embed.py my_audio/ --ckpt atstframe_base.ckpt --out emb/
+    python embed.py my_list.csv --ckpt ASIT_ssl.pt --out emb_asit/ --layers all
+    torchrun --nproc_per_node=8 embed.py /data/audio --ckpt X.ckpt --out emb/    # files sharded
+
+Files are decoded and resampled to 16 kHz mono in DataLoader workers, sorted by length and
+batched with their valid lengths (`batch_seconds` of padded audio per batch); bf16 autocast on
+CUDA. A rerun skips files whose output exists. A file that cannot be read is listed at the end
+with the reason, the others are written, and the exit status is then 1.
+"""
+import os
+import sys
+import time
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from config import configure
+from data import AudioError, load_audio, named_audio, read_manifest
+from downstream import start
+from model import SAMPLE_RATE
+from plumbing import check_writable, cleanup_distributed, user_errors
+from runtime import load_encoder
+
+# -------------------------------------------------------------------------------- config
+audio = ""                  # a folder, comma-separated files / folders, or a .csv / .tsv manifest
+ckpt = ""                   # any checkpoint load_encoder reads
+out = "embeddings"          # output folder: one .npz per input file
+layers = ""                 # blocks to return: '' = the last, all, or indices like 0,5,11
+batch_seconds = 600.0       # padded audio per batch, seconds (memory ~ this x width x layers)
+num_workers = 4             # DataLoader workers per rank (decoding and resampling)
+device = "auto"             # auto (CUDA if torch sees it) | cpu | cuda (an error without CUDA)
+dtype = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 (CPU too) | fp32
+
+
+def inputs(spec):
+    """{path: output name} of a folder, files or a manifest (the names of a manifest's files:
+    their paths inside the folder all of them share)."""
+    if spec.lower().endswith((".csv", ".tsv")) and os.path.isfile(spec):
+        paths = [r["path"] for r in read_manifest(spec)]
+        common = os.path.commonpath([os.path.dirname(p) for p in paths])
+        return {p: os.path.relpath(p, common) for p in paths}
+    return named_audio(spec)
+
+
+class Files(torch.utils.data.Dataset):
+    """(index, mono 16 kHz waveform or None, error or None) of each file: read in workers."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return i, load_audio(self.paths[i])[0], None
+        except AudioError as e:
+            return i, None, str(e)
+
+
+def batches_by_length(lengths, budget):
+    """Indices sorted by length, cut into batches whose padded size stays within `budget`
+    samples (a longer file alone)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    out, cur = [], []
+    for i in order:
+        if cur and lengths[i] * (len(cur) + 1) > budget:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    return out + ([cur] if cur else [])
+
+
+def collate(items):
+    good = [(i, w) for i, w, _ in items if w is not None]
+    lengths = torch.tensor([len(w) for _, w in good], dtype=torch.long)
+    wav = torch.zeros(len(good), int(lengths.max()) if good else 0)
+    for k, (_, w) in enumerate(good):
+        wav[k, :len(w)] = w
+    return [i for i, _ in good], wav, lengths, [(i, e) for i, _, e in items if e is not None]
+
+
+def save_npz(path, **arrays):
+    """np.savez to a temporary file renamed over `path`: a killed run leaves no torn file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def main(cfg):
+    c, d, t0 = start(cfg)
+    named = inputs(c.audio)
+    check_writable(c.out, "out", folder=True)
+    target = {p: os.path.join(c.out, name + ".npz") for p, name in named.items()}
+    todo = sorted(p for p in named if not os.path.exists(target[p]))
+    d.print(f"{len(named)} files, {len(named) - len(todo)} done before, {len(todo)} to embed")
+    enc = load_encoder(c.ckpt, d.device)
+    layer_list = None if not c.layers else "all" if c.layers == "all" else \
+        [int(x) for x in c.layers.split(",")]
+    enc.layer_list(layer_list)  # an impossible block index is said before any work
+    lengths = []
+    for p in todo:  # headers only: frames in 16 kHz samples, for batching by length
+        try:
+            info = sf.info(p)
+            lengths.append(max(1, int(info.frames * SAMPLE_RATE / info.samplerate)))
+        except (RuntimeError, sf.LibsndfileError):
+            lengths.append(1)  # unreadable: the worker says why
+    batches = batches_by_length(lengths, int(c.batch_seconds * SAMPLE_RATE))[d.rank::d.world]
+    loader = torch.utils.data.DataLoader(Files(todo), batch_sampler=batches, collate_fn=collate,
+                                         num_workers=c.num_workers)
+    failed, seconds = [], 0.0
+    for idx, wav, n, bad in tqdm(loader, disable=not d.master, desc="embedding", unit=" batch"):
+        failed += [(todo[i], e) for i, e in bad]
+        if not idx:
+            continue
+        e = enc(wav.to(d.device), SAMPLE_RATE, lengths=n, layers=layer_list, dtype=c.dtype)
+        for k, i in enumerate(idx):
+            m = int(e.lengths[k])
+            save_npz(target[todo[i]], frames=e.frames[k, :m].cpu().numpy(),
+                     timestamps=e.timestamps[:m].cpu().numpy(), clip=e.clip[k].cpu().numpy(),
+                     kind=enc.kind, checkpoint=os.path.abspath(c.ckpt), layers=c.layers or "last",
+                     seconds=int(n[k]) / SAMPLE_RATE)
+            seconds += int(n[k]) / SAMPLE_RATE
+    if d.world > 1:
+        parts = [None] * d.world
+        dist.all_gather_object(parts, (failed, seconds))
+        failed, seconds = [f for p, _ in parts for f in p], sum(s for _, s in parts)
+    dt = time.time() - t0
+    d.print(f"embedded {len(todo) - len(failed)} files ({seconds / 3600:.3f} h of audio) in "
+            f"{dt:.0f}s -> {c.out}" + "".join(f"\nfailed: {p}: {e}" for p, e in failed))
+    cleanup_distributed()
+    return failed
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    if argv and not argv[0].startswith("-"):  # the audio may come first, as a positional
+        argv = ["--audio", argv[0], *argv[1:]]
+    cfg = configure(globals(), argv=argv)
+    if not cfg["audio"] or not cfg["ckpt"]:
+        raise SystemExit("embed.py needs the audio (a folder, files or a manifest) and --ckpt")
+    with user_errors():
+        if main(cfg):
+            raise SystemExit(1)

@@ -1,0 +1,108 @@
+"""
+The portable format: any checkpoint load_encoder reads (ours, the released ATST-Frame /
+ATST-Clip / ASiT files) -> a folder that needs neither pickle nor this repository's classes:
+
+    model.safetensors  the encoder's weights in our names (safetensors: tensors only, no code)
+    config.json        format, kind and its model.KINDS row (front-end, token layout,
+                       pooling, ...), the Encoder arguments, provenance (source, file hash,
+                       method, steps, data and its copy, precision, commit)
+    README.md          a short model card
+
+runtime.load_encoder(FOLDER) reads it back exactly (the same embeddings), and so does
+load_encoder("org/name") after the folder is uploaded to the Hugging Face Hub.
+
+    python export.py out/frame_base/ckpt.pt exported/atst_frame_base
+    python export.py ASIT_ssl.pt exported/asit_base
+"""
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import subprocess
+
+from safetensors.torch import save_file
+
+from plumbing import check_writable, load_checkpoint, save_text, user_errors
+from runtime import PORTABLE, load_encoder
+
+FORMAT_VERSION = 1
+
+
+def provenance(path, ae):
+    """What is known of where the weights come from: the file, its hash, and for our own
+    checkpoints the method, steps, data, its copy and precision (from the file and the
+    summary written beside it)."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            sha.update(block)
+    out = dict(source=ae.source, file=os.path.basename(path), sha256=sha.hexdigest(),
+               exported=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    ck = load_checkpoint(path)
+    if isinstance(ck, dict) and "config" in ck:  # ours; pre-training writes a summary beside
+        summary = json.load(open(path + ".json")) if os.path.exists(path + ".json") else {}
+        out.update(checkpoint_kind=ck.get("kind"), step=ck.get("step"), epoch=ck.get("epoch"),
+                   data=ck["config"].get("data"), dataset_copy=summary.get("dataset_copy"),
+                   precision=summary.get("precision"), pretrained_from=ck.get("pretrained"))
+    repo = os.path.dirname(os.path.abspath(__file__))
+    git = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True)
+    out["commit"] = git.stdout.strip() or None
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def card(config):
+    a, row = config["encoder_args"], config["kind_row"]
+    per = "[CLS, mean of frames]" if row["clip_pool"] == "cls+mean" else "mean of frames"
+    hop = row["unit"] * 10
+    prov = "\n".join(f"| {k} | {v} |" for k, v in config["provenance"].items())
+    return f"""# {row['name']} encoder (dim {a['dim']}, depth {a['depth']}, heads {a['heads']})
+
+Exported by this project's `export.py`; weights in `model.safetensors` (the encoder only),
+everything needed to build it in `config.json`.
+
+- Input: audio of any length, rate and channels (resampled to 16 kHz mono); front-end
+  `{row['front']}`; {hop} ms output frames; chunks of {row['chunk']} frames.
+- Output: one embedding per {hop} ms frame of size dim x layers; clip embedding {per} per layer.
+- {'Fine-tuned' if config['finetuned'] else 'Pre-trained (self-supervised)'} weights.
+
+```python
+from runtime import load_encoder          # this repository
+enc = load_encoder("path/to/this/folder")
+e = enc(wav, sample_rate=sr)              # e.frames, e.timestamps (ms), e.clip
+```
+
+| provenance | |
+|---|---|
+{prov}
+
+The weights carry the licence of their source.
+"""
+
+
+def export(src, folder):
+    check_writable(folder, "out", folder=True)
+    ae = load_encoder(src)
+    row = dataclasses.asdict(ae.row) | dict(front=ae.row.front.__name__)
+    config = dict(format=PORTABLE, format_version=FORMAT_VERSION, kind=ae.kind, kind_row=row,
+                  encoder_args=ae.encoder.args, finetuned=ae.finetuned,
+                  provenance=provenance(src, ae))
+    state = {k: v.contiguous() for k, v in ae.encoder.state_dict().items()}
+    tmp = os.path.join(folder, f"model.safetensors.tmp{os.getpid()}")
+    save_file(state, tmp, metadata=dict(format=PORTABLE, kind=ae.kind))
+    os.replace(tmp, os.path.join(folder, "model.safetensors"))
+    save_text(json.dumps(config, indent=1) + "\n", os.path.join(folder, "config.json"))
+    save_text(card(config), os.path.join(folder, "README.md"))
+    print(f"{src} ({ae.source}) -> {folder}: {ae.name}, dim {ae.encoder.dim}, depth "
+          f"{ae.encoder.depth}, {sum(v.numel() for v in state.values()):,} weights")
+    return folder
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("ckpt", help="any checkpoint load_encoder reads")
+    p.add_argument("folder", help="the folder to write (created; files in it are replaced)")
+    a = p.parse_args()
+    with user_errors():
+        export(a.ckpt, a.folder)

@@ -1,0 +1,86 @@
+"""embed.py: a folder of real recordings as people have them (mono and stereo, 8-48 kHz, 50 ms
+to 70 s, a subfolder, an unreadable file) -> one .npz per readable file, equal to the Python
+API's embeddings of the file alone; the bad file named; a rerun writes nothing; manifests."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import soundfile as sf
+import torch
+
+import embed
+import heads as H
+import plumbing as P
+import runtime as R
+from conftest import HERE, tiny_asit, tiny_encoder
+
+FILES = {"a.wav": (16000, 1, 3.0), "sub/b.wav": (44100, 2, 12.0), "c.flac": (8000, 1, 0.05),
+         "d.wav": (48000, 1, 70.0), "sub/a.wav": (22050, 2, 0.5)}
+
+
+def _folder(root):
+    rng = np.random.default_rng(0)
+    for name, (sr, ch, sec) in FILES.items():
+        os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+        x = rng.standard_normal((int(sec * sr), ch)) * 0.1
+        sf.write(os.path.join(root, name), x.astype(np.float32), sr)
+    with open(os.path.join(root, "broken.wav"), "w") as f:
+        f.write("not audio")
+
+
+def _ckpt(ae, path):
+    P.save_atomic(dict(kind="atst-finetune", model=H.Classifier(ae, 2).export(),
+                       classes=["x", "y"], encoder_args=ae.encoder.args,
+                       encoder_kind=ae.kind), path)
+    return path
+
+
+def _embed(*args):
+    return subprocess.run([sys.executable, "embed.py", *args, "--num_workers", "1",
+                           "--batch_seconds", "40"], cwd=HERE, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_a_folder_of_recordings_to_one_file_each(tmp_path):
+    rec, out = str(tmp_path / "rec"), str(tmp_path / "emb")
+    _folder(rec)
+    ck = _ckpt(tiny_encoder("frame"), str(tmp_path / "frame.pt"))
+    p = _embed(rec, "--ckpt", ck, "--out", out)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "failed: " in p.stdout and "broken.wav: cannot read audio file" in p.stdout
+    assert f"embedded {len(FILES)} files" in p.stdout
+    enc = R.load_encoder(ck)
+    for name, (sr, ch, sec) in FILES.items():
+        got = np.load(os.path.join(out, name + ".npz"))
+        x, rate = sf.read(os.path.join(rec, name), dtype="float32")
+        want = enc(torch.from_numpy(x), sample_rate=rate)              # the file alone
+        assert got["frames"].shape == want.frames[0].shape, name
+        np.testing.assert_allclose(got["frames"], want.frames[0].numpy(), atol=2e-5)
+        np.testing.assert_allclose(got["clip"], want.clip[0].numpy(), atol=2e-5)
+        np.testing.assert_allclose(got["timestamps"], want.timestamps.numpy())
+        assert str(got["kind"]) == "frame" and abs(float(got["seconds"]) - sec) < 1e-3
+    assert not os.path.exists(os.path.join(out, "broken.wav.npz"))
+    stamp = {f: os.path.getmtime(os.path.join(out, f + ".npz")) for f in FILES}
+    again = _embed(rec, "--ckpt", ck, "--out", out)                   # resumable: nothing new
+    assert f"{len(FILES)} done before" in again.stdout and "embedded 0 files" in again.stdout
+    assert stamp == {f: os.path.getmtime(os.path.join(out, f + ".npz")) for f in FILES}
+
+
+def test_a_manifest_and_every_block_of_asit(tmp_path):
+    rec, out = str(tmp_path / "rec"), str(tmp_path / "emb")
+    _folder(rec)
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path\n" + "".join(f"rec/{n}\n" for n in ("a.wav", "sub/b.wav")))
+    ck = _ckpt(tiny_asit(), str(tmp_path / "asit.pt"))
+    p = _embed(str(manifest), "--ckpt", ck, "--out", out, "--layers", "all")
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = np.load(os.path.join(out, "sub", "b.wav.npz"))
+    depth, dim = 2, 32
+    frames = ((12 * 16000 - 400) // 160 + 1) // 16    # 25 ms Kaldi frames every 10 ms, 16 a frame
+    assert got["frames"].shape == (frames, depth * dim) == (74, 64)
+    assert got["clip"].shape == (2 * depth * dim,) and str(got["layers"]) == "all"
+    assert got["timestamps"][0] == 80.0
+    assert json.dumps(sorted(os.listdir(out))) == json.dumps(["a.wav.npz", "sub"])
+    assert embed.batches_by_length([5, 1, 9, 2], 10) == [[1, 3], [0], [2]]
