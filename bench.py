@@ -29,9 +29,10 @@ import pretrain
 import pretrain_asit
 import pretrain_clip
 import pretrain_frame
+import runtime
 from augment import Mixup
-from data import stream_loader
 from config import configure, script_config
+from data import stream_loader
 from plumbing import setup_distributed
 
 # -------------------------------------------------------------------------------- config
@@ -45,6 +46,7 @@ device = "auto"      # auto (CUDA when torch sees it) | cpu | cuda
 dtype = "auto"       # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32: the timed step's autocast
 data_files = 48      # 10 s files written for the data-path benchmark (0 = skip it)
 data_batches = 6     # batches timed per format
+embed_files = 16     # 10 s files embed.py embeds per kind, at this preset's size (0 = skip)
 seed = 0                    # initial weights
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
 
@@ -252,6 +254,36 @@ def time_data(c, d):
           "clips/s of 44.1 kHz stereo WAV")
 
 
+def time_embed(c, d):
+    """embed.py end to end (decoding 44.1 kHz stereo 10 s files in one worker, resampling,
+    batching, encoding, writing .npz) for an encoder of each kind at this preset's size with
+    random weights: files/s and hours of audio per second of wall time."""
+    import embed
+    import heads
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        for i in range(c.embed_files):
+            x = (rng.standard_normal((10 * 44100, 2)) * 0.1).astype(np.float32)
+            sf.write(os.path.join(tmp, f"{i}.wav"), x, 44100)
+        for kind, row in M.KINDS.items():
+            args = {k: v for k, v in pretrain_frame.MODEL_PRESETS[c.preset].items()
+                    if k in ("dim", "depth", "heads")}
+            ae = runtime.AudioEncoder(M.Encoder(**args, **row.encoder_args()), kind)
+            ck = os.path.join(tmp, f"{kind}.pt")
+            torch.save(dict(kind="atst-finetune", model=heads.Classifier(ae, 1).export(),
+                            classes=["x"], encoder_args=ae.encoder.args, encoder_kind=kind), ck)
+            cfg = dict(script_config(embed, "--audio", tmp, "--ckpt", ck, "--device",
+                                     d.device.type, "--dtype", c.dtype, "--num_workers", "1",
+                                     "--out", os.path.join(tmp, f"out_{kind}")))
+            t0 = time.time()
+            with contextlib.redirect_stdout(None):
+                embed.main(cfg)
+            dt = time.time() - t0
+            print(f"embed.py {row.name:10s} ({c.preset}, 10 s 44.1 kHz stereo files): "
+                  f"{c.embed_files / dt:6.2f} files/s | {c.embed_files * 10 / 3600 / dt:.4f} "
+                  "h of audio/s", flush=True)
+
+
 if __name__ == "__main__":
     cfg = configure(globals())
     c = SimpleNamespace(**cfg)
@@ -268,3 +300,5 @@ if __name__ == "__main__":
             time_views(c, d)
     if c.data_files:
         time_data(c, d)
+    if c.embed_files:
+        time_embed(c, d)

@@ -40,6 +40,7 @@ audio = ""                  # a folder, comma-separated files / folders, or a .c
 ckpt = ""                   # any checkpoint load_encoder reads
 out = "embeddings"          # output folder: one .npz per input file
 layers = ""                 # blocks to return: '' = the last, all, or indices like 0,5,11
+frame_pool = ""             # ASiT's 8 band tokens a frame: mean | concat; '' = the kind's (mean)
 batch_seconds = 600.0       # padded audio per batch, seconds (memory ~ this x width x layers)
 num_workers = 4             # DataLoader workers per rank (decoding and resampling)
 device = "auto"             # auto (CUDA if torch sees it) | cpu | cuda (an error without CUDA)
@@ -109,7 +110,7 @@ def main(cfg):
     target = {p: os.path.join(c.out, name + ".npz") for p, name in named.items()}
     todo = sorted(p for p in named if not os.path.exists(target[p]))
     d.print(f"{len(named)} files, {len(named) - len(todo)} done before, {len(todo)} to embed")
-    enc = load_encoder(c.ckpt, d.device)
+    enc = load_encoder(c.ckpt, d.device).pool_frames(c.frame_pool)
     layer_list = None if not c.layers else "all" if c.layers == "all" else \
         [int(x) for x in c.layers.split(",")]
     enc.layer_list(layer_list)  # an impossible block index is said before any work
@@ -134,6 +135,7 @@ def main(cfg):
             save_npz(target[todo[i]], frames=e.frames[k, :m].cpu().numpy(),
                      timestamps=e.timestamps[:m].cpu().numpy(), clip=e.clip[k].cpu().numpy(),
                      kind=enc.kind, checkpoint=os.path.abspath(c.ckpt), layers=c.layers or "last",
+                     frame_pool=enc.frame_pool,
                      seconds=int(n[k]) / SAMPLE_RATE)
             seconds += int(n[k]) / SAMPLE_RATE
     if d.world > 1:

@@ -78,7 +78,7 @@ class SedModel(nn.Module):
 
     def __init__(self, ae, n_classes):
         super().__init__()
-        self.ae, self.head = ae, SedHead(ae.encoder.dim, n_classes)
+        self.ae, self.head = ae, SedHead(ae.dims()[0], n_classes)
         self.repeat = round(ae.frame_s / TOKEN_S)
 
     def forward(self, x, n, features=False):
@@ -149,6 +149,7 @@ def load_classifier(path, device="cpu", expect=FINETUNED):
         raise UserError(f"{path}: {what}; this needs " +
                         " or ".join(CKPT_KINDS[k] for k in expect))
     ae = AudioEncoder(Encoder(drop_path=0.0, **ck["encoder_args"]), our_kind(ck))
+    ae.pool_frames(ck.get("frame_pool", ""))
     model = kinds[ck["kind"]](ae, len(ck["classes"])).load_export(ck["model"])
     model.classes, model.config = ck["classes"], ck.get("config", {})
     return model.to(device).eval()

@@ -18,11 +18,11 @@ from model import SAMPLE_RATE
 from runtime import load_encoder
 
 
-def load_model(model_file_path="", layers="all", device=None):
+def load_model(model_file_path="", layers="all", device=None, frame_pool=""):
     if not model_file_path:
         raise ValueError("hear.load_model needs the path of an ATST or ASiT checkpoint")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_encoder(model_file_path, device)
+    model = load_encoder(model_file_path, device).pool_frames(frame_pool)
     model.hear_layers = layers
     model.timestamp_embedding_size, model.scene_embedding_size = model.dims(layers)
     return model

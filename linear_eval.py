@@ -53,6 +53,7 @@ batch_size = 1024           # head training batch
 min_lr = 1e-6               # lr at the last step (cosine)
 random_init = False         # baseline: the same encoder with random weights
 chunk_seconds = 0.0         # encoder chunk; 0 = the model's (Clip 6, Frame 10, ASiT 5.92 s)
+frame_pool = ""             # ASiT's 8 band tokens a frame: mean | concat; '' = the kind's (mean)
 extract_batch = 32          # clips per forward during extraction
 num_workers = WORKERS       # DataLoader workers reading audio (4; the cores when fewer)
 device = "auto"             # auto (CUDA if torch sees it) | cpu | cuda (an error without CUDA)
@@ -133,7 +134,8 @@ def evaluate_task(ae, c, d, task, cfg):
     """Every split (or fold) of a task -> its result record."""
     t0 = time.time()
     folds = c.folds or TASK_FOLDS.get(task, 0)
-    tag = [os.path.realpath(c.ckpt), os.path.getmtime(c.ckpt), c.random_init, c.seed, ae.chunk]
+    tag = [os.path.realpath(c.ckpt), os.path.getmtime(c.ckpt), c.random_init, c.seed, ae.chunk,
+           ae.frame_pool]
     features = lambda rows: extract(ae, rows, c, d, tag)
     if folds:  # every clip encoded once; each fold's splits are rows of the same manifest
         rows = read_manifest(resolve_manifest(task, "train", c.data_root or None))
@@ -144,7 +146,7 @@ def evaluate_task(ae, c, d, task, cfg):
     res = dict(runs[0], test=sum(r["test"] for r in runs) / len(runs),
                folds=runs if folds else None)
     res.update(record("linear_eval", task, task_copy(task, c.data_root or None), c, d, ae, t0,
-                      cfg))
+                      cfg, frame_pool=ae.frame_pool))
     return res
 
 
@@ -157,12 +159,13 @@ def main(cfg):
     name = os.path.splitext(os.path.basename(c.ckpt))[0] if not c.ckpt.endswith("ckpt.pt") \
         else os.path.basename(os.path.dirname(os.path.abspath(c.ckpt)))
     out = c.out or os.path.join("results", f"linear_{{data}}_{name}"
-                                           f"{'_random' if c.random_init else ''}.json")
+                                           f"{'_random' if c.random_init else ''}"
+                                           f"{'_' + c.frame_pool if c.frame_pool else ''}.json")
     paths = {t: out.replace("{data}", manifest_name(t)) for t in tasks}
     for path in paths.values():  # said now, not after the work
         check_writable(path, "out")
     check_writable(c.cache_dir, "cache_dir", folder=True)
-    ae = start_encoder(c, d)
+    ae = start_encoder(c, d).pool_frames(c.frame_pool)
     if c.chunk_seconds:
         ae.chunk = min(round(c.chunk_seconds / ae.frame_s),
                        ae.encoder.max_tokens // ae.per_frame)                  # Table II: 1 s

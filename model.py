@@ -307,7 +307,7 @@ class Kind:
     per_frame: int       # tokens per output frame (a time column of patches)
     chunk: int           # output frames per chunk of long audio (the pre-training length)
     clip_pool: str       # clip embedding per layer: "mean" of frames | "cls+mean" [CLS, mean]
-    frame_pool: str      # a time column's tokens -> one output frame: "mean"
+    frame_pool: str      # a time column's tokens -> one output frame: "mean" | "concat"
 
     def encoder_args(self):
         """The Encoder arguments this kind fixes (size comes from PRESETS)."""

@@ -99,9 +99,10 @@ linear() {  # linear NAME "TASKS" [FLAGS...]: Table II-IV cells of one encoder, 
   local name=$1 tasks=$2 todo="" t; shift 2
   for t in $tasks; do [ -f "$OUT/linear/${name}_$t.json" ] || todo="$todo${todo:+,}$t"; done
   [ -n "$todo" ] || return 0
-  local extra=""
+  local extra="" run=${name%_concat}
   case $name in *_1s) extra="--chunk_seconds 1";; esac  # Table II: 1 s chunks downstream
-  run linear_eval.py --ckpt "$OUT/pretrain/${name%_random}/ckpt.pt" --data "$todo" $extra \
+  case $name in *_concat) extra="--frame_pool concat";; esac  # ASiT's band tokens side by side
+  run linear_eval.py --ckpt "$OUT/pretrain/${run%_random}/ckpt.pt" --data "$todo" $extra \
     --out "$OUT/linear/${name}_{data}.json" --cache_dir "$OUT/cache" $LIN_ARGS "$@"
 }
 finetune() {  # finetune NAME SCRIPT TASK CKPT [FLAGS...]: Table V cells
@@ -128,6 +129,8 @@ for name in clip frame asit; do
   cell linear $name "$LINEAR_TASKS"
   cell linear ${name}_random "$LINEAR_TASKS" --random_init true
 done
+cell linear asit_concat "$LINEAR_TASKS"            # ASiT's frames: its 8 band tokens side by side
+cell linear asit_random_concat "$LINEAR_TASKS" --random_init true
 barrier
 
 # ---- 3. fine-tuning (Table V), then 4. C2F / F2C distillation (Table V) -----------------
@@ -150,6 +153,7 @@ for kind in clip frame asit; do
   cell sed_run ${kind}_linear "$OUT/pretrain/$kind/ckpt.pt" linear
   cell sed_run ${kind}_finetune "$OUT/pretrain/$kind/ckpt.pt" finetune $SED_FT_ARGS
 done
+cell sed_run asit_linear_concat "$OUT/pretrain/asit/ckpt.pt" linear --frame_pool concat
 barrier
 cell sed_run c2f "$OUT/pretrain/frame/ckpt.pt" finetune $SED_FT_ARGS \
   --teacher "$OUT/sed/clip_finetune/best.pt"

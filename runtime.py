@@ -38,8 +38,9 @@ class Embeddings(NamedTuple):
     lengths: torch.Tensor     # (B,) valid frames per clip
 
 
-FRAME_POOLS = {  # a time column's tokens (b, C, P, D) -> one output frame (b, C, D)
-    "mean": lambda x: x.mean(2)}
+# a time column's tokens -> one output frame: their mean, or side by side per layer (tokens
+# per frame x wider; the same for a kind of one token a frame)
+FRAME_POOLS = ("mean", "concat")
 
 
 class AudioEncoder(nn.Module):
@@ -67,7 +68,7 @@ class AudioEncoder(nn.Module):
         row = KINDS[kind]  # everything kind-specific comes from its row
         self.encoder, self.kind, self.name, self.row = encoder, kind, row.name, row
         self.front = row.front()
-        self.unit, self.per_frame = row.unit, row.per_frame
+        self.unit, self.per_frame, self.frame_pool = row.unit, row.per_frame, row.frame_pool
         self.frame_s = self.unit * HOP / SAMPLE_RATE
         self.min_samples = row.front.samples_for(self.unit)         # one output frame
         self.chunk = min(row.chunk, encoder.max_tokens // self.per_frame)
@@ -100,10 +101,19 @@ class AudioEncoder(nn.Module):
             raise ValueError(f"layers {bad}: this encoder has blocks 0 to {L - 1}")
         return sorted(layers)
 
+    def pool_frames(self, how):
+        """Set how a time column's tokens become one output frame (FRAME_POOLS); '' keeps the
+        kind's own. Returns self."""
+        if how and how not in FRAME_POOLS:
+            raise UserError(f"--frame_pool {how!r}: one of {', '.join(FRAME_POOLS)}")
+        self.frame_pool = how or self.row.frame_pool
+        return self
+
     def dims(self, layers=None):
         """(frame embedding size, clip embedding size) for a choice of layers."""
         n = self.encoder.dim * len(self.layer_list(layers))
-        return n, n * (2 if self.row.clip_pool == "cls+mean" else 1)
+        frame = n * (self.per_frame if self.frame_pool == "concat" else 1)
+        return frame, frame + (n if self.row.clip_pool == "cls+mean" else 0)
 
     @torch.no_grad()
     def forward(self, audio, sample_rate=None, lengths=None, layers=None, chunk_batch=64,
@@ -174,7 +184,8 @@ class AudioEncoder(nn.Module):
     def encode(self, x, n, layers=None, chunk_batch=None):
         """Front-end output (B, F, T) with valid output frames n (B,) -> Embeddings, chunked;
         keeps the graph (fine-tuning calls it in train mode). chunk_batch bounds chunks per
-        call. An output frame is one token (ATST) or the mean of a time column's tokens (ASiT)."""
+        call. An output frame is one token (ATST) or a time column's tokens (ASiT): their mean,
+        or with frame_pool "concat" the tokens side by side, per layer."""
         B, Fm, dev = x.shape[0], x.shape[1], x.device
         r, C, P = self.unit, self.chunk, self.per_frame
         N = x.shape[-1] // r
@@ -186,28 +197,30 @@ class AudioEncoder(nn.Module):
         layers = self.layer_list(layers)
         cls_tok = int(self.encoder.cls_token is not None)             # sequence offset
         with_cls = self.row.clip_pool == "cls+mean"
-        D = self.encoder.dim * len(layers)
-        frames = torch.zeros(B * K, C, D, device=dev)
+        L, D = len(layers), self.encoder.dim * len(layers)
+        Df = self.dims(layers)[0]                                     # frame size
+        frames = torch.zeros(B * K, C, Df, device=dev)
         cls = torch.zeros(B * K, D, device=dev)
         step = chunk_batch or len(keep)
         for i in range(0, len(keep), step):
             idx = keep[i:i + step]
             out = torch.cat(self.encoder(chunks[idx], n_valid[idx] * P, layers=layers), -1)
             out = out.float()                                         # (b, [1+]C P, D)
-            frames[idx] = FRAME_POOLS[self.row.frame_pool](out[:, cls_tok:].unflatten(1, (C, P)))
+            tok = out[:, cls_tok:].unflatten(1, (C, P))               # (b, C, P, L dim)
+            frames[idx] = tok.mean(2) if self.frame_pool == "mean" else \
+                tok.unflatten(-1, (L, -1)).transpose(2, 3).flatten(2)  # (b, C, L P dim)
             if with_cls:
                 cls[idx] = out[:, 0]
         valid = torch.arange(C, device=dev) < n_valid[:, None]        # (B*K, C)
         frames = frames * valid[..., None]
-        mean = frames.sum(1) / n_valid.clamp(min=1)[:, None]          # (B*K, D)
+        mean = frames.sum(1) / n_valid.clamp(min=1)[:, None]          # (B*K, Df)
         if with_cls:  # per layer [CLS, mean]
-            L = len(layers)
-            mean = torch.stack([cls.view(-1, L, D // L), mean.view(-1, L, D // L)], 2)
-            mean = mean.reshape(B * K, 2 * D)
+            mean = torch.cat([cls.view(-1, L, D // L), mean.view(-1, L, Df // L)], 2)
+            mean = mean.reshape(B * K, D + Df)
         counts = ((n_valid > C // 2) | (torch.arange(B * K, device=dev) % K == 0)) & (n_valid > 0)
         w = counts.float().view(B, K, 1)
         clip = (mean.view(B, K, -1) * w).sum(1) / w.sum(1)
-        frames = frames.view(B, K * C, D)[:, :N]
+        frames = frames.view(B, K * C, Df)[:, :N]
         stamps = (torch.arange(N, device=dev) + 0.5) * (self.frame_s * 1000)  # centres, ms
         return Embeddings(frames, stamps, clip, n)
 

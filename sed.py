@@ -59,6 +59,7 @@ test_audio = "audio/test"                  # audio folder of the test clips
 # training
 mode = "finetune"           # linear: head only | finetune: + last block and final norm
 random_init = False         # baseline: the same encoder with random weights
+frame_pool = ""             # ASiT's 8 band tokens a frame: mean | concat; '' = the kind's (mean)
 teacher = ""                # SED checkpoint of another kind: C2F / F2C (any two kinds)
 kd_weight = 0.5             # total = task + kd_weight * mean(BCE strong, BCE weak) vs teacher
 lr = None                   # SGD, momentum 0.9
@@ -157,8 +158,8 @@ def setup(cfg):
     if absent:
         d.print(f"note: the {len(s_valid)} held-out strong clips hold no event of {absent}; "
                 "validation scores the other classes (--strong_valid holds out more)")
-    ae = start_encoder(c, d)
-    out_dir = run_dir(c, d, "sed", ae, c.mode)
+    ae = start_encoder(c, d).pool_frames(c.frame_pool)
+    out_dir = run_dir(c, d, "sed", ae, c.mode, *([c.frame_pool] if c.frame_pool else []))
     teacher = None
     if c.teacher:
         teacher = freeze(load_classifier(c.teacher, d.device, expect=["atst-sed"]))
@@ -294,6 +295,7 @@ def train(cfg):
             if d.master:
                 save_atomic(dict(kind="atst-sed", model=model.export(), classes=r.classes,
                                  encoder_args=r.ae.encoder.args, encoder_kind=r.ae.kind,
+                                 frame_pool=r.ae.frame_pool,
                                  median_windows=r.windows, config=cfg, pretrained=c.ckpt,
                                  epoch=epoch + 1), best_path)
         save_epoch(ckpt_path, model, r.opt, epoch + 1, best, cfg, d)
@@ -313,7 +315,8 @@ def train(cfg):
         write_table(os.path.join(r.out_dir, f"detections_{c.threshold:.2f}.tsv"),
                     list(det.columns), det.round(3).itertuples(index=False))
         res.update(record("sed", c.data, dataset_copy(r.root), c, d, r.ae, r.t0, cfg,
-                          mode=c.mode, classes=r.classes, teacher=c.teacher or None,
+                          mode=c.mode, frame_pool=r.ae.frame_pool, classes=r.classes,
+                          teacher=c.teacher or None,
                           best_epoch=best["epoch"], lr=c.lr))
         publish(res, os.path.join(r.out_dir, "result.json"), d, f"sed {c.data} | {r.ae.name} "
                 f"{c.mode}{' + teacher' if c.teacher else ''} | PSDS1 {res['psds1']:.3f} PSDS2 "

@@ -38,7 +38,9 @@ T3_ROWS = {"frame_A": "A | 0 | | ✓ | group", "frame_B": "B | 1 | | ✓ | rando
 T4_COLS = ["as20k", "spcv2", "vox1", "nsynth", "us8k", "fsd50k"]
 T4 = {"clip": [33.8, 95.1, 72.0, 76.2, 85.8, 58.5], "frame": [33.0, 94.9, 77.4, 75.9, 85.8, 55.1]}
 KINDS = {k: row.name for k, row in MODEL_KINDS.items()}  # in the tables' row order
-T4_ROWS = {**KINDS, **{f"{k}_random": f"{v}, random weights" for k, v in KINDS.items()}}
+T4_ROWS = {**KINDS, **{f"{k}_random": f"{v}, random weights" for k, v in KINDS.items()},
+           "asit_concat": "ASiT, band tokens concatenated",  # runtime FRAME_POOLS
+           "asit_random_concat": "ASiT, random weights, band tokens concatenated"}
 T5_COLS = ["as2m", "as20k", "spcv2", "vox1", "fsd50k"]
 T5 = {"clip": [45.2, 37.9, 98.0, 95.5, 63.4], "frame": [48.0, 39.0, 98.1, 97.3, 61.8],
       "c2f": [49.7, 40.5, 98.4, 97.5, 65.5], "f2c": [46.8, 39.0, 98.1, 95.5, 64.6],
@@ -52,8 +54,9 @@ T6_ROWS = {"clip_linear": "Linear | ATST-Clip", "frame_linear": "Linear | ATST-F
            "asit_linear": "Linear | ASiT",
            "clip_finetune": "Finetuning | ATST-Clip", "frame_finetune": "Finetuning | ATST-Frame",
            "asit_finetune": "Finetuning | ASiT",
-           "c2f": "Finetuning | ATST-C2F", "f2c": "Finetuning | ATST-F2C"}
-RESOLUTION = {"asit_linear": "160 ms", "asit_finetune": "160 ms"}  # ATST rows: 40 ms
+           "c2f": "Finetuning | ATST-C2F", "f2c": "Finetuning | ATST-F2C",
+           "asit_linear_concat": "Linear | ASiT, band tokens concatenated"}
+RESOLUTION = dict.fromkeys(["asit_linear", "asit_finetune", "asit_linear_concat"], "160 ms")
 METRIC = {"as20k": "mAP", "as2m": "mAP", "fsd50k": "mAP", "demo_tags": "mAP"}
 NAMES = {"as20k": "AS-20K", "as2m": "AS-2M", "spcv2": "SPCV2", "vox1": "VOX1", "nsynth": "NSYNTH",
          "us8k": "US8K", "fsd50k": "FSD50K", "as1.9m": "AS-1.9M", "as200k": "AS-200K",
@@ -267,6 +270,13 @@ def checks(out):
                 lines.append(f"- Linear evaluation, {t}: pre-trained {KINDS[k]} "
                              f"{a:.1f} vs the same encoder with random weights {b:.1f}: "
                              f"{compare(a, b, ra)}.")
+    for t in tasks:  # ASiT's frames: its 8 band tokens averaged (default) or side by side
+        for k in ("asit", "asit_random"):
+            a, b = linear_score(out, f"{k}_concat", t), linear_score(out, k, t)
+            if a is not None and b is not None:
+                ra = load(os.path.join(out, "linear", f"{k}_concat_{t}.json"))
+                lines.append(f"- Linear evaluation, {t}: {T4_ROWS[k]} with band tokens "
+                             f"concatenated {a:.1f} vs averaged {b:.1f}: {compare(a, b, ra)}.")
     for mode in ("linear", "finetune"):
         f = load(os.path.join(out, "sed", f"frame_{mode}", "result.json")) or {}
         for other in ("clip", "asit"):

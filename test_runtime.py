@@ -439,3 +439,32 @@ def _asit_release_names(ae):
     sd["patch_embed.proj.weight"] = w.view(w.shape[0], 1, 16, 16)
     sd["patch_embed.proj.bias"] = sd.pop("patch_embed.bias")
     return sd
+
+
+def test_concat_frames_keep_asits_band_tokens_apart():
+    """frame_pool concat: per layer, the 8 band tokens of a 160 ms time column side by side
+    (time-major token order), 8 x wider; their mean is the default frame; the padded batch
+    still equals each clip alone; a kind of one token a frame is unchanged."""
+    ae, audio = tiny_asit(), torch.randn(2, 3 * 16000) * 0.1
+    mean = ae(audio, 16000, layers="all")
+    ae.pool_frames("concat")
+    cat = ae(audio, 16000, layers="all")
+    L, nb, dim = 2, 8, 32
+    assert cat.frames.shape[-1] == L * nb * dim == ae.dims("all")[0]
+    assert cat.clip.shape[-1] == L * dim + L * nb * dim == ae.dims("all")[1]
+    bands = cat.frames.unflatten(-1, (L, nb, dim))                    # (B, N, L, P, dim)
+    torch.testing.assert_close(bands.mean(3).flatten(2), mean.frames, atol=1e-6, rtol=1e-5)
+    x, n = ae.features(*ae.prepare(audio, 16000))                  # 3 s: one chunk
+    N = x.shape[-1] // 16
+    tokens = ae.encoder(x[..., :16 * N], layers=[1])[0][:, 1:]      # N columns of 8 tokens
+    torch.testing.assert_close(bands[:, :, 1], tokens.unflatten(1, (N, nb)), atol=1e-5, rtol=0)
+    alone = ae(audio[1, :16000], 16000)
+    batch = ae(torch.stack([audio[0], F.pad(audio[1, :16000], (0, 2 * 16000))]), 16000,
+               lengths=[3 * 16000, 16000])
+    torch.testing.assert_close(batch.frames[1, :alone.frames.shape[1]], alone.frames[0],
+                               atol=1e-5, rtol=0)
+    frame = tiny_encoder("frame")
+    a = frame(audio, 16000).frames
+    assert torch.equal(frame.pool_frames("concat")(audio, 16000).frames, a)
+    with pytest.raises(P.UserError, match="--frame_pool 'sum'"):
+        frame.pool_frames("sum")

@@ -33,7 +33,7 @@ def fake_results(out, linear, sed_psds1):
         put(os.path.join(out, "finetune", f"{n}_demo_events", "result.json"),
             dict(test=0.25 if n == "asit" else 0.5))
     for n in ("clip_linear", "frame_linear", "clip_finetune", "frame_finetune", "c2f", "f2c",
-              "asit_linear", "asit_finetune"):
+              "asit_linear", "asit_finetune", "asit_linear_concat"):
         put(os.path.join(out, "sed", n, "result.json"), dict(
             psds1=sed_psds1.get(n, 0.1), psds2=0.2, psds1_exact=0.1, psds2_exact=0.2,
             f1_intersection=0.5, dataset="dcase2022" if n == "frame_finetune" else "demo_sed"))
@@ -48,7 +48,8 @@ def test_tables_cells_averages_and_checks(tmp_path):
               "frame_us8k": acc(0.855, 873), "frame_random_us8k": acc(0.84, 873),
               "frame_demo_tags": (0.62, "mAP", 120), "frame_random_demo_tags": (0.6, "mAP", 120),
               "asit_demo_events": acc(0.7), "asit_random_demo_events": acc(0.55),
-              "asit_demo_tags": (0.5, "mAP", 120), "asit_random_demo_tags": (0.5, "mAP", 120)}
+              "asit_demo_tags": (0.5, "mAP", 120), "asit_random_demo_tags": (0.5, "mAP", 120),
+              "asit_concat_demo_events": acc(0.75), "asit_random_concat_demo_events": acc(0.6)}
     fake_results(out, linear, {"frame_finetune": 0.3, "clip_finetune": 0.2,
                                "asit_finetune": 0.05})
     md = open(tables.main(out)).read()
@@ -85,6 +86,10 @@ def test_tables_cells_averages_and_checks(tmp_path):
         x for x in lines[t4:] if x.startswith(start)).strip("|").split("|")]
     assert cells("| ASiT |")[1:8] == ["-"] * 6 + ["70.0"]        # no paper value in Table IV
     assert cells("| ASiT, random weights |")[7] == "55.0"
+    assert cells("| ASiT, band tokens concatenated |")[7] == "75.0"
+    assert ("demo_events: ASiT with band tokens concatenated 75.0 vs averaged 70.0: ahead by "
+            "5.0 points") in md
+    assert "ASiT, random weights with band tokens concatenated 60.0 vs averaged 55.0" in md
     t5 = lines.index(next(x for x in lines if x.startswith("### Table V:")))
     row = next(x for x in lines[t5:] if x.startswith("| ASiT |"))
     assert [c.strip() for c in row.strip("|").split("|")][1:7] == [
@@ -102,7 +107,8 @@ def test_tables_cells_averages_and_checks(tmp_path):
 def test_run_all_skips_finished_work(data_root, tmp_path):
     """A rerun over finished results runs nothing but the tables (issue 6: rerun < 1 min)."""
     out = str(tmp_path / "res")
-    names = ["clip", "frame", "asit", "clip_random", "frame_random", "asit_random"]
+    names = ["clip", "frame", "asit", "clip_random", "frame_random", "asit_random",
+             "asit_concat", "asit_random_concat"]
     linear = {f"{n}_{t}": 0.5 for n in names for t in ("demo_events", "demo_tags")}
     linear.update({f"{n}_demo_events": 0.5 for n in PRETRAIN_RUNS[2:] + ["clip_two_6s",
                                                                           "frame_D"]})
@@ -152,8 +158,8 @@ def test_miniature_of_the_real_protocol(prepared, downloads, tmp_path):
     print(f"miniature of the real protocol: {time.time() - t0:.0f} s; prepare.py: {prep_times}")
     md = open(os.path.join(out, "tables.md")).read()
     notes = dict(line[2:].split("]: ", 1) for line in md.splitlines() if line.startswith("[^"))
-    shapes = {"Table II": (4, 5), "Table III": (5, 5), "Table IV": (6, 7), "Table V": (5, 5),
-              "Table VI": (8, 2)}
+    shapes = {"Table II": (4, 5), "Table III": (5, 5), "Table IV": (8, 7), "Table V": (5, 5),
+              "Table VI": (9, 2)}  # IV, VI: with ASiT's concatenated band tokens
     for title, (n_rows, n_cols) in shapes.items():
         cells = table_cells(md, title)
         assert len(cells) == n_rows * n_cols, (title, sorted(cells))
