@@ -400,7 +400,7 @@ def test_our_files_name_their_kind_and_the_loader_reads_it(tmp_path):
         R.load_encoder(str(tmp_path / "odd.pt"))
 
 
-def test_export_and_load_back_exactly_for_every_layout(tmp_path):
+def test_export_and_load_back_exactly_for_every_layout(tmp_path, monkeypatch):
     """export.py -> model.safetensors + config.json + README.md; load_encoder(folder) gives
     torch.equal embeddings for every layout the loader reads, and keeps kind and fine-tuning."""
     import export
@@ -428,8 +428,14 @@ def test_export_and_load_back_exactly_for_every_layout(tmp_path):
         assert cfg["provenance"]["sha256"] and cfg["kind_row"]["name"] == want.name
         a, b = want(audio, 16000, layers="all"), got(audio, 16000, layers="all")
         assert torch.equal(a.frames, b.frames) and torch.equal(a.clip, b.clip), f
-    with pytest.raises(P.UserError, match="could not fetch it from the Hugging Face Hub|pip"):
-        R.load_encoder("nobody-here/no-such-encoder")          # a Hub id, offline or absent
+    import huggingface_hub  # (installed with xares's transformers) a Hub id, and no network:
+
+    def offline(repo_id, **kw):
+        raise huggingface_hub.errors.LocalEntryNotFoundError(f"{repo_id} is not in the cache")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(P.UserError, match="nobody-here/no-such-encoder: could not fetch it from "
+                       "the Hugging Face Hub .*HF_HUB_OFFLINE=1"):
+        R.load_encoder("nobody-here/no-such-encoder")
 
 
 def _asit_release_names(ae):
@@ -468,3 +474,22 @@ def test_concat_frames_keep_asits_band_tokens_apart():
     assert torch.equal(frame.pool_frames("concat")(audio, 16000).frames, a)
     with pytest.raises(P.UserError, match="--frame_pool 'sum'"):
         frame.pool_frames("sum")
+
+
+def test_the_x_ares_checker_passes_for_every_kind(tmp_path):
+    """X-ARES's own audio_encoder_checker on our encoder class, for the three kinds (and
+    ASiT's concatenated band tokens); a minute of audio keeps every 40 / 160 ms frame."""
+    from xares.audio_encoder_checker import check_audio_encoder
+    from xares_encoder import AtstEncoder
+    for kind, ae, pool in (("frame", tiny_encoder("frame"), ""),
+                           ("clip", tiny_encoder("clip"), ""), ("asit", tiny_asit(), ""),
+                           ("asit", tiny_asit(), "concat")):
+        path = str(tmp_path / f"{kind}{pool}.pt")
+        P.save_atomic(dict(kind="atst-finetune", model=H.Classifier(ae, 2).export(),
+                           classes=["x", "y"], encoder_args=ae.encoder.args, encoder_kind=kind),
+                      path)
+        enc = AtstEncoder(path, frame_pool=pool, device="cpu")
+        assert check_audio_encoder(enc), (kind, pool)
+        out = enc(torch.randn(1, 60 * 16000) * 0.1)
+        want = 1500 if kind != "asit" else ((60 * 16000 - 400) // 160 + 1) // 16  # 374
+        assert out.shape == (1, want, enc.output_dim), (kind, pool)
