@@ -84,3 +84,23 @@ def test_a_manifest_and_every_block_of_asit(tmp_path):
     assert got["timestamps"][0] == 80.0
     assert json.dumps(sorted(os.listdir(out))) == json.dumps(["a.wav.npz", "sub"])
     assert embed.batches_by_length([5, 1, 9, 2], 10) == [[1, 3], [0], [2]]
+
+
+def test_two_processes_share_the_files_and_write_what_one_would(tmp_path):
+    """torchrun --nproc_per_node=2 (gloo): each rank embeds its share of the batches, the
+    failures of both are listed once, and the files equal a one-process run's."""
+    rec = str(tmp_path / "rec")
+    _folder(rec)
+    ck = _ckpt(tiny_encoder("clip"), str(tmp_path / "clip.pt"))
+    one = _embed(rec, "--ckpt", ck, "--out", str(tmp_path / "one"))
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--standalone", "embed.py", rec, "--ckpt", ck, "--out",
+                          str(tmp_path / "two"), "--num_workers", "0", "--batch_seconds", "40"],
+                         cwd=HERE, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert one.returncode == two.returncode == 1, two.stderr[-2000:]
+    assert two.stdout.count("failed: ") == 1 and f"embedded {len(FILES)} files" in two.stdout
+    for name in FILES:
+        a, b = (np.load(str(tmp_path / d / (name + ".npz"))) for d in ("one", "two"))
+        np.testing.assert_allclose(a["frames"], b["frames"], atol=2e-5)
+        np.testing.assert_allclose(a["clip"], b["clip"], atol=2e-5)
