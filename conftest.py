@@ -275,3 +275,29 @@ def prepared(downloads, tmp_path_factory):
         times[name] = round(time.time() - t0, 3)
     print(f"prepare.py on the miniatures, seconds: {times}")
     return root, times
+
+
+def _official(enc, kind):
+    """Our encoder's weights renamed to the released layout (R9)."""
+    inverse = {v: k for k, v in R.OFFICIAL_NAMES.items()}
+    if kind == "clip":  # ATST-Clip keeps `norm`
+        inverse = {k: v for k, v in inverse.items() if not k.startswith("norm")}
+    return {inverse.get(k, k): v.clone() for k, v in enc.state_dict().items()}
+
+
+def released_layouts(enc, kind):
+    """(name, checkpoint) of our encoder's weights in every released ATST layout (R9)."""
+    sd = _official(enc, kind)
+    noise = {"weight": torch.zeros(3, 3)}
+    if kind == "frame":
+        yield "lightning", {"state_dict": {
+            **{f"model.teacher.encoder.{k}": v for k, v in sd.items()},
+            **{f"model.student.encoder.{k}": v * 0 for k, v in sd.items()},
+            "model.teacher.projector.0.weight": noise["weight"]}}
+        yield "finetuned", {"state_dict": {**{f"encoder.encoder.{k}": v for k, v in sd.items()},
+                                           "head.weight": noise["weight"]}}
+    else:
+        yield "dino", {"teacher": {**{f"module.backbone.{k}": v for k, v in sd.items()},
+                                   "module.head.mlp.0.weight": noise["weight"]}, "epoch": 3}
+        yield "dino_nomodule", {"teacher": {**{f"backbone.{k}": v for k, v in sd.items()},
+                                            "head.last_layer.weight": noise["weight"]}}

@@ -1,8 +1,5 @@
 """runtime.py: the embedding API of every kind (audio of any length, rate and channels;
 padded batches; layers; bf16), the HEAR module, and every checkpoint layout the loader reads."""
-import json
-import os
-
 import numpy as np
 import pytest
 import soundfile as sf
@@ -14,32 +11,7 @@ import heads as H
 import model as M
 import plumbing as P
 import runtime as R
-from conftest import tiny_asit, tiny_encoder
-
-
-def _official(enc, kind):
-    """Our encoder's weights renamed to the released layout (R9)."""
-    inverse = {v: k for k, v in R.OFFICIAL_NAMES.items()}
-    if kind == "clip":  # ATST-Clip keeps `norm`
-        inverse = {k: v for k, v in inverse.items() if not k.startswith("norm")}
-    return {inverse.get(k, k): v.clone() for k, v in enc.state_dict().items()}
-
-
-def _layouts(enc, kind):
-    sd = _official(enc, kind)
-    noise = {"weight": torch.zeros(3, 3)}
-    if kind == "frame":
-        yield "lightning", {"state_dict": {
-            **{f"model.teacher.encoder.{k}": v for k, v in sd.items()},
-            **{f"model.student.encoder.{k}": v * 0 for k, v in sd.items()},
-            "model.teacher.projector.0.weight": noise["weight"]}}
-        yield "finetuned", {"state_dict": {**{f"encoder.encoder.{k}": v for k, v in sd.items()},
-                                           "head.weight": noise["weight"]}}
-    else:
-        yield "dino", {"teacher": {**{f"module.backbone.{k}": v for k, v in sd.items()},
-                                   "module.head.mlp.0.weight": noise["weight"]}, "epoch": 3}
-        yield "dino_nomodule", {"teacher": {**{f"backbone.{k}": v for k, v in sd.items()},
-                                            "head.last_layer.weight": noise["weight"]}}
+from conftest import released_layouts, tiny_asit, tiny_encoder
 
 
 @pytest.mark.parametrize("kind", ["frame", "clip"])
@@ -50,7 +22,7 @@ def test_load_encoder_reads_every_layout_identically(kind, tmp_path):
     ref = R.AudioEncoder(enc, kind).eval()
     audio = torch.randn(2, 3 * 16000) * 0.1
     want = ref(audio, 16000, layers="all")
-    for name, ck in _layouts(enc, kind):
+    for name, ck in released_layouts(enc, kind):
         path = str(tmp_path / f"{name}.ckpt")
         torch.save(ck, path)
         got = R.load_encoder(path)
@@ -71,13 +43,13 @@ def test_load_encoder_reads_every_layout_identically(kind, tmp_path):
 
 def test_load_encoder_names_missing_and_unexpected_keys(tmp_path):
     enc = M.Encoder(dim=128, depth=2, heads=2, mask_token=True)
-    _, ck = next(_layouts(enc, "frame"))
+    _, ck = next(released_layouts(enc, "frame"))
     sd = ck["state_dict"]
     del sd["model.teacher.encoder.blocks.1.mlp.fc2.bias"]
     torch.save(ck, tmp_path / "missing.ckpt")
     with pytest.raises(P.UserError, match=r"missing: \['blocks.1.mlp.fc2.bias'\]"):
         R.load_encoder(str(tmp_path / "missing.ckpt"))
-    _, ck = next(_layouts(enc, "frame"))
+    _, ck = next(released_layouts(enc, "frame"))
     ck["state_dict"]["model.teacher.encoder.blocks.0.attn.qkv.bias"] = torch.zeros(384)
     torch.save(ck, tmp_path / "extra.ckpt")
     with pytest.raises(P.UserError, match=r"unexpected: \['blocks.0.attn.qkv.bias'\]"):
@@ -131,7 +103,7 @@ def test_padded_batch_gives_the_embeddings_of_the_clip_alone(kind):
 def test_hear_api_as_the_runner_calls_it(tmp_path):
     import hear
     enc = M.Encoder(dim=128, depth=2, heads=2, mask_token=True)
-    _, ck = next(_layouts(enc, "frame"))
+    _, ck = next(released_layouts(enc, "frame"))
     torch.save(ck, tmp_path / "frame.ckpt")
     model = hear.load_model(str(tmp_path / "frame.ckpt"))
     assert isinstance(model, torch.nn.Module) and model.sample_rate == 16000
@@ -400,53 +372,6 @@ def test_our_files_name_their_kind_and_the_loader_reads_it(tmp_path):
         R.load_encoder(str(tmp_path / "odd.pt"))
 
 
-def test_export_and_load_back_exactly_for_every_layout(tmp_path, monkeypatch):
-    """export.py -> model.safetensors + config.json + README.md; load_encoder(folder) gives
-    torch.equal embeddings for every layout the loader reads, and keeps kind and fine-tuning."""
-    import export
-    torch.manual_seed(0)
-    audio = torch.randn(2, 3 * 16000) * 0.1
-    files = []
-    for kind in ("frame", "clip"):
-        enc = M.Encoder(dim=64, depth=2, heads=2, drop_path=0.0, **M.KINDS[kind].encoder_args())
-        for name, ck in _layouts(enc, kind):
-            torch.save(ck, tmp_path / f"{kind}_{name}.ckpt")
-            files.append(tmp_path / f"{kind}_{name}.ckpt")
-    files.append(tmp_path / "ASIT_ssl.pt")
-    torch.save({"model." + k: v for k, v in _asit_release_names(tiny_asit()).items()}, files[-1])
-    ae = tiny_encoder("clip")
-    P.save_atomic(dict(kind="atst-sed", model=H.SedModel(ae, 3).export(), classes=list("abc"),
-                       encoder_args=ae.encoder.args, encoder_kind="clip", config={}),
-                  str(tmp_path / "sed.pt"))
-    files.append(tmp_path / "sed.pt")
-    for f in files:
-        folder = export.export(str(f), str(tmp_path / "x" / f.stem))
-        assert sorted(os.listdir(folder)) == ["README.md", "config.json", "model.safetensors"]
-        cfg = json.load(open(os.path.join(folder, "config.json")))
-        want, got = R.load_encoder(str(f)), R.load_encoder(folder)
-        assert cfg["kind"] == want.kind == got.kind and got.finetuned == want.finetuned, f
-        assert cfg["provenance"]["sha256"] and cfg["kind_row"]["name"] == want.name
-        a, b = want(audio, 16000, layers="all"), got(audio, 16000, layers="all")
-        assert torch.equal(a.frames, b.frames) and torch.equal(a.clip, b.clip), f
-    import huggingface_hub  # (installed with xares's transformers) a Hub id, and no network:
-
-    def offline(repo_id, **kw):
-        raise huggingface_hub.errors.LocalEntryNotFoundError(f"{repo_id} is not in the cache")
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(P.UserError, match="nobody-here/no-such-encoder: could not fetch it from "
-                       "the Hugging Face Hub .*HF_HUB_OFFLINE=1"):
-        R.load_encoder("nobody-here/no-such-encoder")
-
-
-def _asit_release_names(ae):
-    """Our ASiT encoder's weights in the release's names (Conv2d patch embedding)."""
-    sd = {k: v.clone() for k, v in ae.encoder.state_dict().items()}
-    w = sd.pop("patch_embed.weight")
-    sd["patch_embed.proj.weight"] = w.view(w.shape[0], 1, 16, 16)
-    sd["patch_embed.proj.bias"] = sd.pop("patch_embed.bias")
-    return sd
-
-
 def test_concat_frames_keep_asits_band_tokens_apart():
     """frame_pool concat: per layer, the 8 band tokens of a 160 ms time column side by side
     (time-major token order), 8 x wider; their mean is the default frame; the padded batch
@@ -474,22 +399,3 @@ def test_concat_frames_keep_asits_band_tokens_apart():
     assert torch.equal(frame.pool_frames("concat")(audio, 16000).frames, a)
     with pytest.raises(P.UserError, match="--frame_pool 'sum'"):
         frame.pool_frames("sum")
-
-
-def test_the_x_ares_checker_passes_for_every_kind(tmp_path):
-    """X-ARES's own audio_encoder_checker on our encoder class, for the three kinds (and
-    ASiT's concatenated band tokens); a minute of audio keeps every 40 / 160 ms frame."""
-    from xares.audio_encoder_checker import check_audio_encoder
-    from xares_encoder import AtstEncoder
-    for kind, ae, pool in (("frame", tiny_encoder("frame"), ""),
-                           ("clip", tiny_encoder("clip"), ""), ("asit", tiny_asit(), ""),
-                           ("asit", tiny_asit(), "concat")):
-        path = str(tmp_path / f"{kind}{pool}.pt")
-        P.save_atomic(dict(kind="atst-finetune", model=H.Classifier(ae, 2).export(),
-                           classes=["x", "y"], encoder_args=ae.encoder.args, encoder_kind=kind),
-                      path)
-        enc = AtstEncoder(path, frame_pool=pool, device="cpu")
-        assert check_audio_encoder(enc), (kind, pool)
-        out = enc(torch.randn(1, 60 * 16000) * 0.1)
-        want = 1500 if kind != "asit" else ((60 * 16000 - 400) // 160 + 1) // 16  # 374
-        assert out.shape == (1, want, enc.output_dim), (kind, pool)
