@@ -11,7 +11,17 @@ audio: (n_sounds, n_samples) at 16 kHz, on the model's device. Embeddings concat
 outputs of every block (the linear-evaluation features of REFERENCE.md R6); load_model(path,
 layers=None) takes the last block only. Timestamps are frame centres: ATST 40 ms apart from
 20 ms, ASiT 160 ms apart from 80 ms.
+
+The suite's own runners over this module (requirements-hear.txt; README, HEAR and X-ARES):
+    python hear.py embeddings --model CKPT --tasks-dir tasks     # -> embeddings/hear/<task>/
+    python hear.py predictions embeddings/hear/*                 # -> test.predicted-scores.json
 """
+import importlib
+import importlib.util
+import os
+import sys
+import types
+
 import torch
 
 from model import SAMPLE_RATE
@@ -43,10 +53,41 @@ def get_scene_embeddings(audio, model):
     return _embed(audio, model).clip
 
 
+def heareval_runner(stage):
+    """heareval's own runner for `stage` ('embeddings' | 'predictions'). heareval 2021.1.3 pins
+    numpy 1.19.2, numba 0.48 and TensorFlow, none of which can live beside torch 2.11; its code
+    runs on today's stack (requirements-hear.txt) once TensorFlow, which it imports only to tell
+    a TF model from a torch one, stands in as an empty module while heareval is imported (and
+    only then: other libraries must still see that it is absent), and torch.load may read the
+    prediction runner's own Lightning checkpoints (they hold classes; torch >= 2.6 refuses
+    those by default)."""
+    stand_in = importlib.util.find_spec("tensorflow") is None
+    try:
+        if stage == "predictions":
+            os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+            importlib.import_module("pytorch_lightning")  # before the stand-in: it probes TF
+        if stand_in:
+            tf = sys.modules["tensorflow"] = types.ModuleType("tensorflow")
+            tf.Module = type("Module", (), {})  # no torch model is an instance of it
+            tf.test = types.SimpleNamespace(is_gpu_available=lambda **k: torch.cuda.is_available())
+        return importlib.import_module(f"heareval.{stage}.runner").runner
+    except ImportError as e:
+        raise SystemExit(f"hear.py {stage}: {e}. Install the HEAR suite with: pip install -r "
+                         "requirements-hear.txt && pip install --no-deps heareval==2021.1.3")
+    finally:
+        if stand_in:
+            sys.modules.pop("tensorflow", None)
+
+
 if __name__ == "__main__":
-    import argparse
-    argparse.ArgumentParser(
-        description="A module, not a stage: the HEAR 2021 API (load_model, "
-        "get_scene_embeddings, get_timestamp_embeddings) over any checkpoint load_encoder reads. "
-        "Evaluate with: python -m heareval.embeddings.runner hear --model CKPT --tasks-dir "
-        "tasks").parse_args()
+    if len(sys.argv) < 2 or sys.argv[1] not in ("embeddings", "predictions"):
+        raise SystemExit(
+            "usage: python hear.py embeddings --model CKPT --tasks-dir TASKS "
+            "[--embeddings-dir DIR] [--model-options JSON]\n"
+            "       python hear.py predictions DIR/hear/TASK ... [--grid default|fast|faster]\n"
+            "heareval's own runners over this module (the HEAR 2021 API above); the first "
+            "writes embeddings for every task under TASKS, the second trains the suite's "
+            "prediction heads on them and writes test.predicted-scores.json per task.")
+    stage = sys.argv[1]
+    args = ["hear", *sys.argv[2:]] if stage == "embeddings" else sys.argv[2:]
+    heareval_runner(stage).main(args=args, prog_name=f"hear.py {stage}")

@@ -1,5 +1,5 @@
 """runtime.py: the embedding API of every kind (audio of any length, rate and channels;
-padded batches; layers; bf16), the HEAR module, and every checkpoint layout the loader reads."""
+padded batches; layers; bf16) and every checkpoint layout the loader reads."""
 import numpy as np
 import pytest
 import soundfile as sf
@@ -98,25 +98,6 @@ def test_padded_batch_gives_the_embeddings_of_the_clip_alone(kind):
     if kind != "asit":  # the alone path is the plain encoder on the clip's mel
         direct = torch.cat(ae.encoder(ae.front(short[None]), layers=[0, 1, 2]), -1)
         assert torch.allclose(alone.frames, direct[:, 1 if kind == "clip" else 0:], atol=1e-5)
-
-
-def test_hear_api_as_the_runner_calls_it(tmp_path):
-    import hear
-    enc = M.Encoder(dim=128, depth=2, heads=2, mask_token=True)
-    _, ck = next(released_layouts(enc, "frame"))
-    torch.save(ck, tmp_path / "frame.ckpt")
-    model = hear.load_model(str(tmp_path / "frame.ckpt"))
-    assert isinstance(model, torch.nn.Module) and model.sample_rate == 16000
-    assert model.timestamp_embedding_size == model.scene_embedding_size == 2 * 128
-    for seconds in (0.5, 2.0, 12.3):
-        audio = torch.rand(3, int(seconds * 16000)) * 2 - 1  # (n_sounds, n_samples)
-        emb, ts = hear.get_timestamp_embeddings(audio, model)
-        n = int(seconds * 100 + 1) // 4
-        assert emb.shape == (3, n, model.timestamp_embedding_size) and emb.dtype == torch.float32
-        assert ts.shape == (3, n) and (ts.diff(dim=1) == 40).all() and (ts[:, 0] == 20).all()
-        assert ts[0, -1] <= seconds * 1000
-        scene = hear.get_scene_embeddings(audio, model)
-        assert scene.shape == (3, model.scene_embedding_size) and torch.isfinite(scene).all()
 
 
 def test_embedding_api_takes_what_users_pass(tmp_path):
@@ -301,25 +282,6 @@ def test_clip_shorter_than_one_frame_is_padded_to_one(kind, seconds):
     e = ae(torch.randn(int(seconds * 16000)) * 0.1, 16000)
     assert e.frames.shape[:2] == (1, 1) and e.lengths.tolist() == [1]
     assert torch.isfinite(e.clip).all() and torch.isfinite(e.frames).all()
-
-
-def test_hear_api_on_asit(tmp_path):
-    """hear.py serves ASiT like ATST: 160 ms timestamps from 80 ms, [CLS, mean] scenes."""
-    import hear
-    torch.manual_seed(0)     # a release holds no head count: load_encoder takes dim // 64
-    ae = R.AudioEncoder(M.Encoder(dim=128, depth=2, heads=2, drop_path=0.0, cls_token=True,
-                                  tokens="patch16", qkv_bias=True, max_tokens=296), "asit").eval()
-    sd = {f"model.{k}": v for k, v in ae.encoder.state_dict().items()}
-    sd["model.patch_embed.proj.weight"] = sd.pop("model.patch_embed.weight").view(128, 1, 16, 16)
-    sd["model.patch_embed.proj.bias"] = sd.pop("model.patch_embed.bias")
-    torch.save(sd, tmp_path / "asit.pt")
-    model = hear.load_model(str(tmp_path / "asit.pt"), device="cpu")
-    assert model.timestamp_embedding_size == 2 * 128 and model.scene_embedding_size == 4 * 128
-    audio = torch.rand(3, 2 * 16000) * 0.2 - 0.1
-    emb, ts = hear.get_timestamp_embeddings(audio, model)
-    assert emb.shape == (3, 12, 256) and (ts.diff(dim=1) == 160).all() and (ts[:, 0] == 80).all()
-    torch.testing.assert_close(emb[0], ae(audio[:1], 16000, layers="all").frames[0])
-    assert hear.get_scene_embeddings(audio, model).shape == (3, 512)
 
 
 @pytest.mark.parametrize("kind", ["frame", "clip", "asit"])
