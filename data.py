@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from demo import make_demo
 from model import SAMPLE_RATE
-from plumbing import UserError, default_data_root, write_table
+from plumbing import UserError, default_data_root, write_atomic, write_table
 
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".caf",
               ".w64", ".rf64")  # what libsndfile reads, by file name
@@ -219,9 +219,8 @@ def _flac16k(job):
         if sr != SAMPLE_RATE:  # what the training workers would do on every read
             wav = torchaudio.functional.resample(wav, sr, SAMPLE_RATE)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        tmp = f"{dst}.tmp{os.getpid()}"
-        sf.write(tmp, wav.clamp(-1, 1).numpy(), SAMPLE_RATE, format="FLAC", subtype="PCM_16")
-        os.replace(tmp, dst)
+        x = wav.clamp(-1, 1).numpy()
+        write_atomic(dst, lambda f: sf.write(f, x, SAMPLE_RATE, format="FLAC", subtype="PCM_16"))
     except (RuntimeError, sf.LibsndfileError) as e:
         return src, str(e).splitlines()[0]
     return None

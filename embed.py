@@ -32,7 +32,7 @@ from config import configure
 from data import AudioError, load_audio, named_audio, read_manifest
 from downstream import start
 from model import SAMPLE_RATE
-from plumbing import check_writable, cleanup_distributed, user_errors
+from plumbing import check_writable, cleanup_distributed, user_errors, write_atomic
 from runtime import load_encoder
 
 # -------------------------------------------------------------------------------- config
@@ -96,11 +96,9 @@ def collate(items):
 
 
 def save_npz(path, **arrays):
-    """np.savez to a temporary file renamed over `path`: a killed run leaves no torn file."""
+    """np.savez, atomically: a killed run leaves no torn file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def main(cfg):

@@ -22,9 +22,9 @@ import json
 import os
 import subprocess
 
-from safetensors.torch import save_file
+import safetensors.torch
 
-from plumbing import check_writable, load_checkpoint, save_text, user_errors
+from plumbing import check_writable, load_checkpoint, save_text, user_errors, write_atomic
 from runtime import PORTABLE, load_encoder
 
 FORMAT_VERSION = 1
@@ -89,9 +89,8 @@ def export(src, folder):
                   encoder_args=ae.encoder.args, finetuned=ae.finetuned,
                   provenance=provenance(src, ae))
     state = {k: v.contiguous() for k, v in ae.encoder.state_dict().items()}
-    tmp = os.path.join(folder, f"model.safetensors.tmp{os.getpid()}")
-    save_file(state, tmp, metadata=dict(format=PORTABLE, kind=ae.kind))
-    os.replace(tmp, os.path.join(folder, "model.safetensors"))
+    blob = safetensors.torch.save(state, metadata=dict(format=PORTABLE, kind=ae.kind))
+    write_atomic(os.path.join(folder, "model.safetensors"), lambda f: f.write(blob))
     save_text(json.dumps(config, indent=1) + "\n", os.path.join(folder, "config.json"))
     save_text(card(config), os.path.join(folder, "README.md"))
     print(f"{src} ({ae.source}) -> {folder}: {ae.name}, dim {ae.encoder.dim}, depth "

@@ -80,14 +80,17 @@ def heareval_runner(stage):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in ("embeddings", "predictions"):
-        raise SystemExit(
-            "usage: python hear.py embeddings --model CKPT --tasks-dir TASKS "
-            "[--embeddings-dir DIR] [--model-options JSON]\n"
-            "       python hear.py predictions DIR/hear/TASK ... [--grid default|fast|faster]\n"
-            "heareval's own runners over this module (the HEAR 2021 API above); the first "
-            "writes embeddings for every task under TASKS, the second trains the suite's "
+    STAGES = ("embeddings", "predictions")
+    if len(sys.argv) < 2 or sys.argv[1] not in STAGES:  # (`hear.py STAGE --help`: the runner's)
+        import argparse
+        ap = argparse.ArgumentParser(
+            description="heareval's own runners over this module (the HEAR 2021 API): "
+            "`embeddings --model CKPT --tasks-dir TASKS [--embeddings-dir DIR] [--task T] "
+            "[--model-options JSON]` writes embeddings/hear/<task>/ for every task under TASKS; "
+            "`predictions DIR/hear/TASK ... [--grid default|fast|faster]` trains the suite's "
             "prediction heads on them and writes test.predicted-scores.json per task.")
+        ap.add_argument("stage", choices=STAGES, help="then the runner's own flags")
+        ap.parse_args()  # --help, or an error naming the stages
     stage = sys.argv[1]
     args = ["hear", *sys.argv[2:]] if stage == "embeddings" else sys.argv[2:]
     heareval_runner(stage).main(args=args, prog_name=f"hear.py {stage}")

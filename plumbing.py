@@ -176,8 +176,9 @@ def ema_schedule(m0, total_steps, ramp="cosine"):
 # Checkpoints, result files and logs: written atomically (temporary file, fsync, rename)
 
 
-def _atomic(path, write, mode):
-    """write(f) to a temporary file, fsync, rename over path. A failed write (a full disk, a
+def write_atomic(path, write, mode="wb"):
+    """write(f) to a temporary file, fsync, rename over path: every file we write goes through
+    here (checkpoints, JSON, text, .npz, safetensors, FLAC). A failed write (a full disk, a
     quota, an I/O error: an OSError, or torch.save's RuntimeError around one) removes the
     temporary file, leaves any previous `path` as it was, and is one line naming the file."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -201,18 +202,18 @@ def _atomic(path, write, mode):
 def save_atomic(obj, path, summary=None):
     """torch.save that a killed run never leaves torn; `summary` (JSON-able) is written beside
     it as PATH.json for people."""
-    _atomic(path, lambda f: torch.save(obj, f), "wb")
+    write_atomic(path, lambda f: torch.save(obj, f))
     if summary is not None:
         save_json(summary, path + ".json")
 
 
 def save_json(obj, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _atomic(path, lambda f: json.dump(obj, f, indent=1, default=str), "w")
+    write_atomic(path, lambda f: json.dump(obj, f, indent=1, default=str), "w")
 
 
 def save_text(text, path):
-    _atomic(path, lambda f: f.write(text), "w")
+    write_atomic(path, lambda f: f.write(text), "w")
 
 
 def write_table(path, header, rows):

@@ -146,7 +146,7 @@ def test_heareval_runners_score_the_tiny_tasks(tmp_path, data_root):
     assert events["test"]["test_event_onset_200ms_fms"] > 0.5
     assert events["test"]["test_segment_1s_er"] < 0.5
     p = run("hear.py", data_root=data_root, check=False)
-    assert p.returncode != 0 and "usage: python hear.py embeddings --model CKPT" in p.stderr
+    assert p.returncode == 2 and "the following arguments are required: stage" in p.stderr
 
 
 def _asit_release(ae):
