@@ -209,31 +209,6 @@ def test_killed_sed_run_resumes_after_its_last_epoch(pretrained, data_root, tmp_
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
-def test_asit_with_concat_frames_through_linear_eval_sed_and_predict(pretrained, data_root,
-                                                                     tmp_path):
-    """--frame_pool concat (ASiT's 8 band tokens side by side) reaches linear evaluation's
-    features, the SED head, its checkpoint and --predict, and the result files say so."""
-    ck = os.path.join(pretrained["asit"], "ckpt.pt")
-    run("linear_eval.py", "--ckpt", ck, "--data", "demo_events", "--frame_pool", "concat",
-        "--epochs", "5", "--num_workers", "1", "--out", str(tmp_path / "lin.json"),
-        "--cache_dir", str(tmp_path / "cache"), data_root=data_root)
-    r = json.load(open(tmp_path / "lin.json"))
-    dim, depth = 64, 4                                     # the tiny preset, every block
-    assert r["frame_pool"] == "concat" and r["feature_dim"] == depth * (dim + 8 * dim)
-    out = tmp_path / "sed"
-    run("sed.py", "--ckpt", ck, "--data", "demo_sed", "--mode", "linear", "--epochs", "1",
-        "--frame_pool", "concat", "--num_workers", "1", "--out_dir", str(out),
-        data_root=data_root)
-    assert json.load(open(out / "result.json"))["frame_pool"] == "concat"
-    best = load_checkpoint(str(out / "best.pt"))
-    assert best["frame_pool"] == "concat"
-    assert best["model"]["head.strong.weight"].shape[1] == 8 * dim
-    sf.write(tmp_path / "x.wav", np.zeros(3 * 16000, np.float32), 16000)
-    p = run("sed.py", "--predict", str(tmp_path / "x.wav"), "--ckpt", str(out / "best.pt"),
-            data_root=data_root)
-    assert p.stdout.startswith("filename\tonset")
-
-
 def test_every_script_prints_its_help():
     """--help renders every flag's comment (a '%' in a comment once broke argparse); the
     scripts run as __main__ one after another in one interpreter (one torch import)."""

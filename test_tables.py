@@ -7,7 +7,11 @@ import re
 import subprocess
 import time
 
-from conftest import HERE
+import numpy as np
+import soundfile as sf
+
+from conftest import HERE, run
+from plumbing import load_checkpoint
 
 PRETRAIN_RUNS = ["clip", "frame", "asit", "clip_single_1s", "clip_two_1s", "clip_single_6s",
                  "frame_A", "frame_B", "frame_C", "frame_E"]
@@ -180,3 +184,26 @@ def test_miniature_of_the_real_protocol(prepared, downloads, tmp_path):
                 if f.endswith(".json") and (sub == "linear" or f == "result.json"):
                     r = json.load(open(os.path.join(dp, f)))
                     assert r["precision"] == "bf16" and r["dataset_copy"]["fingerprint"], f
+    _concat_frames_reach_every_stage(out, root)
+
+
+def _concat_frames_reach_every_stage(out, data_root):
+    """run_all's ASiT cells with --frame_pool concat (its 8 band tokens side by side): linear
+    evaluation's features, the SED head, its best.pt and --predict, and the result files say
+    so. (Tiny preset: dim 64, 4 blocks.)"""
+    dim, depth = 64, 4
+    lin = [json.load(open(os.path.join(out, "linear", f))) for f in os.listdir(
+        os.path.join(out, "linear")) if f.startswith("asit_concat_") and f.endswith(".json")]
+    assert len(lin) == 7                                           # Table IV's columns
+    assert all(r["frame_pool"] == "concat" and r["feature_dim"] == depth * (dim + 8 * dim)
+               for r in lin)
+    sed = os.path.join(out, "sed", "asit_linear_concat")
+    assert json.load(open(os.path.join(sed, "result.json")))["frame_pool"] == "concat"
+    best = load_checkpoint(os.path.join(sed, "best.pt"))
+    assert best["frame_pool"] == "concat"
+    assert best["model"]["head.strong.weight"].shape[1] == 8 * dim
+    wav = os.path.join(out, "silence.wav")
+    sf.write(wav, np.zeros(3 * 16000, np.float32), 16000)
+    p = run("sed.py", "--predict", wav, "--ckpt", os.path.join(sed, "best.pt"),
+            data_root=data_root)
+    assert p.stdout.startswith("filename\tonset")
