@@ -84,14 +84,13 @@ def make_hear_tasks(root, seed=0):
                 sf.write(os.path.join(d, str(SR), split, fname), audio, SR, subtype="PCM_16")
             json.dump({f: lab for f, (_, lab) in items.items()},
                       open(os.path.join(d, f"{split}.json"), "w"))
-        return d
 
     folds = {f"fold{k:02d}": {f"{c}_{k}_{i}.wav": (_tone(1.0, rng, [(0, 1, hz)]), [c])
                               for c, hz in tones.items() for i in range(6)} for k in range(3)}
     task("tiny_scene", dict(embedding_type="scene", prediction_type="multiclass",
                             split_mode="new_split_kfold", nfolds=3, sample_duration=1.0,
                             evaluation=["top1_acc"], evaluation_params=dict(
-                                # one batch of 36 clips per epoch: long enough to learn
+                                # one fold (18 clips) trains: one step per epoch, so 30
                                 task_specific_param_grid=dict(lr=[3.2e-3], max_epochs=[30],
                                                               patience=[30]))),
          folds, list(tones))
