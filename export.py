@@ -8,8 +8,9 @@ ATST-Clip / ASiT files) -> a folder that needs neither pickle nor this repositor
                        method, steps, data and its copy, precision, commit)
     README.md          a short model card
 
-runtime.load_encoder(FOLDER) reads it back exactly (the same embeddings), and so does
-load_encoder("org/name") after the folder is uploaded to the Hugging Face Hub.
+Its reader is here too (read_portable, hub_folder): runtime.load_encoder(FOLDER) reads it back
+exactly (the same embeddings), and so does load_encoder("org/name") after the folder is
+uploaded to the Hugging Face Hub.
 
     python export.py out/frame_base/ckpt.pt exported/atst_frame_base
     python export.py ASIT_ssl.pt exported/asit_base
@@ -20,14 +21,53 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import subprocess
 
 import safetensors.torch
 
-from plumbing import check_writable, load_checkpoint, save_text, user_errors, write_atomic
-from runtime import PORTABLE, load_encoder
+from model import KINDS
+from plumbing import (UserError, check_writable, load_checkpoint, save_text, user_errors,
+                      write_atomic)
+from runtime import load_encoder
 
 FORMAT_VERSION = 1
+PORTABLE = "atst-audio-encoder"  # config.json `format` of an exported folder
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name: a Hugging Face Hub repository
+
+
+def read_portable(folder):
+    """(state, kind, Encoder args, description, fine-tuned) of a folder export.py wrote:
+    model.safetensors (weights, our names) and config.json; no pickle is read."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder}: not an exported encoder folder (config.json: {e})") from None
+    if cfg.get("format") != PORTABLE or cfg.get("kind") not in KINDS:
+        raise UserError(f"{folder}/config.json: format {cfg.get('format')!r}, kind "
+                        f"{cfg.get('kind')!r}: expected {PORTABLE!r} and one of {sorted(KINDS)}")
+    state = safetensors.torch.load_file(os.path.join(folder, "model.safetensors"))
+    source = cfg.get("provenance", {}).get("source", "unknown source")
+    return state, cfg["kind"], cfg["encoder_args"], f"exported {source}", cfg["finetuned"]
+
+
+def hub_folder(repo_id):
+    """A Hub repository holding an exported folder -> its local snapshot (downloaded once,
+    then read from the cache; HF_HUB_OFFLINE=1 reads the cache only)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError(f"{repo_id}: no such file or folder here; to fetch it from the Hugging "
+                        "Face Hub, pip install huggingface_hub") from None
+    try:
+        return snapshot_download(repo_id, allow_patterns=["config.json", "model.safetensors",
+                                                          "README.md"])
+    except Exception as e:  # offline, unknown repository, no access: one line says which
+        raise UserError(f"{repo_id}: could not fetch it from the Hugging Face Hub "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        "offline, a repository fetched before is read with "
+                        "HF_HUB_OFFLINE=1") from None
 
 
 def provenance(path, ae):

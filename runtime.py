@@ -9,11 +9,9 @@ through load_encoder(...)(audio, sample_rate). Section numbers refer to REFERENC
     enc = load_encoder("atstframe_base.ckpt", device="cuda")
     e = enc(wav, sample_rate=44100)      # e.frames (B, N, D), e.timestamps (ms), e.clip (B, D')
 """
-import json
 import math
 import numbers
 import os
-import re
 from typing import NamedTuple
 
 import torch
@@ -343,51 +341,13 @@ def _rename(sd):
     return out
 
 
-PORTABLE = "atst-audio-encoder"  # config.json `format` of an exported folder (export.py)
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name: a Hugging Face Hub repository
-
-
-def read_portable(folder):
-    """(state, kind, Encoder args, description, fine-tuned) of a folder export.py wrote:
-    model.safetensors (weights, our names) and config.json; no pickle is read."""
-    try:
-        with open(os.path.join(folder, "config.json")) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{folder}: not an exported encoder folder (config.json: {e})") from None
-    if cfg.get("format") != PORTABLE or cfg.get("kind") not in KINDS:
-        raise UserError(f"{folder}/config.json: format {cfg.get('format')!r}, kind "
-                        f"{cfg.get('kind')!r}: expected {PORTABLE!r} and one of {sorted(KINDS)}")
-    from safetensors.torch import load_file
-    state = load_file(os.path.join(folder, "model.safetensors"))
-    source = cfg.get("provenance", {}).get("source", "unknown source")
-    return state, cfg["kind"], cfg["encoder_args"], f"exported {source}", cfg["finetuned"]
-
-
-def hub_folder(repo_id):
-    """A Hub repository holding an exported folder -> its local snapshot (downloaded once,
-    then read from the cache; HF_HUB_OFFLINE=1 reads the cache only)."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise UserError(f"{repo_id}: no such file or folder here; to fetch it from the Hugging "
-                        "Face Hub, pip install huggingface_hub") from None
-    try:
-        return snapshot_download(repo_id, allow_patterns=["config.json", "model.safetensors",
-                                                          "README.md"])
-    except Exception as e:  # offline, unknown repository, no access: one line says which
-        raise UserError(f"{repo_id}: could not fetch it from the Hugging Face Hub "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                        "offline, a repository fetched before is read with "
-                        "HF_HUB_OFFLINE=1") from None
-
-
 def load_encoder(path, device="cpu", pretrained=False):
     """A ready AudioEncoder (front-end + encoder, eval mode) from any supported checkpoint
     file, a folder export.py wrote, or the Hub id of one (org/name). The kind comes from the
     file (ours name it; a release's layout fixes it), the size from the weights; loading is
     strict and a missing or unexpected key is an error that lists them. pretrained=True
     refuses fine-tuned checkpoints (for stages that start from pre-training)."""
+    from export import HUB_ID, hub_folder, read_portable  # the portable format's reader
     if not os.path.exists(path) and HUB_ID.fullmatch(path) and \
             not path.endswith((".pt", ".pth", ".ckpt", ".bin")):
         path = hub_folder(path)
