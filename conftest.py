@@ -301,3 +301,13 @@ def released_layouts(enc, kind):
                                    "module.head.mlp.0.weight": noise["weight"]}, "epoch": 3}
         yield "dino_nomodule", {"teacher": {**{f"backbone.{k}": v for k, v in sd.items()},
                                             "head.last_layer.weight": noise["weight"]}}
+
+
+def asit_release(ae):
+    """An ASiT AudioEncoder's weights in the released file's layout (REFERENCE.md R18):
+    `model.` names and a Conv2d(1, D, 16, 16) patch embedding."""
+    sd = {f"model.{k}": v.clone() for k, v in ae.encoder.state_dict().items()}
+    w = sd.pop("model.patch_embed.weight")
+    sd["model.patch_embed.proj.weight"] = w.view(w.shape[0], 1, 16, 16)
+    sd["model.patch_embed.proj.bias"] = sd.pop("model.patch_embed.bias")
+    return sd

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from config import configure
-from data import AudioError, load_audio, named_audio, read_manifest
+from data import MANIFEST_EXTS, AudioError, load_audio, named_audio, pad_collate, read_manifest
 from downstream import start
 from model import SAMPLE_RATE
 from plumbing import check_writable, cleanup_distributed, user_errors, write_atomic
@@ -50,8 +50,8 @@ dtype = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 (C
 def inputs(spec):
     """{path: output name} of a folder, files or a manifest (the names of a manifest's files:
     their paths inside the folder all of them share)."""
-    if spec.lower().endswith((".csv", ".tsv")) and os.path.isfile(spec):
-        paths = [r["path"] for r in read_manifest(spec)]
+    if spec.endswith(MANIFEST_EXTS) and os.path.isfile(spec):  # a missing file: listed at the end
+        paths = [r["path"] for r in read_manifest(spec, check_files=False)]
         common = os.path.commonpath([os.path.dirname(p) for p in paths])
         return {p: os.path.relpath(p, common) for p in paths}
     return named_audio(spec)
@@ -87,12 +87,10 @@ def batches_by_length(lengths, budget):
 
 
 def collate(items):
-    good = [(i, w) for i, w, _ in items if w is not None]
-    lengths = torch.tensor([len(w) for _, w in good], dtype=torch.long)
-    wav = torch.zeros(len(good), int(lengths.max()) if good else 0)
-    for k, (_, w) in enumerate(good):
-        wav[k, :len(w)] = w
-    return [i for i, _ in good], wav, lengths, [(i, e) for i, _, e in items if e is not None]
+    """(indices, padded waveforms, lengths) of the readable files, (index, error) of the rest."""
+    good = [(w, len(w), torch.tensor(i)) for i, w, _ in items if w is not None]
+    wav, lengths, idx = pad_collate(good) if good else (None, None, torch.zeros(0))
+    return idx.tolist(), wav, lengths, [(i, e) for i, _, e in items if e is not None]
 
 
 def save_npz(path, **arrays):
@@ -128,14 +126,12 @@ def main(cfg):
         if not idx:
             continue
         e = enc(wav.to(d.device), SAMPLE_RATE, lengths=n, layers=layer_list, dtype=c.dtype)
-        for k, i in enumerate(idx):
-            m = int(e.lengths[k])
-            save_npz(target[todo[i]], frames=e.frames[k, :m].cpu().numpy(),
-                     timestamps=e.timestamps[:m].cpu().numpy(), clip=e.clip[k].cpu().numpy(),
+        frames, stamps, clips = (x.cpu().numpy() for x in (e.frames, e.timestamps, e.clip))
+        for k, (i, m, s) in enumerate(zip(idx, e.lengths.tolist(), n.tolist())):  # one copy
+            save_npz(target[todo[i]], frames=frames[k, :m], timestamps=stamps[:m], clip=clips[k],
                      kind=enc.kind, checkpoint=os.path.abspath(c.ckpt), layers=c.layers or "last",
-                     frame_pool=enc.frame_pool,
-                     seconds=int(n[k]) / SAMPLE_RATE)
-            seconds += int(n[k]) / SAMPLE_RATE
+                     frame_pool=enc.frame_pool, seconds=s / SAMPLE_RATE)
+            seconds += s / SAMPLE_RATE
     if d.world > 1:
         parts = [None] * d.world
         dist.all_gather_object(parts, (failed, seconds))

@@ -73,7 +73,11 @@ def hub_folder(repo_id):
 def provenance(path, ae):
     """What is known of where the weights come from: the file, its hash, and for our own
     checkpoints the method, steps, data, its copy and precision (from the file and the
-    summary written beside it)."""
+    summary written beside it). An exported folder (or its Hub id) keeps its own."""
+    if not os.path.isfile(path):
+        folder = path if os.path.isdir(path) else hub_folder(path)
+        with open(os.path.join(folder, "config.json")) as f:
+            return dict(json.load(f)["provenance"], exported_again_from=path)
     sha = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):

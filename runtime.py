@@ -26,6 +26,10 @@ from plumbing import UserError, autocast, load_checkpoint
 # Embeddings from audio of any length (R6, R17)
 
 
+class LayerError(UserError, ValueError):
+    """A block index the encoder does not have."""
+
+
 class Embeddings(NamedTuple):
     frames: torch.Tensor      # (B, N, D * layers): one row per output frame (ATST 40 ms, ASiT
                               # 160 ms: the mean of a time column's 8 patch tokens); zero past
@@ -96,8 +100,8 @@ class AudioEncoder(nn.Module):
             return list(range(L))
         bad = [i for i in layers if not 0 <= i < L]
         if bad:
-            raise ValueError(f"layers {bad}: this encoder has blocks 0 to {L - 1}")
-        return sorted(layers)
+            raise LayerError(f"layers {bad}: this encoder has blocks 0 to {L - 1}")
+        return sorted(set(layers))
 
     def pool_frames(self, how):
         """Set how a time column's tokens become one output frame (FRAME_POOLS); '' keeps the
@@ -191,7 +195,8 @@ class AudioEncoder(nn.Module):
         x = F.pad(x[..., :N * r], (0, (K * C - N) * r))
         chunks = x.reshape(B, Fm, K, C * r).transpose(1, 2).reshape(B * K, Fm, C * r)
         n_valid = (n[:, None] - torch.arange(K, device=dev) * C).clamp(0, C).flatten()
-        keep = (n_valid > 0).nonzero().squeeze(1)                     # chunks holding audio
+        keep = torch.arange(B, device=dev) if K == 1 else \
+            (n_valid > 0).nonzero().squeeze(1)                        # chunks holding audio
         layers = self.layer_list(layers)
         cls_tok = int(self.encoder.cls_token is not None)             # sequence offset
         with_cls = self.row.clip_pool == "cls+mean"
@@ -259,7 +264,7 @@ def subtree(state, prefix):
 def kind_of(args):
     """The kind whose row fixes these Encoder arguments (structure, for files that do not
     name their kind); an error when no row or more than one fits."""
-    fixed = ("tokens", "cls_token", "mask_token", "qkv_bias")
+    fixed = [f for f in next(iter(KINDS.values())).encoder_args() if f != "max_tokens"]
     hits = [k for k, row in KINDS.items()
             if all(args.get(f) == getattr(row, f) for f in fixed)]
     if len(hits) != 1:

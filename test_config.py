@@ -145,8 +145,10 @@ def test_model_size_has_its_own_flag_apart_from_the_run_defaults():
 @pytest.mark.parametrize("module", [pretrain_frame, pretrain_clip, pretrain_asit],
                          ids=lambda m: m.__name__)
 def test_bench_reads_a_scripts_config_as_the_script_does(module):
-    for preset in module.PRESETS:
-        assert vars(bench.preset_config(module, preset)) == _run(module, "--preset", preset)
+    for preset, row in module.PRESETS.items():
+        got = vars(bench.preset_config(module, preset))
+        assert got == _run(module, "--preset", preset)
+        assert all(got[k] == v for k, v in row.items())   # the row's values, not the block's
     if module is pretrain_asit:
         assert bench.preset_config(module, "tiny").crop_sec == 2.0
 
@@ -193,10 +195,6 @@ def test_every_flag_is_documented_and_grouped(script, capsys):
     for k in keys:
         assert re.search(rf"^{k}\s*=.*#\s*\S", text, re.M), (script, k)
     assert "die_at_step" not in keys
-    if script.startswith("pretrain"):
-        out = subprocess.run([sys.executable, script, "--help"], cwd=HERE, capture_output=True,
-                             text=True, timeout=120).stdout
-        assert "\nI/O:\n" in out and "\nmodel:\n" in out
 
 
 @pytest.mark.parametrize("script,flags,want", [

@@ -71,10 +71,14 @@ def test_a_manifest_and_every_block_of_asit(tmp_path):
     rec, out = str(tmp_path / "rec"), str(tmp_path / "emb")
     _folder(rec)
     manifest = tmp_path / "list.csv"
-    manifest.write_text("path\n" + "".join(f"rec/{n}\n" for n in ("a.wav", "sub/b.wav")))
+    manifest.write_text("path\n" + "".join(f"rec/{n}\n" for n in ("a.wav", "sub/b.wav",
+                                                                   "gone.wav")))
     ck = _ckpt(tiny_asit(), str(tmp_path / "asit.pt"))
+    p = _embed(str(manifest), "--ckpt", ck, "--out", out, "--layers", "9")
+    assert p.returncode == 1 and "layers [9]: this encoder has blocks 0 to 1" in p.stderr
+    assert "Traceback" not in p.stderr and not any(f for _, _, f in os.walk(out))  # no work
     p = _embed(str(manifest), "--ckpt", ck, "--out", out, "--layers", "all")
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.returncode == 1 and "gone.wav" in p.stdout + p.stderr  # listed, the rest written
     got = np.load(os.path.join(out, "sub", "b.wav.npz"))
     depth, dim = 2, 32
     frames = ((12 * 16000 - 400) // 160 + 1) // 16    # 25 ms Kaldi frames every 10 ms, 16 a frame
@@ -82,7 +86,9 @@ def test_a_manifest_and_every_block_of_asit(tmp_path):
     assert got["clip"].shape == (2 * depth * dim,) and str(got["layers"]) == "all"
     assert got["timestamps"][0] == 80.0
     assert sorted(os.listdir(out)) == ["a.wav.npz", "sub"]
+    # padded cost = longest x count <= budget: [1, 2] costs 4, with the 5 it would cost 15
     assert embed.batches_by_length([5, 1, 9, 2], 10) == [[1, 3], [0], [2]]
+    assert embed.batches_by_length([3, 3, 4], 10) == [[0, 1], [2]]  # a plain sum would take all
 
 
 def test_two_processes_share_the_files_and_write_what_one_would(tmp_path):

@@ -11,7 +11,7 @@ import heads as H
 import model as M
 import plumbing as P
 import runtime as R
-from conftest import released_layouts, tiny_asit, tiny_encoder
+from conftest import asit_release, released_layouts, tiny_asit, tiny_encoder
 
 
 def test_export_and_load_back_exactly_for_every_layout(tmp_path, monkeypatch):
@@ -27,7 +27,7 @@ def test_export_and_load_back_exactly_for_every_layout(tmp_path, monkeypatch):
             torch.save(ck, tmp_path / f"{kind}_{name}.ckpt")
             files.append(tmp_path / f"{kind}_{name}.ckpt")
     files.append(tmp_path / "ASIT_ssl.pt")
-    torch.save({"model." + k: v for k, v in _asit_release_names(tiny_asit()).items()}, files[-1])
+    torch.save(asit_release(tiny_asit()), files[-1])
     ae = tiny_encoder("clip")
     P.save_atomic(dict(kind="atst-sed", model=H.SedModel(ae, 3).export(), classes=list("abc"),
                        encoder_args=ae.encoder.args, encoder_kind="clip", config={}),
@@ -42,6 +42,9 @@ def test_export_and_load_back_exactly_for_every_layout(tmp_path, monkeypatch):
         assert cfg["provenance"]["sha256"] and cfg["kind_row"]["name"] == want.name
         a, b = want(audio, 16000, layers="all"), got(audio, 16000, layers="all")
         assert torch.equal(a.frames, b.frames) and torch.equal(a.clip, b.clip), f
+    again = json.load(open(os.path.join(export.export(folder, str(tmp_path / "again")),
+                                         "config.json")))                # a folder exported
+    assert again["provenance"]["sha256"] == cfg["provenance"]["sha256"]  # keeps its source
     import huggingface_hub  # (installed with xares's transformers) a Hub id, and no network:
 
     def offline(repo_id, **kw):
@@ -50,15 +53,6 @@ def test_export_and_load_back_exactly_for_every_layout(tmp_path, monkeypatch):
     with pytest.raises(P.UserError, match="nobody-here/no-such-encoder: could not fetch it from "
                        "the Hugging Face Hub .*HF_HUB_OFFLINE=1"):
         R.load_encoder("nobody-here/no-such-encoder")
-
-
-def _asit_release_names(ae):
-    """Our ASiT encoder's weights in the release's names (Conv2d patch embedding)."""
-    sd = {k: v.clone() for k, v in ae.encoder.state_dict().items()}
-    w = sd.pop("patch_embed.weight")
-    sd["patch_embed.proj.weight"] = w.view(w.shape[0], 1, 16, 16)
-    sd["patch_embed.proj.bias"] = sd.pop("patch_embed.bias")
-    return sd
 
 
 def test_the_x_ares_checker_passes_for_every_kind(tmp_path):

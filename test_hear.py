@@ -9,7 +9,7 @@ import torch
 
 import model as M
 import runtime as R
-from conftest import released_layouts, run, tiny_asit
+from conftest import asit_release, released_layouts, run, tiny_asit
 
 SR = 16000
 
@@ -39,10 +39,7 @@ def test_hear_api_on_asit(tmp_path):
     torch.manual_seed(0)     # a release holds no head count: load_encoder takes dim // 64
     ae = R.AudioEncoder(M.Encoder(dim=128, depth=2, heads=2, drop_path=0.0, cls_token=True,
                                   tokens="patch16", qkv_bias=True, max_tokens=296), "asit").eval()
-    sd = {f"model.{k}": v for k, v in ae.encoder.state_dict().items()}
-    sd["model.patch_embed.proj.weight"] = sd.pop("model.patch_embed.weight").view(128, 1, 16, 16)
-    sd["model.patch_embed.proj.bias"] = sd.pop("model.patch_embed.bias")
-    torch.save(sd, tmp_path / "asit.pt")
+    torch.save(asit_release(ae), tmp_path / "asit.pt")
     model = hear.load_model(str(tmp_path / "asit.pt"), device="cpu")
     assert model.timestamp_embedding_size == 2 * 128 and model.scene_embedding_size == 4 * 128
     audio = torch.rand(3, 2 * 16000) * 0.2 - 0.1
@@ -124,7 +121,7 @@ def test_heareval_runners_score_the_tiny_tasks(tmp_path, data_root):
     enc = M.Encoder(dim=64, depth=2, heads=2, drop_path=0.0, **M.KINDS["frame"].encoder_args())
     _, ck = next(released_layouts(enc, "frame"))
     torch.save(ck, tmp_path / "frame.ckpt")
-    torch.save(_asit_release(tiny_asit()), tmp_path / "asit.pt")
+    torch.save(asit_release(tiny_asit()), tmp_path / "asit.pt")
     run("hear.py", "embeddings", "--model", str(tmp_path / "frame.ckpt"), "--tasks-dir",
         str(tasks), "--embeddings-dir", str(emb), data_root=data_root)
     run("hear.py", "embeddings", "--model", str(tmp_path / "asit.pt"), "--tasks-dir",
@@ -147,11 +144,3 @@ def test_heareval_runners_score_the_tiny_tasks(tmp_path, data_root):
     p = run("hear.py", data_root=data_root, check=False)
     assert p.returncode == 2 and "the following arguments are required: stage" in p.stderr
 
-
-def _asit_release(ae):
-    """A tiny ASiT encoder in the release's layout (model. prefix, Conv2d patch embedding)."""
-    sd = {f"model.{k}": v for k, v in ae.encoder.state_dict().items()}
-    w = sd.pop("model.patch_embed.weight")
-    sd["model.patch_embed.proj.weight"] = w.view(w.shape[0], 1, 16, 16)
-    sd["model.patch_embed.proj.bias"] = sd.pop("model.patch_embed.bias")
-    return sd

@@ -126,6 +126,9 @@ def test_embedding_api_takes_what_users_pass(tmp_path):
         ae(torch.zeros(100, 50), sample_rate=16000)
     with pytest.raises(ValueError, match=r"layers \[7\]: this encoder has blocks 0 to 2"):
         ae(torch.zeros(16000), sample_rate=16000, layers=[7])
+    once = ae(torch.zeros(16000), sample_rate=16000, layers=[1])
+    twice = ae(torch.zeros(16000), sample_rate=16000, layers=[1, 1])   # a block named twice
+    assert torch.equal(once.frames, twice.frames) and torch.equal(once.clip, twice.clip)
 
 
 @pytest.mark.parametrize("kind", ["frame", "asit"])
@@ -301,7 +304,7 @@ def test_a_new_kind_is_a_row_of_the_table(monkeypatch):
     CLS) added as a KINDS row only: the runtime chunks, pools and times it from the row, and
     its structure, the same as ASiT's, is no longer enough to name a file's kind."""
     row = M.Kind("Patch-Mel", M.MelFrontEnd, "patch16", cls_token=True, mask_token=False,
-                 qkv_bias=True, max_tokens=40, unit=16, per_frame=4, chunk=10,
+                 qkv_bias=True, max_tokens=40, unit=16, per_frame=4, chunk=8,
                  clip_pool="cls+mean", frame_pool="mean")
     monkeypatch.setitem(M.KINDS, "patchmel", row)
     torch.manual_seed(0)
@@ -309,7 +312,7 @@ def test_a_new_kind_is_a_row_of_the_table(monkeypatch):
     e = ae.eval()(torch.randn(16000 * 4), sample_rate=16000)    # 4 s: 401 frames -> 25 x 160 ms
     assert e.frames.shape == (1, 25, 32) and e.clip.shape == (1, 64)
     assert torch.allclose(e.timestamps[:2], torch.tensor([80.0, 240.0]))
-    assert ae.chunk == 10 and ae.same_front(tiny_encoder("clip"))
+    assert ae.chunk == 8 and ae.same_front(tiny_encoder("clip"))  # the row's, below 40 // 4
     assert not ae.same_front(tiny_asit())
     with pytest.raises(ValueError, match="more than one of the known kinds"):
         R.kind_of(row.encoder_args())

@@ -224,4 +224,6 @@ def test_every_script_prints_its_help():
         assert code in (0, None) and "usage:" in text, (script, code, text[-300:])
         if script in ("linear_eval.py", "finetune.py", "distill.py", "sed.py"):
             assert "--random_init" in text, script                  # one switch, one name
+        if script.startswith("pretrain"):
+            assert "\nI/O:\n" in text and "\nmodel:\n" in text, script  # flags in groups
         assert "--die_at_step" not in text
