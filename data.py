@@ -222,6 +222,8 @@ def _flac16k(job):
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         x = wav.clamp(-1, 1).numpy()
         write_atomic(dst, lambda f: sf.write(f, x, SAMPLE_RATE, format="FLAC", subtype="PCM_16"))
+    except UserError:  # the copy could not be written (a full disk): not the source's fault
+        raise
     except (RuntimeError, sf.LibsndfileError) as e:
         return src, str(e).splitlines()[0]
     return None

@@ -11,7 +11,8 @@ import time
 from types import SimpleNamespace
 
 from config import describe
-from plumbing import claim_out_dir, load_checkpoint, save_atomic, save_json, setup_distributed
+from plumbing import (UserError, claim_out_dir, load_checkpoint, save_atomic, save_json,
+                      setup_distributed)
 from runtime import load_encoder, random_weights
 
 EVAL_BATCH = 32  # clips per rank per batch where nothing is trained (caching, scoring)
@@ -42,12 +43,21 @@ def run_dir(c, d, stage, ae, *parts):
         "out", name + ("_random" if c.random_init else "")), d)
 
 
-def resume(path, model, opt, d):
+RUN_KEYS = ("ckpt", "teacher", "data", "mode", "frame_pool", "random_init", "seed")
+
+
+def resume(path, model, opt, d, cfg):
     """(epochs done, best so far or None) from a run folder's ckpt.pt, loaded into model and
-    optimizer; (0, None) when the run starts afresh."""
+    optimizer; (0, None) when the run starts afresh. A folder of another run (another
+    checkpoint, data, mode, ...: RUN_KEYS) is an error, not a silent continuation."""
     if not os.path.exists(path):
         return 0, None
     ck = load_checkpoint(path)
+    other = {k: (ck["config"].get(k), cfg.get(k)) for k in RUN_KEYS
+             if ck["config"].get(k) != cfg.get(k)}
+    if other:
+        said = ", ".join(f"{k} {a!r}, this run {b!r}" for k, (a, b) in other.items())
+        raise UserError(f"{path} is another run's ({said}): use another --out_dir")
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     d.print(f"resumed from {path} after epoch {ck['epoch']}")

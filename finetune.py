@@ -253,7 +253,7 @@ def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
     r = setup(cfg, teacher, stage)
     c, d, model, labels = r.c, r.d, r.model, r.labels
     ckpt_path, best_path = (os.path.join(r.out_dir, f) for f in ("ckpt.pt", "best.pt"))
-    epoch, best = resume(ckpt_path, model, r.opt, d)
+    epoch, best = resume(ckpt_path, model, r.opt, d, cfg)
     best = best or dict(valid=-math.inf, epoch=-1)
     log = Log(r.out_dir, d.master, resume=("epoch", epoch))
     pbar = tqdm(total=r.total, initial=epoch * r.per_epoch, disable=not d.master,

@@ -221,8 +221,8 @@ def write_table(path, header, rows):
     if not isinstance(path, str):
         return _write_rows(path, "\t", header, rows)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        _write_rows(f, "," if path.endswith(".csv") else "\t", header, rows)
+    write_atomic(path, lambda f: _write_rows(f, "," if path.endswith(".csv") else "\t", header,
+                                             rows), "w")
 
 
 def _write_rows(f, delimiter, header, rows):

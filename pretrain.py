@@ -58,6 +58,8 @@ def train(cfg, model_args, make_model, views, schedules=None):
                        "block sets them; see pretrain_frame.py)")
     if cfg["lr_rule"] not in LR_RULES:
         raise SystemExit(f"error: --lr_rule {cfg['lr_rule']!r}: one of {sorted(LR_RULES)}")
+    if cfg["ema_ramp"] not in ("cosine", "linear"):  # said now, not after the model is built
+        raise SystemExit(f"error: --ema_ramp {cfg['ema_ramp']!r}: cosine or linear")
     c = SimpleNamespace(**cfg)
     d = setup_distributed(c.device, c.dtype)
     d.print(describe(cfg))

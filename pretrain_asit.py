@@ -215,7 +215,7 @@ class ASiT(nn.Module):
     def update_centers(self, t_g, t_l):
         """c <- m c + (1 - m) mean of the teacher's logits over all rows of all ranks."""
         for c, t in ((self.center_global, t_g), (self.center_local, t_l)):
-            stats = torch.cat([t.sum(0), t.new_tensor([t.shape[0]])])
+            stats = torch.cat([t.sum(0), t.new_full((1,), t.shape[0])])  # no host copy
             if torch.distributed.is_initialized():
                 torch.distributed.all_reduce(stats)
             c.mul_(self.center_momentum).add_(stats[:-1] / stats[-1] * (1 - self.center_momentum))

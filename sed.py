@@ -280,7 +280,7 @@ def train(cfg):
     r = setup(cfg)
     c, d, model = r.c, r.d, r.model
     ckpt_path, best_path = (os.path.join(r.out_dir, f) for f in ("ckpt.pt", "best.pt"))
-    epoch, best = resume(ckpt_path, model, r.opt, d)
+    epoch, best = resume(ckpt_path, model, r.opt, d, cfg)
     best = best or dict(obj=-1.0, epoch=0)
     log = Log(r.out_dir, d.master, resume=("epoch", epoch))
     for epoch in range(epoch, c.epochs):

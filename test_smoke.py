@@ -207,6 +207,10 @@ def test_killed_sed_run_resumes_after_its_last_epoch(pretrained, data_root, tmp_
     assert all(a[k] == b[k] for k in ("psds1", "psds1_exact", "f1_intersection", "best_epoch"))
     ma, mb = (load_checkpoint(str(tmp_path / x / "best.pt"))["model"] for x in "ab")
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    args[1] = os.path.join(pretrained["frame"], "ckpt.pt")     # another run, the same folder
+    p = run("sed.py", *args, "--out_dir", str(tmp_path / "b"), data_root=data_root, check=False)
+    assert p.returncode == 1 and "is another run's (ckpt" in p.stderr and "another --out_dir" \
+        in p.stderr
 
 
 def test_every_script_prints_its_help():
