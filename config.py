@@ -89,8 +89,8 @@ def configure(g, tables=None, implies=None, argv=None, help_files=()):
     from_rows = {}
     for key, rows in tables.items():
         value = given.get(key, g[key])
-        if key == "preset" and value not in rows:
-            raise SystemExit(f"--preset {value!r}: choose one of {sorted(rows)}")
+        if key == "preset":
+            choose(rows, value, "preset")
         name = value if value in rows else next(iter(rows))
         table = next((t for t, v in g.items() if v is rows), key)
         took = {k: v for k, v in rows[name].items() if g[k] is None and k not in given}
@@ -109,6 +109,13 @@ def configure(g, tables=None, implies=None, argv=None, help_files=()):
     g.update(vars(_parser(g, keys, helps, types, sections).parse_args(argv)))  # --help, flags
     check_ranges(g, keys)
     return dict({k: g[k] for k in keys}, set_by_user=sorted(by_user), from_rows=from_rows)
+
+
+def choose(table, name, flag):
+    """table[name], or one line naming --flag and its choices."""
+    if name not in table:
+        raise SystemExit(f"--{flag} {name!r}: choose one of {sorted(table)}")
+    return table[name]
 
 
 def script_config(module, *argv):

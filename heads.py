@@ -152,6 +152,7 @@ def load_classifier(path, device="cpu", expect=FINETUNED):
     ae.pool_frames(ck.get("frame_pool", ""))
     model = kinds[ck["kind"]](ae, len(ck["classes"])).load_export(ck["model"])
     model.classes, model.config = ck["classes"], ck.get("config", {})
+    model.median_windows = ck.get("median_windows")  # SED: the windows validation chose
     return model.to(device).eval()
 
 

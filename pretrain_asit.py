@@ -25,7 +25,7 @@ import pretrain
 from augment import gmml, random_crops, roll_shifts
 from metrics import collapse_std
 from model import KINDS, PATCH, SAMPLE_RATE, Encoder, KaldiFrontEnd, ema_update, init_weights
-from config import configure
+from config import choose, configure
 from plumbing import user_errors
 
 # -------------------------------------------------------------------------------- config
@@ -281,7 +281,7 @@ def schedules(c):
 
 
 def model_args(c):
-    return dict(drop_path=c.drop_path, **ASIT_PRESETS[c.model])
+    return dict(drop_path=c.drop_path, **choose(ASIT_PRESETS, c.model, "model"))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 import pretrain
 from augment import Mixup, RandomResizedCrop, random_crops
 from model import ATST, PRESETS as MODEL_PRESETS, SAMPLE_RATE, MelFrontEnd, frames_for
-from config import configure
+from config import choose, configure
 from plumbing import user_errors
 
 # -------------------------------------------------------------------------------- config
@@ -109,7 +109,7 @@ class ClipViews(torch.nn.Module):
 
 def model_args(c):
     return dict(method="clip", drop_path=c.drop_path, teacher_drop_path=c.teacher_drop_path,
-                **MODEL_PRESETS[c.model])
+                **choose(MODEL_PRESETS, c.model, "model"))
 
 
 if __name__ == "__main__":

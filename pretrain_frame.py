@@ -19,7 +19,7 @@ import torch
 import pretrain
 from augment import FreqWarp, Mixup, group_mask
 from model import ATST, FRAMES_PER_TOKEN, PRESETS as MODEL_PRESETS, MelFrontEnd, tokens_for
-from config import configure
+from config import choose, configure
 from plumbing import user_errors
 
 # -------------------------------------------------------------------------------- config
@@ -112,7 +112,7 @@ class FrameViews(torch.nn.Module):
 
 def model_args(c):
     return dict(method="frame", drop_path=c.drop_path, teacher_drop_path=c.teacher_drop_path,
-                mask_teacher=c.mask_teacher, **MODEL_PRESETS[c.model])
+                mask_teacher=c.mask_teacher, **choose(MODEL_PRESETS, c.model, "model"))
 
 
 if __name__ == "__main__":

@@ -336,8 +336,7 @@ def detect(c):
     if c.out:
         check_writable(c.out, "out")
     model = load_classifier(c.ckpt, device, expect=["atst-sed"])
-    ck = load_checkpoint(c.ckpt)
-    windows = ck.get("median_windows")
+    windows = model.median_windows
     if not windows or {"median_window", "class_windows"} & set(c.set_by_user):
         windows = median_windows(c.class_windows, model.classes, c.median_window)
     named = named_audio(c.predict)

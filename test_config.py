@@ -140,6 +140,8 @@ def test_model_size_has_its_own_flag_apart_from_the_run_defaults():
     assert args["dim"] == 64 and (c["batch_size"], c["warmup_epochs"]) == (864, 10.0)
     c = _run(pretrain_asit, "--preset", "tiny", "--model", "small")
     assert pretrain_asit.model_args(type("C", (), c))["dim"] == 384 and c["batch_size"] == 32
+    with pytest.raises(SystemExit, match=r"--model 'huge': choose one of \['base', 'small'"):
+        pretrain_frame.model_args(type("C", (), _run(pretrain_frame, "--model", "huge")))
 
 
 @pytest.mark.parametrize("module", [pretrain_frame, pretrain_clip, pretrain_asit],
