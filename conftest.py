@@ -34,17 +34,28 @@ def data_root(tmp_path_factory):
 
 def run(script, *args, data_root, nproc=0, check=True, env=None):
     """Run a stage script as a user would; returns the completed process."""
+    return run_together([(script, *args)], data_root=data_root, nproc=nproc, check=check,
+                        env=env)[0]
+
+
+def run_together(jobs, data_root, nproc=0, check=True, env=None):
+    """run() of several (script, *args) side by side (the cores of a CI machine kept busy by
+    one-thread runs); their completed processes."""
     env = dict(os.environ, ATST_DATA=data_root, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
                **(env or {}))
-    cmd = [sys.executable, script, *args]
-    if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--standalone", script, *args]
-    p = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
-                             f"{p.stderr[-3000:]}")
-    return p
+    cmds = [[sys.executable, script, *args] if not nproc else
+            [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+             "--standalone", script, *args] for script, *args in jobs]
+    procs = [subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for cmd in cmds]
+    done = []
+    for cmd, p in zip(cmds, procs):
+        out, err = p.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess(cmd, p.returncode, out, err))
+        if check and p.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{out[-3000:]}\n"
+                                 f"{err[-3000:]}")
+    return done
 
 
 def read_log(out_dir):
@@ -92,11 +103,11 @@ def asit_inputs(B=3, T=64, seed=0):
 def pretrained(data_root, tmp_path_factory):
     """Tiny ATST-Frame, ATST-Clip and ASiT pre-trained on the demo data for 24 steps (real
     runs)."""
-    out = {}
-    for kind in ("frame", "clip", "asit"):
-        out[kind] = str(tmp_path_factory.mktemp(f"pre_{kind}"))
-        run(f"pretrain_{kind}.py", *TINY, "--max_steps", "24", "--warmup_epochs", "1",
-            "--log_every", "4", "--out_dir", out[kind], data_root=data_root)
+    out = {kind: str(tmp_path_factory.mktemp(f"pre_{kind}")) for kind in ("frame", "clip",
+                                                                            "asit")}
+    run_together([(f"pretrain_{kind}.py", *TINY, "--max_steps", "24", "--warmup_epochs", "1",
+                   "--log_every", "4", "--out_dir", path) for kind, path in out.items()],
+                 data_root=data_root)
     return out
 
 # ----------------------------------------------------------------------------------------------

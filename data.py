@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from demo import make_demo
 from model import SAMPLE_RATE
-from plumbing import UserError, default_data_root, write_atomic, write_table
+from plumbing import (UserError, default_data_root, shared_work, step_seed, write_atomic,
+                      write_table)
 
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".caf",
               ".w64", ".rf64")  # what libsndfile reads, by file name
@@ -54,11 +55,12 @@ def manifest_name(data):
     return name[:-4] if name.endswith(MANIFEST_EXTS) else name
 
 
-def read_manifest(csv_path, label_col=None, check_files=True):
+def read_manifest(csv_path, label_col=None, check_files=True, d=None):
     """Rows of a manifest (CSV, or TSV by its .tsv name; a byte-order mark is ignored) as
     dicts, with `path` made absolute. Errors name file and row; every listed file must exist
-    (checked up front: 0.4 s per 100,000 files measured on a local disk), unless check_files
-    is False (embed.py lists what it could not read at the end)."""
+    (checked up front: 0.4 s per 100,000 files measured on a local disk; under torchrun, d,
+    each rank checks its share), unless check_files is False (embed.py lists what it could
+    not read at the end)."""
     if not os.path.isfile(csv_path):
         raise DataMissing(f"manifest not found: {csv_path}")
     with open(csv_path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's BOM
@@ -79,7 +81,8 @@ def read_manifest(csv_path, label_col=None, check_files=True):
             rows.append(r)
     if not rows:
         raise DataError(f"{csv_path}: manifest is empty")
-    missing = [r for r in rows if check_files and not os.path.isfile(r["path"])]
+    there = shared_work([r["path"] for r in rows], os.path.isfile, d) if check_files else []
+    missing = [r for r, ok in zip(rows, there) if not ok]
     if missing:  # found now, not hours into a run when the row comes up
         raise AudioError(f"{len(missing)} of {len(rows)} audio files listed in {csv_path} do not "
                          "exist: " + "; ".join(f"{r['_where']}: {r['path']}" for r in missing[:3])
@@ -293,6 +296,26 @@ class StreamSampler(torch.utils.data.Sampler):
             g += 1
 
 
+class BalancedSampler(torch.utils.data.Sampler):
+    """`count` clip indices per epoch for one rank, drawn with replacement in proportion to
+    `weights` (balanced sampling, R6). The draws of an epoch come from (seed, epoch, rank)
+    alone (call set_epoch), so a resumed run draws what an uninterrupted one drew."""
+
+    def __init__(self, weights, count, seed=0, rank=0):
+        self.weights, self.count, self.seed, self.rank = weights.double(), count, seed, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.count
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(step_seed(self.seed, self.epoch, self.rank))
+        return iter(torch.multinomial(self.weights, self.count, True, generator=g).tolist())
+
+
 def stream_loader(rows, seconds, batch, d, seed, start, workers):
     """DataLoader of (wav (B, S), valid (B,)) for pre-training, resumable at micro-batch start."""
     sampler = StreamSampler(len(rows), batch, d.rank, d.world, seed, start)
@@ -349,14 +372,14 @@ class Labels:
 
 
 def task_splits(data, data_root=None, test_csv="", valid_csv="", folds=0, fold=0,
-                valid_frac=0.1, seed=0):
+                valid_frac=0.1, seed=0, d=None):
     """(train, valid, test) rows of a labelled task: a named dataset (DATA_ROOT/NAME/
     {train,valid,test}.csv; valid optional) or a train CSV with test_csv (and valid_csv).
     Without a valid split, a fixed valid_frac of train is held out: the test set is never used
     for choices. With folds > 0 (US8K), train rows carry a `fold` column; fold `fold` is the
     test set."""
     csv_given = data.endswith(MANIFEST_EXTS)
-    train = read_manifest(resolve_manifest(data, "train", data_root))
+    train = read_manifest(resolve_manifest(data, "train", data_root), d=d)
     valid, test = [], []
     if folds:
         if "fold" not in train[0]:
@@ -369,12 +392,12 @@ def task_splits(data, data_root=None, test_csv="", valid_csv="", folds=0, fold=0
     else:
         if csv_given and not test_csv:
             raise DataError(f"--data {data} is a CSV: give its test split with --test_csv")
-        test = read_manifest(test_csv or resolve_manifest(data, "test", data_root))
+        test = read_manifest(test_csv or resolve_manifest(data, "test", data_root), d=d)
         vpath = valid_csv or ("" if csv_given else
                               os.path.join(os.path.dirname(resolve_manifest(data, "train",
                                                                             data_root)),
                                            "valid.csv"))
-        valid = read_manifest(vpath) if vpath and os.path.isfile(vpath) else []
+        valid = read_manifest(vpath, d=d) if vpath and os.path.isfile(vpath) else []
     if not valid:
         train, valid = hold_out(train, valid_frac, seed)
     return train, valid, test

@@ -11,8 +11,8 @@ import time
 from types import SimpleNamespace
 
 from config import describe
-from plumbing import (UserError, claim_out_dir, load_checkpoint, save_atomic, save_json,
-                      setup_distributed)
+from plumbing import (UserError, claim_out_dir, decide, load_checkpoint, save_atomic, save_json,
+                      setup_distributed, visible)
 from runtime import load_encoder, random_weights
 
 EVAL_BATCH = 32  # clips per rank per batch where nothing is trained (caching, scoring)
@@ -48,11 +48,12 @@ RUN_KEYS = ("ckpt", "teacher", "data", "mode", "frame_pool", "random_init", "see
 
 def resume(path, model, opt, d, cfg):
     """(epochs done, best so far or None) from a run folder's ckpt.pt, loaded into model and
-    optimizer; (0, None) when the run starts afresh. A folder of another run (another
-    checkpoint, data, mode, ...: RUN_KEYS) is an error, not a silent continuation."""
-    if not os.path.exists(path):
+    optimizer on every rank (before DDP is built); (0, None) when the run starts afresh. Rank
+    0 decides which. A folder of another run (another checkpoint, data, mode, ...: RUN_KEYS)
+    is an error, not a silent continuation."""
+    if not decide(lambda: os.path.exists(path), d):
         return 0, None
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(visible(path, d, "out_dir"))
     other = {k: (ck["config"].get(k), cfg.get(k)) for k in RUN_KEYS
              if ck["config"].get(k) != cfg.get(k)}
     if other:

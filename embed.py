@@ -32,7 +32,8 @@ from config import configure
 from data import MANIFEST_EXTS, AudioError, load_audio, named_audio, pad_collate, read_manifest
 from downstream import start
 from model import SAMPLE_RATE
-from plumbing import check_writable, cleanup_distributed, user_errors, write_atomic
+from plumbing import (check_shared, check_writable, cleanup_distributed, decide, shared_work,
+                      user_errors, write_atomic)
 from runtime import load_encoder
 
 # -------------------------------------------------------------------------------- config
@@ -73,6 +74,16 @@ class Files(torch.utils.data.Dataset):
             return i, None, str(e)
 
 
+def samples_16k(path):
+    """A file's length in 16 kHz samples from its header (1 when unreadable: the worker that
+    reads it says why)."""
+    try:
+        info = sf.info(path)
+        return max(1, int(info.frames * SAMPLE_RATE / info.samplerate))
+    except (RuntimeError, sf.LibsndfileError):
+        return 1
+
+
 def batches_by_length(lengths, budget):
     """Indices sorted by length, cut into batches whose padded size stays within `budget`
     samples (a longer file alone)."""
@@ -101,22 +112,19 @@ def save_npz(path, **arrays):
 
 def main(cfg):
     c, d, t0 = start(cfg)
-    named = inputs(c.audio)
+    named = decide(lambda: inputs(c.audio), d)  # one walk of the folder, on rank 0
     check_writable(c.out, "out", folder=True)
+    check_shared(c.out, d, "out")  # rank 0 says what is done there
     target = {p: os.path.join(c.out, name + ".npz") for p, name in named.items()}
-    todo = sorted(p for p in named if not os.path.exists(target[p]))
+    paths = sorted(named)
+    done = decide(lambda: [os.path.exists(target[p]) for p in paths], d)
+    todo = [p for p, there in zip(paths, done) if not there]
     d.print(f"{len(named)} files, {len(named) - len(todo)} done before, {len(todo)} to embed")
     enc = load_encoder(c.ckpt, d.device).pool_frames(c.frame_pool)
     layer_list = None if not c.layers else "all" if c.layers == "all" else \
         [int(x) for x in c.layers.split(",")]
     enc.layer_list(layer_list)  # an impossible block index is said before any work
-    lengths = []
-    for p in todo:  # headers only: frames in 16 kHz samples, for batching by length
-        try:
-            info = sf.info(p)
-            lengths.append(max(1, int(info.frames * SAMPLE_RATE / info.samplerate)))
-        except (RuntimeError, sf.LibsndfileError):
-            lengths.append(1)  # unreadable: the worker says why
+    lengths = shared_work(todo, samples_16k, d)  # headers, each read by one rank
     batches = batches_by_length(lengths, int(c.batch_seconds * SAMPLE_RATE))[d.rank::d.world]
     loader = torch.utils.data.DataLoader(Files(todo), batch_sampler=batches, collate_fn=collate,
                                          num_workers=c.num_workers)

@@ -8,6 +8,7 @@ the validation split is kept and scored once on test. distill.py shares this loo
     python finetune.py --ckpt out/frame_tiny/ckpt.pt --data demo_events
     torchrun --nproc_per_node=8 finetune.py --ckpt atstframe_base.ckpt --data as2m
     torchrun --nproc_per_node=8 finetune.py --ckpt atstclip_base.pth --data vox1 --lr 0.5
+    torchrun --nproc_per_node=4 finetune.py --ckpt X.ckpt --data as2m --micro_batch 64  # accum 4
     python finetune.py --ckpt X.pt --data my/train.csv --test_csv my/test.csv
 
 Per-dataset defaults (epochs, batch, Mixup, balanced sampling) are the TASKS table below;
@@ -28,14 +29,14 @@ from tqdm import tqdm
 
 from augment import RandomResizedCrop, mixup_labels
 from config import config_keys, configure
-from data import Labels, LabelledClips, pad_collate, task_copy, task_splits
+from data import BalancedSampler, Labels, LabelledClips, pad_collate, task_copy, task_splits
 from downstream import publish, record, resume, run_dir, save_epoch, start, start_encoder
 from heads import Classifier, layer_decay_groups
 from metrics import score
 from model import freeze, set_drop_path
-from plumbing import (WORKERS, Log, UserError, cleanup_distributed, cosine_schedule,
-                      gather_shards, load_checkpoint, my_shard, save_atomic, step_seed,
-                      user_errors, warmup_steps, wrap_ddp)
+from plumbing import (WORKERS, Log, UserError, all_mean, cleanup_distributed, cosine_schedule,
+                      gather_shards, load_checkpoint, micro_steps, my_shard, save_atomic,
+                      split_batch, step_seed, user_errors, visible, warmup_steps, wrap_ddp)
 
 # -------------------------------------------------------------------------------- config
 # None = the value of the task's TASKS row (a CSV or an unnamed dataset takes "default");
@@ -53,6 +54,7 @@ lr = None                   # peak lr (the head's; blocks get layer_decay powers
 layer_decay = 0.75          # layer-wise lr decay
 weight_decay = 0.0          # SGD weight decay (matrices only; biases and norms none)
 batch_size = None           # global batch over all GPUs
+micro_batch = 0             # clips per GPU in one forward (gradient accumulation); 0 = batch/GPUs
 epochs = None               # training epochs
 warmup_epochs = None        # linear warmup, then cosine to min_lr
 min_lr = 1e-6               # lr at the last step
@@ -87,30 +89,27 @@ TABLES = dict(data=TASKS)
 CONFIG_KEYS = config_keys(globals())  # distill.py extends this config
 
 
-def balanced_weights(targets, cache):
-    """Per-clip sampling weights sum_c y_c * 1000 / (count_c + 0.01), cached on disk."""
-    if os.path.exists(cache):
-        return torch.load(cache)
+def balanced_weights(targets):
+    """Per-clip sampling weights sum_c y_c * 1000 / (count_c + 0.01) (R6)."""
     y = targets.float() if targets.dim() == 2 else F.one_hot(targets).float()
-    w = (y * 1000 / (y.sum(0) + 0.01)).sum(1)
-    save_atomic(w, cache)
-    return w
+    return (y * 1000 / (y.sum(0) + 0.01)).sum(1)
 
 
 @torch.no_grad()
-def predict(model, rows, targets, c, d):
-    """Logits of every row (centre-cropped, chunked), computed sharded over ranks."""
+def predict(model, rows, targets, batch, c, d):
+    """Logits of every row (centre-cropped, chunked), computed sharded over ranks (a rank may
+    have none), `batch` clips at a time."""
     model.eval()
     mine = my_shard(len(rows), d)
     ds = LabelledClips([rows[i] for i in mine], targets[mine], c.max_seconds)
-    loader = torch.utils.data.DataLoader(ds, batch_size=max(1, c.batch_size // d.world),
-                                         collate_fn=pad_collate, num_workers=c.num_workers)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, collate_fn=pad_collate,
+                                         num_workers=c.num_workers)
     out = []
     for wav, valid, _ in loader:
         wav, valid = wav.to(d.device), valid.to(d.device)
         with d.ctx:
             out.append(model(*model.ae.features(wav, valid)).float().cpu())
-    return gather_shards(mine, torch.cat(out), len(rows), d)
+    return gather_shards(mine, out, len(rows), d)
 
 
 def task_loss(logits, target, soft):
@@ -161,7 +160,7 @@ def setup(cfg, teacher, stage):
             d.print(f"note: teacher and student are both {ae.name} (C2F/F2C cross kinds)")
     torch.manual_seed(c.seed)
     set_drop_path(ae.encoder, c.drop_path)
-    model, ddp = wrap_ddp(Classifier(ae, len(labels.classes)).to(d.device).train(), d)
+    model = Classifier(ae, len(labels.classes)).to(d.device).train()  # DDP after resume
     groups = layer_decay_groups(model, c.layer_decay, c.weight_decay)
     d.print(f"{ae.source}: {ae.name}, {len(labels.classes)} classes "
             f"({'multi' if labels.multi else 'single'}-label), {len(train_rows)}/"
@@ -169,75 +168,85 @@ def setup(cfg, teacher, stage):
             + ", ".join(f"{g['lr_scale']:.3g}/{g['weight_decay']:g} x{len(g['params'])}"
                         for g in groups))
     opt = torch.optim.SGD(groups, lr=c.lr, momentum=0.9)
-    per_rank = c.batch_size // d.world
-    if not per_rank or per_rank * d.world != c.batch_size:
-        raise UserError(f"--batch_size {c.batch_size} does not split over {d.world} ranks")
+    micro, accum = split_batch(c.batch_size, c.micro_batch, d)
     ds = LabelledClips(train_rows, y_train, c.train_seconds, train=True, seed=c.seed)
     if c.balanced:
-        w = balanced_weights(y_train, os.path.join(out_dir, "balanced_weights.pt"))
-        sampler = torch.utils.data.WeightedRandomSampler(
-            w, len(ds) // d.world, generator=torch.Generator().manual_seed(c.seed + d.rank))
+        sampler = BalancedSampler(balanced_weights(y_train), len(ds) // d.world, c.seed, d.rank)
     else:
         sampler = torch.utils.data.DistributedSampler(ds, d.world, d.rank, shuffle=True,
                                                       seed=c.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(ds, per_rank, sampler=sampler, collate_fn=pad_collate,
+    loader = torch.utils.data.DataLoader(ds, micro, sampler=sampler, collate_fn=pad_collate,
                                          num_workers=c.num_workers, drop_last=True,
                                          pin_memory=d.device.type == "cuda")
-    per_epoch = len(loader)
+    per_epoch = len(loader) // accum
     if not per_epoch:
         raise UserError(f"{len(ds)} training clips are fewer than one batch of "
                         f"{c.batch_size}: lower --batch_size")
     total = c.epochs * per_epoch
     sched = cosine_schedule(c.lr, c.min_lr, total,
                             warmup_steps(c.warmup_epochs, per_epoch, total, d.print))
+    d.print(f"batch {c.batch_size} = {micro} x {d.world} ranks x {accum} accum, {per_epoch} "
+            "steps/epoch")
     return SimpleNamespace(c=c, d=d, t0=t0, cfg=cfg, labels=labels, ae=ae, out_dir=out_dir,
-                           rrc=RandomResizedCrop(),
-                           teacher=teacher, model=model, ddp=ddp, opt=opt, ds=ds,
+                           rrc=RandomResizedCrop(), micro=micro, accum=accum,
+                           teacher=teacher, model=model, opt=opt, ds=ds,
                            sampler=sampler, loader=loader, per_epoch=per_epoch, total=total,
                            sched=sched, soft=labels.multi or c.mixup,  # BCE on soft targets
                            splits=dict(train=train_rows, valid=valid_rows, test=test_rows),
                            y=dict(valid=y_valid, test=y_test))
 
 
+def micro_loss(r, wav, valid, y, seed, kd_weight):
+    """The loss of one micro-batch (features, Mixup + RRC where on, teacher), its forward
+    through DDP (r.ddp)."""
+    c, d, model, labels = r.c, r.d, r.model, r.labels
+    wav, valid, y = wav.to(d.device), valid.to(d.device), y.to(d.device)
+    with torch.no_grad():
+        x, n = model.ae.features(wav, valid)                    # (B, F, T), (B,)
+        target = y.float() if labels.multi else y
+        if c.mixup:  # RRC stretches time, so every clip is taken as full length
+            r.gen.manual_seed(seed)
+            onehot = target if labels.multi else F.one_hot(y, len(labels.classes)).float()
+            x, target = mixup_labels(x, onehot, c.mixup_alpha, np.random.default_rng(seed))
+            x = r.rrc(x, r.gen)
+            n = torch.full_like(n, x.shape[-1] // model.ae.unit)
+    with d.ctx:
+        logits = r.ddp(x, n).float()
+        loss = task_loss(logits, target, r.soft)
+        if r.teacher is not None:
+            with torch.no_grad():
+                t_logits = r.teacher(*teacher_inputs(r.teacher, model.ae, x, n, wav, valid,
+                                                     c, seed)).float()
+            loss = (1 - kd_weight) * loss + kd_weight * kd_loss(logits, t_logits, r.soft)
+    return loss
+
+
 def run_epoch(r, epoch, kd_weight, pbar):
-    """One epoch; returns the mean loss."""
-    c, d, model, opt, labels = r.c, r.d, r.model, r.opt, r.labels
+    """One epoch of optimizer steps, each over r.accum micro-batches per rank; returns the
+    mean loss (over ranks too). A non-finite loss stops every rank."""
+    c, d, model, opt = r.c, r.d, r.model, r.opt
     model.train()
     r.ds.set_epoch(epoch)
-    if hasattr(r.sampler, "set_epoch"):
-        r.sampler.set_epoch(epoch)
-    loss_sum, gen = 0.0, torch.Generator(device=d.device)
-    for i, (wav, valid, y) in enumerate(r.loader):
+    r.sampler.set_epoch(epoch)
+    batches, loss_sum = iter(r.loader), 0.0
+    for i in range(r.per_epoch):
         step = epoch * r.per_epoch + i
         for g in opt.param_groups:
             g["lr"] = r.sched[step].item() * g["lr_scale"]
-        seed = step_seed(c.seed, step, d.rank)
-        torch.manual_seed(seed)  # drop-path
-        wav, valid, y = wav.to(d.device), valid.to(d.device), y.to(d.device)
-        with torch.no_grad():
-            x, n = model.ae.features(wav, valid)                    # (B, F, T), (B,)
-            target = y.float() if labels.multi else y
-            if c.mixup:  # RRC stretches time, so every clip is taken as full length
-                gen.manual_seed(seed)
-                onehot = target if labels.multi else F.one_hot(y, len(labels.classes)).float()
-                x, target = mixup_labels(x, onehot, c.mixup_alpha, np.random.default_rng(seed))
-                x = r.rrc(x, gen)
-                n = torch.full_like(n, x.shape[-1] // model.ae.unit)
-        with d.ctx:
-            logits = r.ddp(x, n).float()
-            loss = task_loss(logits, target, r.soft)
-            if r.teacher is not None:
-                with torch.no_grad():
-                    t_logits = r.teacher(*teacher_inputs(r.teacher, model.ae, x, n, wav, valid,
-                                                         c, seed)).float()
-                loss = (1 - kd_weight) * loss + kd_weight * kd_loss(logits, t_logits, r.soft)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = torch.zeros((), device=d.device)
+        for k, sync in micro_steps(r.ddp, r.accum, d):
+            seed = step_seed(c.seed, step * r.accum + k, d.rank)
+            torch.manual_seed(seed)  # drop-path
+            with sync:
+                part = micro_loss(r, *next(batches), seed, kd_weight)
+                (part / r.accum).backward()
+            loss += part.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-        loss_val = loss.item()
+        loss_val = all_mean(loss / r.accum, d).item()
         if not math.isfinite(loss_val):
             raise SystemExit(f"non-finite loss ({loss_val}) at epoch {epoch} step {i}: stopping")
         opt.step()
+        opt.zero_grad(set_to_none=True)
         loss_sum += loss_val
         pbar.update(1)
     return loss_sum / r.per_epoch
@@ -245,7 +254,7 @@ def run_epoch(r, epoch, kd_weight, pbar):
 
 def evaluate(r, split):
     """mAP (multi-label) or accuracy of the model on a split."""
-    return score(predict(r.model, r.splits[split], r.y[split], r.c, r.d), r.y[split],
+    return score(predict(r.model, r.splits[split], r.y[split], r.micro, r.c, r.d), r.y[split],
                  r.labels.multi)
 
 
@@ -255,6 +264,8 @@ def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
     ckpt_path, best_path = (os.path.join(r.out_dir, f) for f in ("ckpt.pt", "best.pt"))
     epoch, best = resume(ckpt_path, model, r.opt, d, cfg)
     best = best or dict(valid=-math.inf, epoch=-1)
+    model, r.ddp = wrap_ddp(model, d)  # after resume: every rank starts from rank 0's weights
+    r.model, r.gen = model, torch.Generator(device=d.device)
     log = Log(r.out_dir, d.master, resume=("epoch", epoch))
     pbar = tqdm(total=r.total, initial=epoch * r.per_epoch, disable=not d.master,
                 dynamic_ncols=True)
@@ -280,7 +291,7 @@ def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
     pbar.close()
     if d.world > 1:
         dist.barrier()  # best.pt is written by rank 0
-    model.load_export(load_checkpoint(best_path)["model"])  # the best epoch, strictly
+    model.load_export(load_checkpoint(visible(best_path, d, "out_dir"))["model"])  # strictly
     test = evaluate(r, "test")
     res = record(stage, c.data, task_copy(c.data, c.data_root or None), c, d, r.ae, r.t0, cfg,
                  teacher=cfg.get("teacher"), teacher_kind=teacher.ae.kind if teacher else None,

@@ -34,6 +34,8 @@ class Classifier(nn.Module):
     def __init__(self, ae, n_classes):
         super().__init__()
         self.ae, self.head = ae, LinearHead(ae.dims()[1], n_classes)
+        if ae.encoder.mask_token is not None:  # pre-training's alone: never trained here (DDP
+            ae.encoder.mask_token.requires_grad_(False)  # would wait for its gradient)
 
     def forward(self, mel, n_tok):
         return self.head(self.ae.encode(mel, n_tok).clip)

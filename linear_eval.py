@@ -33,8 +33,9 @@ from downstream import publish, record, start, start_encoder
 from heads import LinearHead
 from metrics import score
 from model import SAMPLE_RATE
-from plumbing import (WORKERS, UserError, check_writable, cleanup_distributed, cosine_schedule,
-                      gather_shards, my_shard, save_atomic, user_errors)
+from plumbing import (WORKERS, UserError, check_shared, check_writable, cleanup_distributed,
+                      cosine_schedule, decide, gather_shards, my_shard, save_atomic,
+                      shared_work, user_errors, visible)
 
 # -------------------------------------------------------------------------------- config
 ckpt = ""                   # pre-trained checkpoint: ours (teacher encoder) or a released one
@@ -63,20 +64,22 @@ TASK_FOLDS = {"us8k": 10, "esc50": 5}  # distributed as folds, without a test sp
 
 
 def extract(ae, rows, c, d, tag):
-    """Features (N, F) of rows (centre-cropped clips), from the cache when present."""
-    files = [(r["path"], os.path.getsize(r["path"]), os.path.getmtime(r["path"])) for r in rows]
+    """Features (N, F) of rows (centre-cropped clips), from the cache when rank 0 finds them
+    there, else extracted with the clips sharded over the ranks (a rank may have none)."""
+    files = shared_work([r["path"] for r in rows], lambda p: (p, os.path.getsize(p),
+                                                             os.path.getmtime(p)), d)
     key = hashlib.sha1(json.dumps([tag, c.max_seconds, files]).encode()).hexdigest()[:16]
     path = os.path.join(c.cache_dir, f"linear_{key}.pt")
-    if os.path.exists(path):
-        return torch.load(path)
-    mine = my_shard(len(rows), d)  # shard the clips over ranks
+    if decide(lambda: os.path.exists(path), d):
+        return torch.load(visible(path, d, "cache_dir"))
+    mine = my_shard(len(rows), d)
     ds = LabelledClips([rows[i] for i in mine], torch.zeros(len(mine)), c.max_seconds)
     loader = torch.utils.data.DataLoader(ds, batch_size=c.extract_batch, collate_fn=pad_collate,
                                          num_workers=c.num_workers)
     feats = []
     for wav, valid, _ in tqdm(loader, desc=f"features ({len(rows)} clips)", disable=not d.master):
         feats.append(ae(wav, SAMPLE_RATE, valid, layers="all", dtype=c.dtype).clip.half().cpu())
-    feats = gather_shards(mine, torch.cat(feats), len(rows), d)
+    feats = gather_shards(mine, feats, len(rows), d)
     if d.master:
         os.makedirs(c.cache_dir, exist_ok=True)
         save_atomic(feats, path)
@@ -112,7 +115,7 @@ def evaluate_split(c, d, task, features, folds=0, fold=0):
     """One train/valid/test split: lr search on valid, test at the chosen lr. features(rows)
     -> (N, F) features of manifest rows."""
     train, valid, test = task_splits(task, c.data_root or None, c.test_csv, c.valid_csv,
-                                     folds, fold, seed=c.seed)
+                                     folds, fold, seed=c.seed, d=d)
     labels = Labels(train)
     ys = [labels.encode(r).to(d.device) for r in (train, valid, test)]
     Xs = [features(rows).float().to(d.device) for rows in (train, valid, test)]
@@ -138,7 +141,7 @@ def evaluate_task(ae, c, d, task, cfg):
            ae.frame_pool]
     features = lambda rows: extract(ae, rows, c, d, tag)
     if folds:  # every clip encoded once; each fold's splits are rows of the same manifest
-        rows = read_manifest(resolve_manifest(task, "train", c.data_root or None))
+        rows = read_manifest(resolve_manifest(task, "train", c.data_root or None), d=d)
         X, where = features(rows), {r["_where"]: i for i, r in enumerate(rows)}
         features = lambda subset: X[[where[r["_where"]] for r in subset]]
     runs = [evaluate_split(c, d, task, features, folds, f)
@@ -165,6 +168,7 @@ def main(cfg):
     for path in paths.values():  # said now, not after the work
         check_writable(path, "out")
     check_writable(c.cache_dir, "cache_dir", folder=True)
+    check_shared(c.cache_dir, d, "cache_dir")  # rank 0 says which features are cached there
     ae = start_encoder(c, d).pool_frames(c.frame_pool)
     if c.chunk_seconds:
         ae.chunk = min(round(c.chunk_seconds / ae.frame_s),

@@ -11,10 +11,13 @@ import glob
 import json
 import math
 import os
+import re
+import secrets
 import shutil
 import socket
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 
 import torch
@@ -65,39 +68,73 @@ WORKERS = min(4, os.cpu_count() or 1)  # default DataLoader workers: 4, or the c
 
 def pick_device(device="auto", local_rank=0):
     """The torch device a run asked for: auto (CUDA when torch sees it, else the CPU), cpu, or
-    cuda, which is an error, before any data is read, when torch sees no CUDA device for this
-    local rank (a node whose driver failed must not train on its CPU for days)."""
+    cuda, which is an error, before any data is read, when torch sees no CUDA device (a node
+    whose driver failed must not train on its CPU for days). A process that sees one GPU (a
+    scheduler that binds one GPU per task) uses it whatever its local rank; one that sees
+    several takes the one of its local rank (torchrun, one process per GPU)."""
     if device not in DEVICES:
         raise UserError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
     seen = torch.cuda.is_available()
     count = torch.cuda.device_count() if seen else 0
-    if device == "cuda" and local_rank >= count:
-        raise UserError(f"--device cuda, but torch sees no CUDA device for local rank "
-                        f"{local_rank}: torch.cuda.is_available() is {seen}, "
-                        f"torch.cuda.device_count() is {count} (torch {torch.__version__}, "
-                        f"built for CUDA {torch.version.cuda}, CUDA_VISIBLE_DEVICES="
-                        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); check the node's "
-                        "driver, or pass --device cpu")
-    return torch.device(f"cuda:{local_rank}" if seen and device != "cpu" else "cpu")
+    if device == "cpu" or (device == "auto" and not count):
+        return torch.device("cpu")
+    index = 0 if count == 1 else local_rank
+    if index >= count:
+        sees = f"{count} CUDA devices" if count else "no CUDA device"
+        raise UserError(f"--device {device}, but torch sees {sees} for local rank {local_rank}: "
+                        f"torch.cuda.is_available() is {seen}, torch.cuda.device_count() is "
+                        f"{count} (torch {torch.__version__}, built for CUDA {torch.version.cuda}"
+                        f", CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}"
+                        "); " + ("start at most one process per GPU (--nproc_per_node), or bind "
+                                 "one GPU per task" if count else
+                                 "check the node's driver, or pass --device cpu"))
+    return torch.device(f"cuda:{index}")
+
+
+def launch_env(env=os.environ):
+    """(rank, local rank, world size, launcher) of this process. torchrun sets RANK,
+    LOCAL_RANK and WORLD_SIZE. A task of an srun step of several tasks without torchrun (`srun
+    python pretrain_frame.py`) has SLURM's SLURM_PROCID, SLURM_LOCALID and
+    SLURM_STEP_NUM_TASKS (set by srun, not in a batch script's own shell, which is one
+    process); its rendezvous is MASTER_ADDR:MASTER_PORT when set, else the step's first node
+    and a port derived from the job id (launch_env sets them). Anything else is one process."""
+    if "RANK" in env:
+        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), \
+            "torchrun"
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", 1))
+    if tasks > 1 and "SLURM_PROCID" in env:
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost")
+        env.setdefault("MASTER_ADDR", first_host(nodes))
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), tasks, "srun"
+    return 0, 0, 1, None
+
+
+def first_host(nodelist):
+    """The first host of a SLURM node list: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
+    first = re.match(r"[^,\[]*(\[[^\]]*\])?[^,]*", nodelist).group(0)
+    m = re.match(r"([^\[]*)\[([^\],-]*)[^\]]*\](.*)", first)
+    return m.group(1) + m.group(2) + m.group(3) if m else first
 
 
 def setup_distributed(device="auto", dtype="auto"):
-    """torchrun's environment -> Dist; nccl on CUDA, gloo on the CPU. Says which device and
-    precision it chose."""
-    local = int(os.environ.get("LOCAL_RANK", 0))
+    """The process group of this run (launch_env: torchrun, or srun's tasks) -> Dist; nccl on
+    CUDA, gloo on the CPU, one process without a group. Says which device and precision it
+    chose."""
+    rank, local, world, launcher = launch_env()
     dev = pick_device(device, local)
-    rank, world = 0, 1
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=30))
-        rank, world = dist.get_rank(), dist.get_world_size()
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.set_float32_matmul_precision("high")
+    if launcher:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(minutes=30),
+                                device_id=dev if dev.type == "cuda" else None)
     d = Dist(rank, local, world, dev, rank == 0, autocast(dev, dtype), precision(dev, dtype))
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
         "CUDA not available" if device == "auto" else "asked for"
-    d.print(f"device {dev} ({name}), {d.precision}" + (f", {world} ranks" if world > 1 else ""))
+    d.print(f"device {dev} ({name}), {d.precision}" + (
+        f", {world} ranks ({launcher})" if world > 1 else ""))
     return d
 
 
@@ -108,29 +145,35 @@ def cleanup_distributed():
 
 def wrap_ddp(model, d):
     """SyncBatchNorm (CUDA) and DistributedDataParallel under torchrun; the module itself on
-    one process. Returns (the raw module, what the step calls)."""
+    one process. Returns (the raw module, what the step calls). Wrap after loading a
+    checkpoint: DDP starts every rank from rank 0's weights. Parameters that do not train
+    must have requires_grad False (frozen or unused ones would stall DDP's reducer)."""
     if d.world == 1:
         return model, model
     if d.device.type == "cuda":  # SyncBatchNorm raises on CPU
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model, torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+        model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
 
 def my_shard(n, d):
-    """Indices of n items this rank handles (round robin)."""
+    """Indices of n items this rank handles (round robin; none on a rank past the last)."""
     return list(range(d.rank, n, d.world))
 
 
-def gather_shards(mine, x, n, d):
-    """Reassemble per-rank rows (x computed for indices `mine`) into all n rows, on CPU."""
+def gather_shards(mine, parts, n, d):
+    """All n rows, on the CPU, from every rank's `parts` (a list of (k, ...) tensors computed
+    for the indices `mine`; empty on a rank whose shard is empty)."""
+    x = torch.cat(parts).cpu() if parts else None
     if d.world == 1:
         return x
-    parts = [None] * d.world
-    dist.all_gather_object(parts, (mine, x.cpu()))
-    full = torch.zeros(n, *x.shape[1:], dtype=x.dtype)
-    for idx, part in parts:
-        full[idx] = part
+    got = [None] * d.world
+    dist.all_gather_object(got, (mine, x))
+    like = next(part for _, part in got if part is not None)
+    full = torch.zeros(n, *like.shape[1:], dtype=like.dtype)
+    for idx, part in got:
+        if part is not None:
+            full[idx] = part
     return full
 
 
@@ -141,6 +184,134 @@ def all_mean(x, d):
         dist.all_reduce(x)
         x /= d.world
     return x
+
+# ----------------------------------------------------------------------------------------------
+# One answer for every rank: rank 0 decides "is it there / is it done / where do we resume",
+# work over many files is split over the ranks, and an error on any rank stops them all
+
+
+def decide(question, d):
+    """question() asked on rank 0 only, its answer returned on every rank. A UserError it
+    raises is raised on every rank; another exception on rank 0 stops the others with one
+    line (rank 0 shows the traceback)."""
+    box = [None]
+    if d.master:
+        try:
+            box = [("answer", question())]
+        except UserError as e:
+            box = [("error", e)]
+        except BaseException:
+            if d.world > 1:
+                dist.broadcast_object_list([("crash", None)])
+            raise
+    if d.world > 1:
+        dist.broadcast_object_list(box)
+    what, value = box[0]
+    if what == "crash":
+        raise SystemExit(f"rank {d.rank}: rank 0 failed (its traceback says why)")
+    if what == "error":
+        raise value
+    return value
+
+
+def shared_work(items, fn, d=None):
+    """[fn(x) for x in items] on every rank, each item done by one rank (round robin) and the
+    answers gathered: a question about many files (is it there? how long?) asked once in the
+    job, not once per rank (d None: one process). A UserError on any rank is raised on every
+    rank."""
+    if d is None or d.world == 1:
+        return [fn(x) for x in items]
+    mine, err = [], None
+    try:
+        mine = [fn(x) for x in items[d.rank::d.world]]
+    except UserError as e:
+        err = e
+    got = [None] * d.world
+    dist.all_gather_object(got, (mine, err))
+    first = next((e for _, e in got if e is not None), None)
+    if first is not None:
+        raise first
+    out = [None] * len(items)
+    for r, (vals, _) in enumerate(got):
+        out[r::d.world] = vals
+    return out
+
+
+def stop_together(err, d):
+    """Raise on every rank the first rank's error (a line, or None where a rank is fine): a
+    rank that cannot go on must not leave the others waiting in a collective."""
+    errs = [err]
+    if d.world > 1:
+        errs = [None] * d.world
+        dist.all_gather_object(errs, err)
+    first = next((e for e in errs if e), None)
+    if first:
+        raise UserError(first)
+
+
+def shared_hint(flag):
+    return (f"with several nodes, --{flag} must be a folder every node sees (a shared "
+            "filesystem), not node-local scratch or a relative path in a node-local folder")
+
+
+def check_shared(folder, d, flag):
+    """Every rank sees what rank 0 writes in `folder` (rank 0's answers name files there): a
+    probe file rank 0 writes and removes; one line naming the flag otherwise."""
+    if d.world == 1:
+        return
+    probe = os.path.join(folder, f".shared_check_{decide(lambda: secrets.token_hex(8), d)}")
+    if d.master:
+        open(probe, "w").close()
+    dist.barrier()
+    err = None if _sees(lambda: os.path.exists(probe)) else \
+        f"rank {d.rank} on {socket.gethostname()} does not see {folder} as rank 0 does: " + \
+        shared_hint(flag)
+    try:
+        stop_together(err, d)
+    finally:
+        if d.master:
+            os.remove(probe)
+
+
+def _sees(check, tries=5):
+    """check() true now or within a few seconds (a network filesystem shows a file another
+    node just wrote after its attribute cache expires)."""
+    for i in range(tries):
+        if check():
+            return True
+        if i < tries - 1:
+            time.sleep(1.0)
+    return False
+
+
+def visible(path, d, flag):
+    """`path`, which rank 0 found, is there for every rank too; else every rank stops with one
+    line saying that the folder must be shared."""
+    err = None if d.master or _sees(lambda: os.path.exists(path)) else \
+        f"rank {d.rank} on {socket.gethostname()} cannot read {path}, which rank 0 found: " + \
+        shared_hint(flag)
+    stop_together(err, d)
+    return path
+
+
+def split_batch(batch, micro, d, flag="batch_size"):
+    """(clips per rank in one forward, accumulation steps) of a global batch: batch = micro x
+    ranks x accumulation steps, micro 0 = the whole per-rank share (no accumulation); else one
+    line naming the flags."""
+    micro = micro or batch // d.world
+    accum = batch // (micro * d.world) if micro else 0
+    if not accum or accum * micro * d.world != batch:
+        raise UserError(f"--{flag} {batch} is not --micro_batch {micro} x {d.world} ranks x a "
+                        "whole number of accumulation steps (README 'Several nodes': the GPU "
+                        "counts a batch allows)")
+    return micro, accum
+
+
+def micro_steps(ddp, accum, d):
+    """(k, context) of the accum micro-batches of one optimizer step: forward and backward of
+    micro-batch k inside its context; DDP all-reduces the gradients in the last one only."""
+    for k in range(accum):
+        yield k, ddp.no_sync() if d.world > 1 and k < accum - 1 else contextlib.nullcontext()
 
 
 def step_seed(seed, step, rank):
@@ -286,20 +457,21 @@ LOCK = "run.lock"
 
 
 def claim_out_dir(out_dir, d, flag="out_dir"):
-    """Make out_dir this job's: writable, locked, and cleared of what saves interrupted by a
-    kill left behind (save_atomic's temporary files). The lock, out_dir/run.lock, holds host,
-    pid and command; a second job on the same folder stops at once naming the holder. A lock
-    left by a process of this host that no longer runs (a killed job) is taken over, and said.
-    A lock from another host (a shared filesystem) cannot be checked: the job stops and says to
-    delete the lock if that job is gone. The lock is removed when the job exits."""
+    """Make out_dir this job's: writable, locked, seen alike by every rank, and cleared of what
+    saves interrupted by a kill left behind (save_atomic's temporary files). The lock,
+    out_dir/run.lock, holds host, pid, command and job (job_id); a second job on the same
+    folder stops at once naming the holder. A lock the holder left behind is taken over, and
+    said: one of a process of this host that no longer runs (a killed job), or one of an
+    earlier start of this job (a requeue, a restart) on any host. A lock of another job on
+    another host cannot be checked: the run stops and says how to clear it. Every rank reads
+    rank 0's lock back, so a folder that is not shared between the nodes stops the run here.
+    The lock is removed when the job exits."""
     check_writable(out_dir, flag, folder=True)
-    err, note = _lock(out_dir) if d.master else (None, None)
-    if d.world > 1:  # every rank stops, not only rank 0
-        box = [err]
-        dist.broadcast_object_list(box)
-        err = box[0]
-    if err:
-        raise UserError(err)
+    token, note = decide(lambda: _lock(out_dir), d)
+    seen = lambda: _holder(os.path.join(out_dir, LOCK)).get("token") == token
+    stop_together(None if d.master or _sees(seen) else
+                  f"rank {d.rank} on {socket.gethostname()} does not see the lock rank 0 took "
+                  f"in {out_dir}: " + shared_hint(flag), d)
     if d.master:
         if note:
             print(note)
@@ -309,38 +481,62 @@ def claim_out_dir(out_dir, d, flag="out_dir"):
     return out_dir
 
 
+def job_id(env=os.environ):
+    """What names this job across its restarts: SLURM's job id (a requeue keeps it), else
+    torchrun's rendezvous id (--rdzv_id, which an elastic restart keeps; not its default
+    'none'; --standalone draws a new one at every launch); '' otherwise."""
+    if env.get("SLURM_JOB_ID"):
+        return f"slurm {env['SLURM_JOB_ID']}"
+    run = env.get("TORCHELASTIC_RUN_ID", "none")
+    return "" if run == "none" else f"torchrun {run}"
+
+
+def _holder(path):
+    """The lock file's record ({} when absent, torn or unreadable)."""
+    try:
+        with open(path) as f:
+            held = json.load(f)
+        return held if isinstance(held, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _lock(out_dir):
-    """Take out_dir's lock: (error or None, note of a stale lock taken over or None). A lock
-    file without a readable holder (a job killed as it wrote it) counts as stale."""
-    path, host = os.path.join(out_dir, LOCK), socket.gethostname()
+    """Take out_dir's lock: (its token, a note of a lock taken over or None); a UserError when
+    another job holds it. A lock file without a readable holder (a job killed as it wrote it)
+    counts as left behind."""
+    path, host, job = os.path.join(out_dir, LOCK), socket.gethostname(), job_id()
     me = dict(host=host, pid=os.getpid(), since=datetime.datetime.now().isoformat(
-        timespec="seconds"), command=" ".join(sys.argv))
+        timespec="seconds"), command=" ".join(sys.argv), job=job, token=secrets.token_hex(8))
     note = None
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            try:
-                with open(path) as f:
-                    held = json.load(f)
-            except (OSError, ValueError):
-                held = {}
+            held = _holder(path)
             holder = (f"pid {held.get('pid')} on {held.get('host')} since {held.get('since')} "
-                      f"({held.get('command', '?')})")
-            if held and held.get("host") != host:
-                return (f"{out_dir} is in use by {holder}; if that job is gone, delete {path}",
-                        None)
-            if held and _alive(held.get("pid")):
-                return f"{out_dir} is in use by {holder}: use another --out_dir", None
-            os.remove(path)  # a killed run's lock, on this host
-            note = f"took over {path} from {holder if held else 'a torn lock'}, which no " \
-                "longer runs"
+                      f"({held.get('command', '?')}" + (f"; job {held['job']}" if held.get(
+                          "job") else "") + ")")
+            same_job = bool(job) and held.get("job") == job
+            here = held.get("host") == host
+            if held and not here and not same_job:
+                raise UserError(f"{out_dir} is in use by {holder}; if that job is gone, "
+                                f"delete {path}" + (" (squeue -j " + held["job"].split()[1] +
+                                                     " lists it while it runs)"
+                                                     if held.get("job", "").startswith("slurm")
+                                                     else ""))
+            if held and here and _alive(held.get("pid")):
+                raise UserError(f"{out_dir} is in use by {holder}: use another --out_dir")
+            os.remove(path)
+            note = f"took over {path} from " + (
+                "a torn lock" if not held else f"{holder}, an earlier start of this job"
+                if same_job and not here else f"{holder}, which no longer runs")
             continue
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         atexit.register(_unlock, path, os.getpid())
-        return None, note
-    return f"could not take {path}: another job is taking it", None
+        return me["token"], note
+    raise UserError(f"could not take {path}: another job is taking it")
 
 
 def _alive(pid):

@@ -24,7 +24,6 @@ rebuild it; `optimizer`, `step`, `config`; `kind` "atst-pretrain" / "asit-pretra
 (the same summary for people), log.jsonl (one record per log line) and, per rank, the views'
 state (Mixup banks) of the last save, so that a killed run resumes bit for bit.
 """
-import contextlib
 import glob
 import math
 import os
@@ -40,8 +39,9 @@ from data import read_manifest, resolve_manifest, stream_loader, task_copy
 from model import param_groups
 from config import describe
 from plumbing import (Log, UserError, all_mean, claim_out_dir, cleanup_distributed,
-                      cosine_schedule, ema_schedule, load_checkpoint, save_atomic,
-                      setup_distributed, step_seed, warmup_steps, wrap_ddp)
+                      cosine_schedule, decide, ema_schedule, load_checkpoint, micro_steps,
+                      save_atomic, setup_distributed, split_batch, step_seed, visible,
+                      warmup_steps, wrap_ddp)
 
 
 NEEDS = ("out_dir", "data", "data_root", "seed", "device", "dtype", "num_workers", "log_every",
@@ -65,14 +65,10 @@ def train(cfg, model_args, make_model, views, schedules=None):
     d.print(describe(cfg))
     claim_out_dir(c.out_dir, d)  # nothing of this run writes before the model is broadcast
     t0 = time.time()
-    rows = read_manifest(resolve_manifest(c.data, "train", c.data_root or None))
+    rows = read_manifest(resolve_manifest(c.data, "train", c.data_root or None), d=d)
     copy = task_copy(c.data, c.data_root or None)  # what prepare.py recorded of this copy
     checked = time.time() - t0
-    micro = c.micro_batch or c.batch_size // d.world
-    accum = c.batch_size // (micro * d.world) if micro else 0
-    if not accum or accum * micro * d.world != c.batch_size:
-        raise UserError(f"--batch_size {c.batch_size} is not --micro_batch {micro} x {d.world} "
-                        "ranks x a whole number of accumulation steps")
+    micro, accum = split_batch(c.batch_size, c.micro_batch, d)
     per_epoch = len(rows) // c.batch_size
     if not per_epoch:
         raise UserError(f"{len(rows)} clips of {c.data} are fewer than one batch of "
@@ -88,7 +84,7 @@ def train(cfg, model_args, make_model, views, schedules=None):
 
     # model, optimizer, schedules
     torch.manual_seed(c.seed)  # same initial weights on every rank and every launch
-    model, ddp = wrap_ddp(make_model(**model_args).to(d.device), d)
+    model = make_model(**model_args).to(d.device)
     groups = param_groups(model)
     d.print(f"parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
             "trained; AdamW groups: " + ", ".join(
@@ -102,11 +98,12 @@ def train(cfg, model_args, make_model, views, schedules=None):
     extra = schedules(total, per_epoch) if schedules else {}
     views.to(d.device)
 
-    # resume
+    # resume (rank 0 decides from where), then DDP, which starts every rank from rank 0's weights
     ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
     step = resume(ckpt_path, model, opt, views, model_args, total, d) \
-        if os.path.exists(ckpt_path) else 0
+        if decide(lambda: os.path.exists(ckpt_path), d) else 0
     start = saved = step
+    model, ddp = wrap_ddp(model, d)
 
     loader = stream_loader(rows, c.seconds, micro, d, c.seed, step * accum, c.num_workers)
     batches = iter(loader)
@@ -176,10 +173,10 @@ def views_path(out_dir, d, step):
 
 
 def resume(ckpt_path, model, opt, views, model_args, total, d):
-    """Load the checkpoint and this rank's views state saved at its step; returns the step.
-    A checkpoint of another model or past this run's last step is an error saying what to
-    do."""
-    ck = load_checkpoint(ckpt_path)
+    """Load the checkpoint rank 0 found, on every rank, and this rank's views state saved at
+    its step; returns the step. A checkpoint of another model or past this run's last step is
+    an error saying what to do."""
+    ck = load_checkpoint(visible(ckpt_path, d, "out_dir"))
     if ck["model_args"] != model_args:
         raise UserError(f"{ckpt_path} holds a model {ck['model_args']}, this run builds "
                         f"{model_args}: use another --out_dir")
@@ -208,11 +205,10 @@ def run_step(model, ddp, opt, views, batches, accum, d, gen, want_gnorm=False, c
     before clipping or None, the stats of the last micro-batch). The optimizer does not step
     when the loss is not finite."""
     loss_sum = torch.zeros((), device=d.device)
-    for k in range(accum):
+    for _, sync in micro_steps(ddp, accum, d):
         wav, valid = next(batches)
         with torch.no_grad():
             inputs = views(wav.to(d.device, non_blocking=True), valid.to(d.device), gen)
-        sync = ddp.no_sync() if d.world > 1 and k < accum - 1 else contextlib.nullcontext()
         with sync:
             with d.ctx:
                 loss, stats = ddp(*inputs, **(kwargs or {}))

@@ -7,6 +7,8 @@
 #   DATA_ROOT=/data PRESET=base NPROC=8 bash run_all.sh   # the paper's protocol, real datasets
 #   DATA_ROOT=/data PRESET=tiny STEPS=4 EPOCHS=1 LINEAR_EPOCHS=10 BATCH=8 bash run_all.sh
 #                                 # the same protocol in miniature: every stage, minutes
+#   sbatch --nodes=2 slurm.sh run_all.sh   # several nodes: every node runs this script, each
+#                                 # run is one torchrun job over all of them (NNODES, RDZV)
 #
 # The datasets come from prepare.py (README "Reproduce the tables"). Every stage skips work
 # whose result already exists, so a rerun after a crash continues where it stopped
@@ -17,7 +19,11 @@ cd "$(dirname "$0")"
 
 DATA_ROOT=${DATA_ROOT:-}    # root of the named datasets (prepare.py --out); '' = demo data
 PRESET=${PRESET:-}          # model size of the main runs; '' = tiny (demo) / base (real data)
-NPROC=${NPROC:-1}           # processes per run (GPUs); > 1 launches through torchrun
+NPROC=${NPROC:-1}           # processes per run and node (GPUs); > 1 launches through torchrun
+NNODES=${NNODES:-1}         # nodes; > 1: start this script on every node with the same RDZV
+RDZV=${RDZV:-}              # host:port where the nodes' torchruns meet (the first node's)
+RDZV_ID=${RDZV_ID:-atst}    # the rendezvous name (slurm.sh: the job id)
+NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}  # this node's place: node 0 also writes the tables
 OUT=${OUT:-results}         # result JSONs, run folders, tables.md, plots
 # knobs honoured by every stage ('' = the protocol's own values)
 STEPS=${STEPS:-}            # pre-training steps of every run (demo: 48)
@@ -60,6 +66,9 @@ LIN_ARGS="${LINEAR_EPOCHS:+--epochs $LINEAR_EPOCHS}$ALL"
 SED_ARGS="${EPOCHS:+--epochs $EPOCHS}${BATCH:+ --batch_strong $BATCH --batch_weak $BATCH}$ALL"
 if [ -n "$EPOCHS" ]; then SED_FT_ARGS=""; fi
 mkdir -p "$OUT"
+if [ "$NNODES" -gt 1 ] && { [ -z "$RDZV" ] || [ "$JOBS" -gt 1 ]; }; then
+  echo "run_all.sh: NNODES=$NNODES needs RDZV=host:port (the first node) and JOBS=1" >&2; exit 2
+fi
 if [ "$JOBS" -gt 1 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then  # cores shared by the jobs
   export OMP_NUM_THREADS=$(( $(nproc) > JOBS ? $(nproc) / JOBS : 1 ))
 fi
@@ -77,8 +86,11 @@ barrier() {  # every cell started so far has ended; stop if one failed
   pids=()
   [ "$failed" = 0 ] || { echo "run_all.sh: a stage failed (its messages are above)" >&2; exit 1; }
 }
-run() {  # one process per device, or torchrun
-  if [ "$NPROC" -gt 1 ]; then torchrun --standalone --nproc_per_node="$NPROC" "$@"
+run() {  # one process, torchrun on this node, or torchrun over NNODES nodes (c10d)
+  if [ "$NNODES" -gt 1 ]; then
+    torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC" --rdzv_backend=c10d \
+      --rdzv_endpoint="$RDZV" --rdzv_id="$RDZV_ID" "$@"
+  elif [ "$NPROC" -gt 1 ]; then torchrun --standalone --nproc_per_node="$NPROC" "$@"
   else python "$@"; fi
 }
 pretrained() {  # the run's final checkpoint exists (its summary says step == total)
@@ -185,4 +197,4 @@ done
 barrier
 
 # ---- 7. tables and plots -----------------------------------------------------------------
-python tables.py --out "$OUT"
+if [ "$NODE_RANK" = 0 ]; then python tables.py --out "$OUT"; fi

@@ -14,6 +14,7 @@ TSVs.
     python sed.py --ckpt out/frame_tiny/ckpt.pt --data demo_sed \
         --teacher out/sed_demo_sed_clip_finetune/best.pt                    # C2F
     torchrun --nproc_per_node=8 sed.py --ckpt atstframe_base.ckpt --data dcase2022
+    torchrun --nproc_per_node=2 sed.py --ckpt X.ckpt --data dcase2022 --micro_batch 32  # accum 4
     python sed.py --predict my_audio/ --ckpt out/sed_dcase2022_frame_finetune/best.pt \
         --out events.tsv
 """
@@ -37,9 +38,10 @@ from downstream import (EVAL_BATCH, publish, record, resume, run_dir, save_epoch
 from heads import SedModel, load_classifier, on_grid
 from metrics import evaluate_sed, median_windows
 from model import SAMPLE_RATE, TOKEN_S, freeze
-from plumbing import (WORKERS, Log, UserError, check_writable, cleanup_distributed,
-                      cosine_schedule, gather_shards, load_checkpoint, my_shard, pick_device,
-                      save_atomic, step_seed, user_errors, warmup_steps, wrap_ddp, write_table)
+from plumbing import (WORKERS, Log, UserError, all_mean, check_writable, cleanup_distributed,
+                      cosine_schedule, gather_shards, load_checkpoint, micro_steps, my_shard,
+                      pick_device, save_atomic, split_batch, step_seed, user_errors, visible,
+                      warmup_steps, wrap_ddp, write_table)
 
 # -------------------------------------------------------------------------------- config
 # None = the value of the task's TASKS row (below); anything written here, or a flag, wins.
@@ -69,6 +71,8 @@ min_lr = 1e-6               # lr at the last step
 grad_clip = 3.0             # global gradient norm clip
 batch_strong = None         # strong (synthetic) clips per step, all GPUs together
 batch_weak = None           # weak clips per step
+micro_batch = 0             # strong + weak clips per GPU in one forward (gradient accumulation);
+                            # 0 = (batch_strong + batch_weak) / GPUs
 weak_valid = 0.1            # weak clips held out for validation (the other 90% train)
 strong_valid = 0.1          # strong clips held out for validation (best epoch by their F1)
 # evaluation and --predict
@@ -102,7 +106,8 @@ TABLES = dict(data=TASKS)
 @torch.no_grad()
 def clip_inputs(model, ds, c, d, features=False, teacher=None):
     """One pass over SedClips in eval mode: CPU tensors (x, n_tok, targets, teacher strong,
-    teacher weak); x is the log-mel (B, F, T), or with `features` the encoder's frames."""
+    teacher weak); x is the log-mel (B, F, T), or with `features` the encoder's frames. []
+    for no clips (a rank whose shard is empty)."""
     model.eval()
     loader = torch.utils.data.DataLoader(ds, batch_size=EVAL_BATCH, num_workers=c.num_workers)
     out = []
@@ -122,12 +127,14 @@ def clip_inputs(model, ds, c, d, features=False, teacher=None):
 @torch.no_grad()
 def predict_scores(model, audio_dir, files, c, d, cached=None):
     """Strong scores (N, T, C) of 10 s clips, sharded over ranks. `cached`: this rank's shard
-    as clip_inputs gave it (x, n_tok, ...); without it the clips stream from disk."""
+    as clip_inputs gave it (x, n_tok, ...); without it the clips stream from disk. A rank may
+    have no clips."""
     model.eval()
     mine = my_shard(len(files), d)
     if cached is not None:
         features = c.cache and c.mode == "linear"
-        batches = zip(cached[0].split(EVAL_BATCH), cached[1].split(EVAL_BATCH))
+        batches = zip(cached[0].split(EVAL_BATCH), cached[1].split(EVAL_BATCH)) if cached \
+            else ()
     else:
         features = False
         ds = SedClips(audio_dir, [files[i] for i in mine], torch.zeros(len(mine)))
@@ -137,7 +144,7 @@ def predict_scores(model, audio_dir, files, c, d, cached=None):
     for x, n in batches:
         with d.ctx:
             out.append(model(x.to(d.device), n.to(d.device), features)[0].float().cpu())
-    return gather_shards(mine, torch.cat(out), len(files), d).numpy()
+    return gather_shards(mine, out, len(files), d).numpy()
 
 
 def setup(cfg):
@@ -149,11 +156,15 @@ def setup(cfg):
     strong, weak, classes, test = read_task(fs)
     s_train, s_valid = hold_out(sorted(strong), c.strong_valid, c.seed)
     w_train, _ = hold_out(sorted(weak), c.weak_valid, c.seed)
+    # a forward of each rank holds micro strong + weak clips, in the batches' proportion
+    micro, accum = split_batch(c.batch_strong + c.batch_weak, c.micro_batch, d,
+                               "batch_strong + --batch_weak")
     for n, b, what in ((len(s_train), c.batch_strong, "strong"), (len(w_train), c.batch_weak,
                                                                    "weak")):
-        if b % d.world or n // d.world < b // d.world:  # said before encoding anything
+        if b % (d.world * accum) or n // d.world < b // d.world:  # said before encoding
             raise UserError(f"--batch_{what} {b}: {n} {what} training clips over {d.world} "
-                            f"ranks hold no whole batch (or {b} does not split over the ranks)")
+                            f"ranks hold no whole batch (or {b} does not split over "
+                            f"{d.world} ranks x {accum} accumulation steps)")
     absent = sorted(set(classes) - {e[2] for f in s_valid for e in strong[f]})
     if absent:
         d.print(f"note: the {len(s_valid)} held-out strong clips hold no event of {absent}; "
@@ -166,9 +177,8 @@ def setup(cfg):
         if teacher.classes != classes:
             raise SystemExit(f"{c.teacher} was trained on other classes: {teacher.classes}")
     torch.manual_seed(c.seed)
-    model = SedModel(ae, len(classes)).to(d.device)
+    model = SedModel(ae, len(classes)).to(d.device)  # DDP after resume (train)
     model.trainable(c.mode)
-    model, ddp = wrap_ddp(model, d)
     params = [p for p in model.parameters() if p.requires_grad]
     d.print(f"{ae.source}: {ae.name}, {len(classes)} classes, {c.mode}: "
             f"{sum(p.numel() for p in params):,} trainable parameters; strong {len(s_train)}/"
@@ -194,16 +204,18 @@ def setup(cfg):
         sampler = torch.utils.data.DistributedSampler(ds, d.world, d.rank, seed=c.seed,
                                                       drop_last=True)
         loaders.append((sampler, torch.utils.data.DataLoader(
-            ds, b // d.world, sampler=sampler, num_workers=0 if c.cache else c.num_workers,
-            drop_last=True)))
-    per_epoch = len(loaders[0][1])
+            ds, b // (d.world * accum), sampler=sampler,
+            num_workers=0 if c.cache else c.num_workers, drop_last=True)))
+    per_epoch = len(loaders[0][1]) // accum
     total = c.epochs * per_epoch
     sched = cosine_schedule(c.lr, c.min_lr, total,
                             warmup_steps(c.warmup_epochs, per_epoch, total, d.print))
+    d.print(f"batch {c.batch_strong} strong + {c.batch_weak} weak = {micro} x {d.world} ranks "
+            f"x {accum} accum, {per_epoch} steps/epoch")
     valid_gt, valid_dur = reference_files(out_dir, "valid", strong, s_valid, d.master)
     return SimpleNamespace(c=c, d=d, t0=t0, cfg=cfg, root=root, fs=fs, classes=classes,
                            test=test, s_valid=s_valid, ae=ae, out_dir=out_dir, teacher=teacher,
-                           model=model, ddp=ddp, params=params, opt=opt, loaders=loaders,
+                           model=model, params=params, opt=opt, loaders=loaders, accum=accum,
                            per_epoch=per_epoch, sched=sched, features=features,
                            v_cache=v_cache,
                            windows=median_windows(c.class_windows, classes, c.median_window),
@@ -224,44 +236,60 @@ def inputs(r, batch):
     return x, n, y, ts, tw
 
 
+def in_steps(loader, accum):
+    """A loader's batches, endlessly, each pass cut to whole steps of accum micro-batches (the
+    weak clips cycle while the strong ones make the epoch)."""
+    while True:
+        for _, batch in zip(range(len(loader) // accum * accum), loader):
+            yield batch
+
+
 def run_epoch(r, epoch):
-    """One epoch of strong + weak batches; returns the mean loss."""
+    """One epoch of optimizer steps, each over r.accum micro-batches of strong + weak clips per
+    rank; returns the mean loss (over ranks too). A non-finite loss stops every rank."""
     c, d, opt = r.c, r.d, r.opt
     r.model.train_mode(c.mode)
     for sampler, _ in r.loaders:
         sampler.set_epoch(epoch)
-    weak_iter, loss_sum, step = iter(r.loaders[1][1]), 0.0, epoch * r.per_epoch
-    for batch_s in tqdm(r.loaders[0][1], disable=not d.master, leave=False):
-        try:
-            batch_w = next(weak_iter)
-        except StopIteration:
-            weak_iter = iter(r.loaders[1][1])
-            batch_w = next(weak_iter)
+    strong, weak = iter(r.loaders[0][1]), in_steps(r.loaders[1][1], r.accum)
+    loss_sum = 0.0
+    for i in tqdm(range(r.per_epoch), disable=not d.master, leave=False):
+        step = epoch * r.per_epoch + i
         for g in opt.param_groups:
             g["lr"] = r.sched[step].item()
-        torch.manual_seed(step_seed(c.seed, step, d.rank))
-        xs, ns_tok, ys, tss, tws = inputs(r, batch_s)
-        xw, nw_tok, yw, tsw, tww = inputs(r, batch_w)
-        ns = xs.shape[0]
-        with d.ctx:
-            s, w = r.ddp(torch.cat([xs, xw]), torch.cat([ns_tok, nw_tok]), r.features)
-        loss = F.binary_cross_entropy(*on_grid(s[:ns].float(), ys)) + \
-            F.binary_cross_entropy(w[ns:].float(), yw)
-        if r.teacher is not None:
-            ts, tw = torch.cat([tss, tsw]), torch.cat([tws, tww])
-            kd_strong = F.binary_cross_entropy(*on_grid(s.float(), ts.float()))
-            loss = loss + c.kd_weight * (kd_strong +
-                                         F.binary_cross_entropy(w.float(), tw.float())) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = torch.zeros((), device=d.device)
+        for k, sync in micro_steps(r.ddp, r.accum, d):
+            torch.manual_seed(step_seed(c.seed, step * r.accum + k, d.rank))
+            with sync:
+                part = micro_loss(r, next(strong), next(weak))
+                (part / r.accum).backward()
+            loss += part.detach()
         torch.nn.utils.clip_grad_norm_(r.params, c.grad_clip)
-        loss_val = loss.item()
+        loss_val = all_mean(loss / r.accum, d).item()
         if not math.isfinite(loss_val):
             raise SystemExit(f"non-finite loss ({loss_val}) at epoch {epoch}: stopping")
         opt.step()
+        opt.zero_grad(set_to_none=True)
         loss_sum += loss_val
-        step += 1
     return loss_sum / r.per_epoch
+
+
+def micro_loss(r, batch_s, batch_w):
+    """BCE(strong) on the strong clips + BCE(weak) on the weak ones, plus the teacher's term,
+    for one micro-batch of each, through DDP (r.ddp) in one forward."""
+    xs, ns_tok, ys, tss, tws = inputs(r, batch_s)
+    xw, nw_tok, yw, tsw, tww = inputs(r, batch_w)
+    ns = xs.shape[0]
+    with r.d.ctx:
+        s, w = r.ddp(torch.cat([xs, xw]), torch.cat([ns_tok, nw_tok]), r.features)
+    loss = F.binary_cross_entropy(*on_grid(s[:ns].float(), ys)) + \
+        F.binary_cross_entropy(w[ns:].float(), yw)
+    if r.teacher is not None:
+        ts, tw = torch.cat([tss, tsw]), torch.cat([tws, tww])
+        kd_strong = F.binary_cross_entropy(*on_grid(s.float(), ts.float()))
+        loss = loss + r.c.kd_weight * (kd_strong +
+                                       F.binary_cross_entropy(w.float(), tw.float())) / 2
+    return loss
 
 
 def validate(r):
@@ -282,6 +310,8 @@ def train(cfg):
     ckpt_path, best_path = (os.path.join(r.out_dir, f) for f in ("ckpt.pt", "best.pt"))
     epoch, best = resume(ckpt_path, model, r.opt, d, cfg)
     best = best or dict(obj=-1.0, epoch=0)
+    model, r.ddp = wrap_ddp(model, d)  # after resume: every rank starts from rank 0's weights
+    r.model = model
     log = Log(r.out_dir, d.master, resume=("epoch", epoch))
     for epoch in range(epoch, c.epochs):
         t_ep = time.time()
@@ -304,7 +334,7 @@ def train(cfg):
             f"best epoch {best['epoch']} | {time.time() - t_ep:.0f}s")
     if d.world > 1:
         dist.barrier()
-    model.load_export(load_checkpoint(best_path)["model"])
+    model.load_export(load_checkpoint(visible(best_path, d, "out_dir"))["model"])
     files = sorted(r.test)
     scores = predict_scores(model, r.fs.test_audio, files, c, d)
     if d.master:

@@ -231,3 +231,43 @@ def test_every_numeric_flag_has_a_range_and_every_default_is_inside_it():
             for name, row in rows.items():
                 for k, v in row.items():
                     assert type(v) not in (int, float) or C.in_range(v, C.RANGES[k]), (name, k)
+
+
+def test_the_readme_gpu_counts_are_the_default_batches_divisors():
+    """README 'Several nodes' lists, for each stage's default global batch, the GPU counts (up
+    to 64) that split it; they are what plumbing.split_batch accepts for the scripts' own
+    configs (SED: the strong + weak forward and each of the two batches)."""
+    import plumbing as P
+    import torch
+    table = {}
+    for line in open(os.path.join(HERE, "README.md")).read().split("## Several nodes")[1] \
+            .split("## Benchmark")[0].splitlines():
+        cells = [x.strip() for x in line.strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 2 and cells[1][0].isdigit():
+            table[cells[0]] = [int(x) for x in cells[1].split(", ")]
+
+    def counts(*batches):
+        ok = []
+        for world in range(1, 65):
+            d = P.Dist(0, 0, world, torch.device("cpu"), True, None, "fp32")
+            try:
+                _, accum = P.split_batch(sum(batches), 0, d)
+            except P.UserError:
+                continue
+            if all(b % (world * accum) == 0 for b in batches):
+                ok.append(world)
+        return ok
+    cfg = lambda m, *argv: C.script_config(m, *argv)
+    rows = {"pretrain_frame.py base (864)": counts(cfg(pretrain_frame)["batch_size"]),
+            "pretrain_frame.py small (1024), finetune.py / distill.py AS-2M (1024), others "
+            "(512)": counts(cfg(pretrain_frame, "--preset", "small")["batch_size"]),
+            "pretrain_clip.py base and small (1536)": counts(cfg(pretrain_clip)["batch_size"]),
+            "pretrain_asit.py (128), sed.py (128 strong + 128 weak)": counts(
+                cfg(sed)["batch_strong"], cfg(sed)["batch_weak"])}
+    assert cfg(pretrain_frame)["batch_size"] == 864 and cfg(pretrain_asit)["batch_size"] == 128
+    assert cfg(finetune, "--data", "as2m")["batch_size"] == 1024
+    assert cfg(finetune, "--data", "fsd50k")["batch_size"] == 512
+    assert cfg(pretrain_clip, "--preset", "small")["batch_size"] == 1536
+    assert counts(512) == counts(1024) == counts(128) and counts(1024)[-1] == 64
+    for name, want in rows.items():
+        assert table[name] == want, name

@@ -20,6 +20,28 @@ def test_stream_sampler_resumes_and_splits_ranks():
     assert len(set(epoch0)) == len(epoch0)
 
 
+
+def test_balanced_draws_depend_on_seed_epoch_and_rank_alone():
+    """A resumed run's sampler (set straight to epoch 3) draws what an uninterrupted one drew
+    in its epoch 3; epochs and ranks draw differently; a clip of weight 0 is never drawn and
+    the others in proportion to their weights."""
+    import torch
+    w = torch.tensor([1.0, 0.0, 3.0, 2.0])
+    run = D.BalancedSampler(w, 600, seed=5, rank=1)
+    epochs = []
+    for e in range(4):
+        run.set_epoch(e)
+        epochs.append(list(run))
+    resumed = D.BalancedSampler(w, 600, seed=5, rank=1)
+    resumed.set_epoch(3)
+    assert list(resumed) == epochs[3] and len(resumed) == 600
+    assert epochs[2] != epochs[3]
+    other = D.BalancedSampler(w, 600, seed=5, rank=0)
+    other.set_epoch(3)
+    assert list(other) != epochs[3]
+    counts = np.bincount(sum(epochs, []), minlength=4) / 2400
+    assert counts[1] == 0 and np.allclose(counts, [1 / 6, 0, 1 / 2, 1 / 3], atol=0.03)
+
 def test_bad_input_errors_name_the_file(tmp_path):
     good = tmp_path / "a.wav"
     sf.write(good, np.zeros(1600, np.float32), 16000)

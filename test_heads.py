@@ -104,6 +104,36 @@ def test_distillation_teacher_is_frozen_in_eval_mode():
     assert student.head.fc.weight.grad is not None
 
 
+
+@pytest.mark.parametrize("kind", ["frame", "clip", "asit"])
+def test_every_trained_parameter_gets_a_gradient(kind):
+    """What DDP needs of the downstream models: one forward and backward gives a gradient to
+    every parameter that trains (fine-tuning: all but ATST-Frame's mask token, which only
+    pre-training uses; SED linear: the head; SED fine-tune: also the last block and the final
+    norm), random weights included; the frozen ones get none."""
+    ae = tiny_asit() if kind == "asit" else tiny_encoder(kind)
+    ae.source = "tiny"
+    mel = ae.features(torch.randn(3, 48000), torch.tensor([48000, 40000, 30000]))
+    for fresh in (False, True):  # pre-trained weights, then --random_init's
+        model = H.Classifier(R.random_weights(ae, 1) if fresh else ae, 5).train()
+        model(*mel).sum().backward()
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert {n for n, p in model.named_parameters() if p.grad is not None} == trained
+        names = dict(model.named_parameters())
+        assert ("ae.encoder.mask_token" in names) == (kind == "frame")
+        assert "ae.encoder.mask_token" not in trained and len(trained) == len(names) - (
+            kind == "frame")
+    last = f"ae.encoder.blocks.{ae.encoder.depth - 1}."
+    for mode, want in (("linear", ("head.",)), ("finetune", ("head.", "ae.encoder.norm.", last))):
+        model = H.SedModel(ae, 4)
+        model.zero_grad(set_to_none=True)
+        model.trainable(mode)
+        model.train_mode(mode)
+        sum(x.sum() for x in model(*mel)).backward()
+        got = {n for n, p in model.named_parameters() if p.grad is not None}
+        assert got == {n for n, p in model.named_parameters() if p.requires_grad}
+        assert got and all(n.startswith(want) for n in got), (mode, sorted(got))
+
 def test_teacher_of_another_front_end_sees_the_same_mixup():
     """Distillation across front-ends (finetune.teacher_inputs): an ATST-Frame student's input
     is passed through to an ATST-Clip teacher; an ASiT teacher gets its Kaldi view of the same

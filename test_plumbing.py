@@ -167,3 +167,80 @@ def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_previous_save(tmp
     with pytest.raises(P.UserError, match="could not write .*ckpt.pt: .*file write failed"):
         P.save_atomic(dict(step=3), path)
     assert P.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_launchers_torchrun_srun_tasks_and_one_process():
+    """torchrun's variables win; the tasks of an srun step of several tasks form one job, whose
+    rendezvous is the step's first node and a port from the job id unless set; a batch
+    script's own shell (SLURM_NTASKS, no step) is one process, not rank 0 of a job that would
+    wait for tasks that never come."""
+    assert P.launch_env({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8",
+                         "SLURM_PROCID": "0"}) == (3, 1, 8, "torchrun")
+    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "8",
+           "SLURM_JOB_ID": "123456", "SLURM_STEP_NODELIST": "gpu[007-010],big1",
+           "SLURM_JOB_NODELIST": "gpu[001-010],big1"}
+    assert P.launch_env(env) == (5, 1, 8, "srun")
+    assert env["MASTER_ADDR"] == "gpu007" and env["MASTER_PORT"] == str(20000 + 123456 % 20000)
+    env = {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "MASTER_ADDR": "head",
+           "MASTER_PORT": "1234", "SLURM_JOB_NODELIST": "n[1-2]"}
+    assert P.launch_env(env) == (0, 0, 2, "srun") and env["MASTER_ADDR"] == "head"
+    assert P.launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "7"}) == \
+        (0, 0, 1, None)
+    assert P.launch_env({}) == (0, 0, 1, None)
+    for nodes, first in (("node1", "node1"), ("a[3,5-9]-ib,b2", "a3-ib"), ("x,y[1-2]", "x"),
+                         ("gpu[0042]", "gpu0042")):
+        assert P.first_host(nodes) == first
+
+
+def test_a_process_that_sees_one_gpu_uses_it(monkeypatch):
+    """A scheduler that binds one GPU per task shows each process one device, whatever its
+    local rank; a process that sees several takes its local rank's; more processes than GPUs
+    is one line saying so."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for count, local, want in ((1, 3, "cuda:0"), (4, 2, "cuda:2"), (4, 0, "cuda:0")):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        assert P.pick_device("auto", local) == torch.device(want)
+        assert P.pick_device("cuda", local) == torch.device(want)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(P.UserError, match="sees 2 CUDA devices for local rank 3: .*one process "
+                                          "per GPU"):
+        P.pick_device("auto", 3)
+    assert P.pick_device("cpu", 3) == torch.device("cpu")
+
+
+def test_a_restart_of_the_same_job_takes_its_lock_over_from_another_host(tmp_path, capsys,
+                                                                        monkeypatch):
+    """A requeued SLURM job (the same SLURM_JOB_ID) whose rank 0 now runs on another host takes
+    over the lock its earlier start left there, and says so; another job's lock on another
+    host stops the run, naming the job and how to clear the lock; torchrun's default
+    rendezvous id ('none') names no job."""
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    lock = os.path.join(out, P.LOCK)
+    one = P.Dist(0, 0, 1, torch.device("cpu"), True, None, "fp32")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    with open(lock, "w") as f:
+        json.dump(dict(host="node-17", pid=1, since="then", command="x", job="slurm 4243"), f)
+    with pytest.raises(P.UserError, match=f"on node-17 since then \\(x; job slurm 4243\\); if "
+                       f"that job is gone, delete {lock} \\(squeue -j 4243 lists it"):
+        P.claim_out_dir(out, one)
+    with open(lock, "w") as f:
+        json.dump(dict(host="node-17", pid=1, since="then", command="x", job="slurm 4242"), f)
+    P.claim_out_dir(out, one)
+    said = capsys.readouterr().out
+    assert f"took over {lock} from pid 1 on node-17" in said and "an earlier start of this job" \
+        in said
+    held = json.load(open(lock))
+    assert held["job"] == "slurm 4242" and held["host"] == socket.gethostname()
+    assert P.job_id({"TORCHELASTIC_RUN_ID": "none"}) == ""
+    assert P.job_id({"TORCHELASTIC_RUN_ID": "frame_base"}) == "torchrun frame_base"
+
+
+def test_global_batches_split_into_ranks_and_accumulation_steps():
+    one = lambda world: P.Dist(0, 0, world, torch.device("cpu"), True, None, "fp32")
+    assert P.split_batch(1024, 0, one(8)) == (128, 1)
+    assert P.split_batch(1024, 32, one(8)) == (32, 4)
+    for batch, micro, world in ((512, 0, 24), (512, 48, 8), (128, 0, 256)):
+        with pytest.raises(P.UserError, match=f"--batch_size {batch} is not --micro_batch"):
+            P.split_batch(batch, micro, one(world))

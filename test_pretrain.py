@@ -1,8 +1,12 @@
 """pretrain.py (the loop) and the views of pretrain_frame.py / pretrain_clip.py: the Table II
 and III switches, then real pre-training runs on the demo data (loss, collapse, DDP on gloo,
 kill and resume, non-finite loss, a bad manifest row)."""
+import json
 import math
 import os
+import socket
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +18,7 @@ import pretrain_asit as A
 import pretrain_clip
 import pretrain_frame
 from config import script_config
-from conftest import TINY, asit_inputs, asit_pair, read_log, run
+from conftest import HERE, TINY, asit_inputs, asit_pair, read_log, run
 from plumbing import load_checkpoint
 
 
@@ -257,3 +261,99 @@ def test_the_recipe_betas_lr_rule_and_ema_ramp_reach_the_loop(data_root, tmp_pat
     log = read_log(out)
     assert [round(r["ema"], 6) for r in log] == [0.9, 0.925, 0.95, 0.975]  # linear to 1
     assert all(math.isclose(r["lr"], 4e-3) for r in log)  # base_lr as is: no batch / 256
+
+
+FAKE_SRUN = """#!{python}
+# stands in for SLURM's srun: the command once per node (SLURM_NNODES), with srun's variables
+import os, subprocess, sys
+args = sys.argv[1:]
+cmd = args[next(i for i, a in enumerate(args) if not a.startswith("-")):]
+n = int(os.environ["SLURM_NNODES"])
+procs = [subprocess.Popen(cmd, env=dict(os.environ, SLURM_NODEID=str(i), SLURM_PROCID=str(i),
+                                        SLURM_LOCALID="0", SLURM_STEP_NUM_TASKS=str(n),
+                                        SLURM_STEP_NODELIST=os.environ["SLURM_JOB_NODELIST"]))
+         for i in range(n)]
+codes = [p.wait() for p in procs]
+sys.exit(max(c if c >= 0 else 128 - c for c in codes))
+"""
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_launched_as_clusters_launch_it_gives_the_same_weights(data_root, tmp_path):
+    """ATST-Clip pre-training on 2 processes launched three ways ends bit-identical: torchrun
+    on one node; two SLURM tasks without torchrun (they form one job from SLURM's variables);
+    and slurm.sh on two nodes (simulated on this machine: a stand-in srun starts one torchrun
+    agent per node, meeting by c10d at the first node), killed at step 3 and restarted as a
+    requeue would, its rank 0 now on another host than the lock names (the lock knows the
+    job and is taken over). Tasks whose --out_dir is not one folder stop at once."""
+    args = ["pretrain_clip.py", *TINY, "--max_steps", "4", "--warmup_epochs", "0",
+            "--ckpt_every", "2", "--num_workers", "0"]
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in (
+                "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    base.update(ATST_DATA=data_root, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    out = {k: str(tmp_path / k) for k in ("torchrun", "srun", "sbatch")}
+    run(*args, "--out_dir", out["torchrun"], data_root=data_root, nproc=2)
+    # two SLURM tasks (srun -n 2 python ...), no torchrun
+    slurm = dict(base, SLURM_JOB_ID="4241", SLURM_STEP_NUM_TASKS="2",
+                 SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(_free_port()))
+    tasks = [subprocess.Popen([sys.executable, *args, "--out_dir", out["srun"]], cwd=HERE,
+                              env=dict(slurm, SLURM_PROCID=str(i), SLURM_LOCALID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    said = [t.communicate(timeout=600) for t in tasks]
+    assert [t.returncode for t in tasks] == [0, 0], said[0][1][-2000:]
+    assert "2 ranks (srun)" in said[0][0] and "weights identical on 2 ranks" in said[0][0]
+    # the same tasks, each in a folder of its own (node-local working directories), with a
+    # relative --out_dir: not one folder; every rank stops at once, saying so
+    slurm["MASTER_PORT"] = str(_free_port())
+    for i in range(2):
+        (tmp_path / f"node{i}").mkdir()
+    tasks = [subprocess.Popen([sys.executable, os.path.join(HERE, args[0]), *args[1:],
+                               "--out_dir", "out"], cwd=str(tmp_path / f"node{i}"),
+                              env=dict(slurm, SLURM_PROCID=str(i), SLURM_LOCALID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    said = [t.communicate(timeout=600) for t in tasks]
+    assert [t.returncode for t in tasks] == [1, 1]
+    for _, err in said:
+        assert err.strip().splitlines()[-1].startswith("error: rank 1 on ") and \
+            "does not see the lock rank 0 took in out: with several nodes, --out_dir must " \
+            "be a folder every node sees" in err and "Traceback" not in err
+    assert not (tmp_path / "node0" / "out" / "run.lock").exists()          # released
+    # sbatch --nodes=2 slurm.sh ...: stand-ins for srun, scontrol (the node list) and torchrun
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, text in (("srun", FAKE_SRUN.format(python=sys.executable)),
+                       ("scontrol", "#!/bin/sh\necho localhost\n"),
+                       ("torchrun", f"#!/bin/sh\nexec {sys.executable} -m torch.distributed.run "
+                                    "\"$@\"\n")):
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    job = dict(base, PATH=f"{fake}:{base['PATH']}", SLURM_JOB_ID="4242", SLURM_NNODES="2",
+               SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=HERE, GPUS_PER_NODE="1",
+               RDZV_PORT=str(_free_port()))
+    sbatch = lambda **env: subprocess.run(  # from elsewhere, as sbatch runs its spooled copy
+        ["bash", os.path.join(HERE, "slurm.sh"), *args, "--out_dir", out["sbatch"]],
+        cwd=str(tmp_path), env=dict(job, **env), capture_output=True, text=True, timeout=600)
+    killed = sbatch(ATST_DIE_AT_STEP="3")
+    assert killed.returncode != 0 and "2 nodes x 1 processes" in killed.stdout
+    assert load_checkpoint(os.path.join(out["sbatch"], "ckpt.pt"))["step"] == 2
+    lock = os.path.join(out["sbatch"], "run.lock")
+    held = json.load(open(lock))
+    assert held["job"] == "slurm 4242"
+    json.dump(dict(held, host="node-gone"), open(lock, "w"))  # rank 0 ran on another node
+    p = sbatch()
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-2000:])
+    assert "an earlier start of this job" in p.stdout and "resumed from" in p.stdout
+    assert "at step 2" in p.stdout and "weights identical on 2 ranks" in p.stdout
+    ref = load_checkpoint(os.path.join(out["torchrun"], "ckpt.pt"))
+    for how in ("srun", "sbatch"):
+        ck = load_checkpoint(os.path.join(out[how], "ckpt.pt"))
+        assert ck["step"] == 4
+        assert all(torch.equal(ref["model"][k], ck["model"][k]) for k in ref["model"]), how

@@ -22,12 +22,16 @@ from plumbing import load_checkpoint
 def test_downstream_scripts_end_to_end(pretrained, data_root, tmp_path):
     """linear_eval (ATST-Frame, ASiT), finetune (all three kinds) and distill (C2F; F2A: a
     fine-tuned ATST-Frame teaching ASiT, which has another front-end) on the demo tasks from
-    tiny checkpoints; results written; the lr is chosen without looking at test."""
+    tiny checkpoints, as the README's torchrun lines run them (2 processes, gloo; one
+    fine-tuning with gradient accumulation); results written; the lr is chosen without
+    looking at test; a second linear evaluation reads the features the first cached."""
     ck = {k: os.path.join(v, "ckpt.pt") for k, v in pretrained.items()}
     cache = str(tmp_path / "cache")
     res = str(tmp_path / "lin.json")
-    run("linear_eval.py", "--ckpt", ck["frame"], "--data", "demo_events", "--num_workers", "1",
-        "--cache_dir", cache, "--out", res, "--epochs", "50", data_root=data_root)
+    p = run("linear_eval.py", "--ckpt", ck["frame"], "--data", "demo_events", "--num_workers",
+            "1", "--cache_dir", cache, "--out", res, "--epochs", "50", data_root=data_root,
+            nproc=2)
+    assert "2 ranks (torchrun)" in p.stdout and "features (320 clips)" in p.stderr
     lin = json.load(open(res))
     assert lin["metric"] == "accuracy" and lin["test"] > 0.3 and lin["feature_dim"] == 4 * 64
     # the same run with the test labels flipped: same lr, same validation scores
@@ -38,10 +42,11 @@ def test_downstream_scripts_end_to_end(pretrained, data_root, tmp_path):
                         f"{classes[::-1][classes.index(r.split(',')[1])]}" for r in rows[1:]]
     (tmp_path / "flipped.csv").write_text("\n".join(flip) + "\n")
     res2 = str(tmp_path / "lin2.json")
-    run("linear_eval.py", "--ckpt", ck["frame"], "--data", os.path.join(ev, "train.csv"),
-        "--valid_csv", os.path.join(ev, "valid.csv"), "--test_csv",
-        str(tmp_path / "flipped.csv"), "--num_workers", "1",
-        "--cache_dir", cache, "--out", res2, "--epochs", "50", data_root=data_root)
+    p = run("linear_eval.py", "--ckpt", ck["frame"], "--data", os.path.join(ev, "train.csv"),
+            "--valid_csv", os.path.join(ev, "valid.csv"), "--test_csv",
+            str(tmp_path / "flipped.csv"), "--num_workers", "1", "--cache_dir", cache, "--out",
+            res2, "--epochs", "50", data_root=data_root, nproc=2)
+    assert "features (" not in p.stderr                         # every split from the cache
     lin2 = json.load(open(res2))
     assert lin2["lr"] == lin["lr"] and lin2["valid_by_lr"] == lin["valid_by_lr"]
     assert lin2["test"] < lin["test"]
@@ -52,10 +57,13 @@ def test_downstream_scripts_end_to_end(pretrained, data_root, tmp_path):
     assert lin3["kind"] == "asit" and lin3["feature_dim"] == 2 * 4 * 64 and lin3["test"] > 0.2
     # fine-tune every kind, then distill: C2F, and Frame -> ASiT (another front-end)
     ft = {}
-    for kind in ("frame", "clip", "asit"):
+    for kind, micro in (("frame", "0"), ("clip", "0"), ("asit", "8")):
         ft[kind] = str(tmp_path / f"ft_{kind}")
-        run("finetune.py", "--ckpt", ck[kind], "--data", "demo_events", "--epochs", "1",
-            "--num_workers", "1", "--out_dir", ft[kind], data_root=data_root)
+        p = run("finetune.py", "--ckpt", ck[kind], "--data", "demo_events", "--epochs", "1",
+                "--num_workers", "1", "--micro_batch", micro, "--out_dir", ft[kind],
+                data_root=data_root, nproc=2)
+        assert f"batch 32 = {micro if micro != '0' else 16} x 2 ranks x " \
+            f"{2 if micro == '8' else 1} accum" in p.stdout
         r = json.load(open(os.path.join(ft[kind], "result.json")))
         assert r["stage"] == "finetune" and r["kind"] == kind and 0 <= r["test"] <= 1
         assert R.load_encoder(os.path.join(ft[kind], "best.pt")).finetuned
@@ -63,7 +71,7 @@ def test_downstream_scripts_end_to_end(pretrained, data_root, tmp_path):
         out = str(tmp_path / f"kd_{student}")
         run("distill.py", "--ckpt", ck[student], "--teacher",
             os.path.join(ft[teacher], "best.pt"), "--data", "demo_events", "--epochs", "1",
-            "--num_workers", "1", "--out_dir", out, data_root=data_root)
+            "--num_workers", "1", "--out_dir", out, data_root=data_root, nproc=2)
         r = json.load(open(os.path.join(out, "result.json")))
         assert r["stage"] == "distill" and r["kind"] == student and r["teacher_kind"] == teacher
     # a fine-tuned checkpoint where a pre-trained one is needed, and the other way round
@@ -77,12 +85,42 @@ def test_downstream_scripts_end_to_end(pretrained, data_root, tmp_path):
     assert "this needs a fine-tuned classifier" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_three_processes_over_a_split_of_two_clips(pretrained, data_root, tmp_path):
+    """linear_eval.py on 3 processes where validation and test hold the same 2 clips (the third
+    rank's share is empty) and training 10 (shares of 4, 3 and 3): it finishes, and the
+    features every rank gathered are each clip's own, in the manifest's order (equal to the
+    Python API's for the clip alone)."""
+    ev = os.path.join(data_root, "demo", "events")
+    rows = [r.split(",") for r in open(os.path.join(ev, "train.csv")).read().splitlines()[1:]]
+    rows = [(os.path.join(ev, p), label) for p, label in rows[:12]]  # the 8 classes in 0-9
+    for name, part in (("train.csv", rows[:10]), ("two.csv", rows[10:])):
+        (tmp_path / name).write_text("path,label\n" + "".join(f"{p},{y}\n" for p, y in part))
+    ck = os.path.join(pretrained["frame"], "ckpt.pt")
+    out, cache = str(tmp_path / "res.json"), tmp_path / "cache"
+    run("linear_eval.py", "--ckpt", ck, "--data", str(tmp_path / "train.csv"), "--valid_csv",
+        str(tmp_path / "two.csv"), "--test_csv", str(tmp_path / "two.csv"), "--cache_dir",
+        str(cache), "--out", out, "--epochs", "5", "--lrs", "0.1", "--num_workers", "0",
+        data_root=data_root, nproc=3)
+    res = json.load(open(out))
+    assert res["n"] == [10, 2, 2] and 0 <= res["test"] <= 1
+    cached = sorted((torch.load(f) for f in cache.iterdir()), key=len)
+    assert [len(x) for x in cached] == [2, 10]                 # valid and test: one file
+    enc = R.load_encoder(ck)
+    for feats, part in zip(cached, (rows[10:], rows[:10])):
+        for x, (path, _) in zip(feats, part):
+            wav = torch.from_numpy(sf.read(path, dtype="float32")[0])
+            want = enc(wav, 16000, layers="all").clip[0].half()
+            torch.testing.assert_close(x, want, atol=5e-3, rtol=5e-3)
+
+
 def test_sed_demo_end_to_end_and_prediction_on_long_stereo_audio(pretrained, data_root,
                                                                   tmp_path, monkeypatch):
-    """linear mode (ATST-Clip, cached and not; ASiT), and fine-tune mode with an ASiT SED model
-    teaching ATST-Frame (another front-end, 160 ms frames), on the demo SED task (once through
-    renamed DESED files given by flags); PSDS reported with plots and TSVs; then events for a
-    25 s 44.1 kHz stereo file (ATST-Clip and ASiT models), for silence, for an empty folder."""
+    """linear mode (ATST-Clip on 2 processes with cached frames, and on one process encoding
+    every batch, accumulating 2 micro-batches a step; ASiT), and fine-tune mode on 2 processes
+    with an ASiT SED model teaching ATST-Frame (another front-end, 160 ms frames), on the demo
+    SED task (once through renamed DESED files given by flags); PSDS reported with plots and
+    TSVs; then events for a 25 s 44.1 kHz stereo file (ATST-Clip and ASiT models), for
+    silence, for an empty folder."""
     ck = {k: os.path.join(v, "ckpt.pt") for k, v in pretrained.items()}
     sed_dir, desed = os.path.join(data_root, "demo", "sed"), tmp_path / "DESED"
     (desed / "metadata").mkdir(parents=True)
@@ -105,23 +143,28 @@ def test_sed_demo_end_to_end_and_prediction_on_long_stereo_audio(pretrained, dat
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert "nowhere not found (--test_audio nowhere" in p.stderr
     outs = {}
-    for name, kind, extra in (("lin", "clip", ["--mode", "linear"]),
-                              ("lin_nc", "clip", ["--mode", "linear", "--cache", "false",
-                                                  *renamed]),
-                              ("asit", "asit", ["--mode", "linear"]),
-                              ("a2f", "frame", ["--mode", "finetune", "--cache", "false"])):
+    for name, kind, nproc, extra in (
+            ("lin", "clip", 2, ["--mode", "linear"]),
+            ("lin_nc", "clip", 0, ["--mode", "linear", "--cache", "false", "--micro_batch", "16",
+                                   *renamed]),
+            ("asit", "asit", 0, ["--mode", "linear"]),
+            ("a2f", "frame", 2, ["--mode", "finetune", "--cache", "false"])):
         outs[name] = str(tmp_path / name)
         if name == "a2f":
             extra = extra + ["--teacher", os.path.join(outs["asit"], "best.pt")]
         p = run("sed.py", "--ckpt", ck[kind], "--data", "demo_sed", "--epochs", "1",
-                "--num_workers", "1", "--out_dir", outs[name], *extra, data_root=data_root)
-        assert "PSDS1" in p.stdout
+                "--num_workers", "1", "--out_dir", outs[name], *extra, data_root=data_root,
+                nproc=nproc)
+        assert "PSDS1" in p.stdout and (name != "lin_nc" or "= 16 x 1 ranks x 2 accum" in
+                                        p.stdout)
         r = json.load(open(os.path.join(outs[name], "result.json")))
         assert all(0 <= r[k] <= 1 for k in ("psds1", "psds2", "psds1_exact", "psds2_exact"))
         for f in ("psd_roc_psds1.png", "psd_roc_psds2.png", "detections_0.50.tsv", "best.pt"):
             assert os.path.getsize(os.path.join(outs[name], f)) > 0
     assert json.load(open(os.path.join(outs["a2f"], "result.json")))["teacher"]
-    # cached frozen frames train the same head as encoding every batch (the cache is exact)
+    # cached frozen frames train the same head as encoding every batch (the cache is exact),
+    # and 2 ranks of 8 + 8 clips the same as one rank accumulating two micro-batches of 8 + 8
+    # (DDP averages what accumulation averages)
     heads = [load_checkpoint(os.path.join(outs[n], "best.pt"))["model"] for n in ("lin",
                                                                                     "lin_nc")]
     for k in ("head.strong.weight", "head.attn.weight"):
