@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from demo import make_demo
 from model import SAMPLE_RATE
-from plumbing import (UserError, default_data_root, shared_work, step_seed, write_atomic,
-                      write_table)
+from plumbing import (UserError, decide, default_data_root, shared_work, step_seed,
+                      stop_together, write_atomic, write_table)
 
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".caf",
               ".w64", ".rf64")  # what libsndfile reads, by file name
@@ -60,7 +60,25 @@ def read_manifest(csv_path, label_col=None, check_files=True, d=None):
     dicts, with `path` made absolute. Errors name file and row; every listed file must exist
     (checked up front: 0.4 s per 100,000 files measured on a local disk; under torchrun, d,
     each rank checks its share), unless check_files is False (embed.py lists what it could
-    not read at the end)."""
+    not read at the end). Under torchrun a rank that cannot read the manifest stops them all."""
+    err, rows = None, []
+    try:
+        rows = _manifest_rows(csv_path, label_col)
+    except UserError as e:
+        err = e
+    except OSError as e:  # unreadable (permissions, a network filesystem's error)
+        err = DataError(f"{csv_path}: cannot read it ({e.strerror or e})")
+    stop_together(err, d)
+    there = shared_work([r["path"] for r in rows], os.path.isfile, d) if check_files else []
+    missing = [r for r, ok in zip(rows, there) if not ok]
+    if missing:  # found now, not hours into a run when the row comes up
+        raise AudioError(f"{len(missing)} of {len(rows)} audio files listed in {csv_path} do not "
+                         "exist: " + "; ".join(f"{r['_where']}: {r['path']}" for r in missing[:3])
+                         + (" ..." if len(missing) > 3 else ""))
+    return rows
+
+
+def _manifest_rows(csv_path, label_col):
     if not os.path.isfile(csv_path):
         raise DataMissing(f"manifest not found: {csv_path}")
     with open(csv_path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's BOM
@@ -81,12 +99,6 @@ def read_manifest(csv_path, label_col=None, check_files=True, d=None):
             rows.append(r)
     if not rows:
         raise DataError(f"{csv_path}: manifest is empty")
-    there = shared_work([r["path"] for r in rows], os.path.isfile, d) if check_files else []
-    missing = [r for r, ok in zip(rows, there) if not ok]
-    if missing:  # found now, not hours into a run when the row comes up
-        raise AudioError(f"{len(missing)} of {len(rows)} audio files listed in {csv_path} do not "
-                         "exist: " + "; ".join(f"{r['_where']}: {r['path']}" for r in missing[:3])
-                         + (" ..." if len(missing) > 3 else ""))
     return rows
 
 
@@ -397,7 +409,8 @@ def task_splits(data, data_root=None, test_csv="", valid_csv="", folds=0, fold=0
                               os.path.join(os.path.dirname(resolve_manifest(data, "train",
                                                                             data_root)),
                                            "valid.csv"))
-        valid = read_manifest(vpath, d=d) if vpath and os.path.isfile(vpath) else []
+        there = decide(lambda: bool(vpath) and os.path.isfile(vpath), d)  # optional: rank 0's
+        valid = read_manifest(vpath, d=d) if there else []
     if not valid:
         train, valid = hold_out(train, valid_frac, seed)
     return train, valid, test

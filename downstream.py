@@ -60,7 +60,12 @@ def resume(path, model, opt, d, cfg):
         said = ", ".join(f"{k} {a!r}, this run {b!r}" for k, (a, b) in other.items())
         raise UserError(f"{path} is another run's ({said}): use another --out_dir")
     model.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
+    try:
+        opt.load_state_dict(ck["optimizer"])
+    except ValueError as e:  # e.g. written when the mask token was still trained (it is not)
+        raise UserError(f"{path}: its optimizer state does not fit this run's parameters ({e}); "
+                        "finish it with the code that wrote it, or use another --out_dir") \
+            from None
     d.print(f"resumed from {path} after epoch {ck['epoch']}")
     return ck["epoch"], ck["best"]
 

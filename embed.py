@@ -113,7 +113,7 @@ def save_npz(path, **arrays):
 def main(cfg):
     c, d, t0 = start(cfg)
     named = decide(lambda: inputs(c.audio), d)  # one walk of the folder, on rank 0
-    check_writable(c.out, "out", folder=True)
+    check_writable(c.out, "out", folder=True, d=d)
     check_shared(c.out, d, "out")  # rank 0 says what is done there
     target = {p: os.path.join(c.out, name + ".npz") for p, name in named.items()}
     paths = sorted(named)

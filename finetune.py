@@ -146,9 +146,10 @@ def setup(cfg, teacher, stage):
     if not c.ckpt:
         raise SystemExit(f"{stage}.py needs --ckpt (a pre-trained checkpoint)")
     train_rows, valid_rows, test_rows = task_splits(c.data, c.data_root or None, c.test_csv,
-                                                    c.valid_csv, seed=c.seed)
+                                                    c.valid_csv, seed=c.seed, d=d)
     labels = Labels(train_rows)
     y_train, y_valid, y_test = (labels.encode(r) for r in (train_rows, valid_rows, test_rows))
+    micro, accum = split_batch(c.batch_size, c.micro_batch, d)  # said before any loading
     ae = start_encoder(c, d)
     out_dir = run_dir(c, d, stage, ae)
     if teacher is not None:
@@ -168,7 +169,6 @@ def setup(cfg, teacher, stage):
             + ", ".join(f"{g['lr_scale']:.3g}/{g['weight_decay']:g} x{len(g['params'])}"
                         for g in groups))
     opt = torch.optim.SGD(groups, lr=c.lr, momentum=0.9)
-    micro, accum = split_batch(c.batch_size, c.micro_batch, d)
     ds = LabelledClips(train_rows, y_train, c.train_seconds, train=True, seed=c.seed)
     if c.balanced:
         sampler = BalancedSampler(balanced_weights(y_train), len(ds) // d.world, c.seed, d.rank)

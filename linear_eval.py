@@ -68,7 +68,8 @@ def extract(ae, rows, c, d, tag):
     there, else extracted with the clips sharded over the ranks (a rank may have none)."""
     files = shared_work([r["path"] for r in rows], lambda p: (p, os.path.getsize(p),
                                                              os.path.getmtime(p)), d)
-    key = hashlib.sha1(json.dumps([tag, c.max_seconds, files]).encode()).hexdigest()[:16]
+    key = decide(lambda: hashlib.sha1(json.dumps([tag, c.max_seconds, files]).encode())
+                 .hexdigest()[:16], d)  # rank 0's tag: its copy of the checkpoint
     path = os.path.join(c.cache_dir, f"linear_{key}.pt")
     if decide(lambda: os.path.exists(path), d):
         return torch.load(visible(path, d, "cache_dir"))
@@ -166,8 +167,8 @@ def main(cfg):
                                            f"{'_' + c.frame_pool if c.frame_pool else ''}.json")
     paths = {t: out.replace("{data}", manifest_name(t)) for t in tasks}
     for path in paths.values():  # said now, not after the work
-        check_writable(path, "out")
-    check_writable(c.cache_dir, "cache_dir", folder=True)
+        check_writable(path, "out", d=d)
+    check_writable(c.cache_dir, "cache_dir", folder=True, d=d)
     check_shared(c.cache_dir, d, "cache_dir")  # rank 0 says which features are cached there
     ae = start_encoder(c, d).pool_frames(c.frame_pool)
     if c.chunk_seconds:

@@ -66,19 +66,21 @@ DEVICES = ("auto", "cpu", "cuda")  # the `device` flag of every stage
 WORKERS = min(4, os.cpu_count() or 1)  # default DataLoader workers: 4, or the cores when fewer
 
 
-def pick_device(device="auto", local_rank=0):
+def pick_device(device="auto", local_rank=0, local_world=1):
     """The torch device a run asked for: auto (CUDA when torch sees it, else the CPU), cpu, or
     cuda, which is an error, before any data is read, when torch sees no CUDA device (a node
-    whose driver failed must not train on its CPU for days). A process that sees one GPU (a
-    scheduler that binds one GPU per task) uses it whatever its local rank; one that sees
-    several takes the one of its local rank (torchrun, one process per GPU)."""
+    whose driver failed must not train on its CPU for days). A process that sees one GPU and
+    shares it with no other process of its launcher on the node (local_world 1: a scheduler
+    that binds one GPU per task) uses it whatever its local rank; otherwise each takes the GPU
+    of its local rank (torchrun, one process per GPU), and more processes than GPUs is an
+    error."""
     if device not in DEVICES:
         raise UserError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
     seen = torch.cuda.is_available()
     count = torch.cuda.device_count() if seen else 0
     if device == "cpu" or (device == "auto" and not count):
         return torch.device("cpu")
-    index = 0 if count == 1 else local_rank
+    index = 0 if count == 1 and local_world == 1 else local_rank
     if index >= count:
         sees = f"{count} CUDA devices" if count else "no CUDA device"
         raise UserError(f"--device {device}, but torch sees {sees} for local rank {local_rank}: "
@@ -122,7 +124,9 @@ def setup_distributed(device="auto", dtype="auto"):
     CUDA, gloo on the CPU, one process without a group. Says which device and precision it
     chose."""
     rank, local, world, launcher = launch_env()
-    dev = pick_device(device, local)
+    # torchrun's processes of a node see the same GPUs; srun's tasks may each be bound to one
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if launcher == "torchrun" else 1
+    dev = pick_device(device, local, local_world)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.set_float32_matmul_precision("high")
@@ -130,6 +134,8 @@ def setup_distributed(device="auto", dtype="auto"):
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank,
                                 world_size=world, timeout=datetime.timedelta(minutes=30),
                                 device_id=dev if dev.type == "cuda" else None)
+        atexit.register(cleanup_distributed)  # also when a stage stops early on every rank
+        # (a group left to the interpreter's exit aborts the process)
     d = Dist(rank, local, world, dev, rank == 0, autocast(dev, dtype), precision(dev, dtype))
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
         "CUDA not available" if device == "auto" else "asked for"
@@ -191,9 +197,11 @@ def all_mean(x, d):
 
 
 def decide(question, d):
-    """question() asked on rank 0 only, its answer returned on every rank. A UserError it
-    raises is raised on every rank; another exception on rank 0 stops the others with one
-    line (rank 0 shows the traceback)."""
+    """question() asked on rank 0 only, its answer returned on every rank (d None: one
+    process). A UserError it raises is raised on every rank; another exception on rank 0
+    stops the others with one line (rank 0 shows the traceback)."""
+    if d is None or d.world == 1:
+        return question()
     box = [None]
     if d.master:
         try:
@@ -201,11 +209,9 @@ def decide(question, d):
         except UserError as e:
             box = [("error", e)]
         except BaseException:
-            if d.world > 1:
-                dist.broadcast_object_list([("crash", None)])
+            dist.broadcast_object_list([("crash", None)])
             raise
-    if d.world > 1:
-        dist.broadcast_object_list(box)
+    dist.broadcast_object_list(box)
     what, value = box[0]
     if what == "crash":
         raise SystemExit(f"rank {d.rank}: rank 0 failed (its traceback says why)")
@@ -217,8 +223,8 @@ def decide(question, d):
 def shared_work(items, fn, d=None):
     """[fn(x) for x in items] on every rank, each item done by one rank (round robin) and the
     answers gathered: a question about many files (is it there? how long?) asked once in the
-    job, not once per rank (d None: one process). A UserError on any rank is raised on every
-    rank."""
+    job, not once per rank (d None: one process). A UserError or OSError on any rank is
+    raised on every rank."""
     if d is None or d.world == 1:
         return [fn(x) for x in items]
     mine, err = [], None
@@ -226,6 +232,8 @@ def shared_work(items, fn, d=None):
         mine = [fn(x) for x in items[d.rank::d.world]]
     except UserError as e:
         err = e
+    except OSError as e:  # a file gone since it was listed
+        err = UserError(f"rank {d.rank} on {socket.gethostname()}: {e}")
     got = [None] * d.world
     dist.all_gather_object(got, (mine, err))
     first = next((e for _, e in got if e is not None), None)
@@ -238,15 +246,15 @@ def shared_work(items, fn, d=None):
 
 
 def stop_together(err, d):
-    """Raise on every rank the first rank's error (a line, or None where a rank is fine): a
-    rank that cannot go on must not leave the others waiting in a collective."""
+    """Raise on every rank the first rank's error (a line or a UserError; None where a rank is
+    fine): a rank that cannot go on must not leave the others waiting in a collective."""
     errs = [err]
-    if d.world > 1:
+    if d is not None and d.world > 1:
         errs = [None] * d.world
         dist.all_gather_object(errs, err)
     first = next((e for e in errs if e), None)
     if first:
-        raise UserError(first)
+        raise first if isinstance(first, UserError) else UserError(first)
 
 
 def shared_hint(flag):
@@ -437,10 +445,11 @@ def load_checkpoint(path):
                         f"torch.load says: {type(e).__name__}: {e})") from None
 
 
-def check_writable(path, flag, folder=False):
+def check_writable(path, flag, folder=False, d=None):
     """`path` (a folder, or a file's folder) can be written now: said before the work, not
-    after it."""
+    after it (with d, by every rank that cannot, and every rank stops)."""
     where = path if folder else os.path.dirname(os.path.abspath(path))
+    err = None
     try:
         os.makedirs(where, exist_ok=True)
         with tempfile.TemporaryFile(dir=where):
@@ -450,7 +459,8 @@ def check_writable(path, flag, folder=False):
         while not os.path.exists(up):
             up = os.path.dirname(up)
         why = f"{up} is a file, not a folder" if not os.path.isdir(up) else e.strerror or e
-        raise UserError(f"--{flag} {path}: cannot write there ({why})") from None
+        err = f"--{flag} {path}: cannot write there ({why})"
+    stop_together(err, d)
 
 
 LOCK = "run.lock"
@@ -466,7 +476,7 @@ def claim_out_dir(out_dir, d, flag="out_dir"):
     another host cannot be checked: the run stops and says how to clear it. Every rank reads
     rank 0's lock back, so a folder that is not shared between the nodes stops the run here.
     The lock is removed when the job exits."""
-    check_writable(out_dir, flag, folder=True)
+    check_writable(out_dir, flag, folder=True, d=d)
     token, note = decide(lambda: _lock(out_dir), d)
     seen = lambda: _holder(os.path.join(out_dir, LOCK)).get("token") == token
     stop_together(None if d.master or _sees(seen) else
@@ -482,13 +492,15 @@ def claim_out_dir(out_dir, d, flag="out_dir"):
 
 
 def job_id(env=os.environ):
-    """What names this job across its restarts: SLURM's job id (a requeue keeps it), else
-    torchrun's rendezvous id (--rdzv_id, which an elastic restart keeps; not its default
-    'none'; --standalone draws a new one at every launch); '' otherwise."""
+    """(what names this job across its restarts, which start of it this is): SLURM's job id
+    and SLURM_RESTART_COUNT (a requeue keeps the id and counts up), else torchrun's rendezvous
+    id (--rdzv_id; not its default 'none'; --standalone draws a new one at every launch) and
+    TORCHELASTIC_RESTART_COUNT; ('', 0) otherwise."""
     if env.get("SLURM_JOB_ID"):
-        return f"slurm {env['SLURM_JOB_ID']}"
+        return f"slurm {env['SLURM_JOB_ID']}", int(env.get("SLURM_RESTART_COUNT") or 0)
     run = env.get("TORCHELASTIC_RUN_ID", "none")
-    return "" if run == "none" else f"torchrun {run}"
+    return ("", 0) if run == "none" else (f"torchrun {run}",
+                                          int(env.get("TORCHELASTIC_RESTART_COUNT") or 0))
 
 
 def _holder(path):
@@ -505,9 +517,10 @@ def _lock(out_dir):
     """Take out_dir's lock: (its token, a note of a lock taken over or None); a UserError when
     another job holds it. A lock file without a readable holder (a job killed as it wrote it)
     counts as left behind."""
-    path, host, job = os.path.join(out_dir, LOCK), socket.gethostname(), job_id()
+    path, host, (job, restart) = os.path.join(out_dir, LOCK), socket.gethostname(), job_id()
     me = dict(host=host, pid=os.getpid(), since=datetime.datetime.now().isoformat(
-        timespec="seconds"), command=" ".join(sys.argv), job=job, token=secrets.token_hex(8))
+        timespec="seconds"), command=" ".join(sys.argv), job=job, restart=restart,
+        token=secrets.token_hex(8))
     note = None
     for _ in range(2):
         try:
@@ -517,7 +530,9 @@ def _lock(out_dir):
             holder = (f"pid {held.get('pid')} on {held.get('host')} since {held.get('since')} "
                       f"({held.get('command', '?')}" + (f"; job {held['job']}" if held.get(
                           "job") else "") + ")")
-            same_job = bool(job) and held.get("job") == job
+            # a later start of the same job (a requeue, an elastic restart) may take it over
+            # wherever the earlier one ran; a concurrent one (the same count) may not
+            same_job = bool(job) and held.get("job") == job and held.get("restart", 0) < restart
             here = held.get("host") == host
             if held and not here and not same_job:
                 raise UserError(f"{out_dir} is in use by {holder}; if that job is gone, "
@@ -525,7 +540,7 @@ def _lock(out_dir):
                                                      " lists it while it runs)"
                                                      if held.get("job", "").startswith("slurm")
                                                      else ""))
-            if held and here and _alive(held.get("pid")):
+            if held and here and held.get("pid") != os.getpid() and _alive(held.get("pid")):
                 raise UserError(f"{out_dir} is in use by {holder}: use another --out_dir")
             os.remove(path)
             note = f"took over {path} from " + (
@@ -534,7 +549,7 @@ def _lock(out_dir):
             continue
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
-        atexit.register(_unlock, path, os.getpid())
+        atexit.register(_unlock, path, me["token"])
         return me["token"], note
     raise UserError(f"could not take {path}: another job is taking it")
 
@@ -549,13 +564,10 @@ def _alive(pid):
     return True
 
 
-def _unlock(path, pid):
-    try:
-        with open(path) as f:
-            if json.load(f).get("pid") == pid:
-                os.remove(path)
-    except (OSError, ValueError):
-        pass
+def _unlock(path, token):
+    if _holder(path).get("token") == token:  # still ours, not a later start's
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 def warmup_steps(warmup_epochs, per_epoch, total, say=print):

@@ -21,8 +21,9 @@ DATA_ROOT=${DATA_ROOT:-}    # root of the named datasets (prepare.py --out); '' 
 PRESET=${PRESET:-}          # model size of the main runs; '' = tiny (demo) / base (real data)
 NPROC=${NPROC:-1}           # processes per run and node (GPUs); > 1 launches through torchrun
 NNODES=${NNODES:-1}         # nodes; > 1: start this script on every node with the same RDZV
-RDZV=${RDZV:-}              # host:port where the nodes' torchruns meet (the first node's)
-RDZV_ID=${RDZV_ID:-atst}    # the rendezvous name (slurm.sh: the job id)
+RDZV=${RDZV:-}              # host:port of the first node, where the nodes meet (run n: port + n)
+RDZV_ID=${RDZV_ID:-}        # the job's name for every run's rendezvous, new for a new job (the
+                            # out_dir lock knows a job by it); slurm.sh: the SLURM job id
 NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}  # this node's place: node 0 also writes the tables
 OUT=${OUT:-results}         # result JSONs, run folders, tables.md, plots
 # knobs honoured by every stage ('' = the protocol's own values)
@@ -34,6 +35,12 @@ DTYPE=${DTYPE:-}            # auto (bf16 on CUDA, fp32 on CPU) | bf16 (on the CP
 WORKERS=${WORKERS:-}        # DataLoader workers per process of every stage
 JOBS=${JOBS:-1}             # cells run side by side (a CPU machine: each gets cores/JOBS threads;
                             # on GPUs keep 1 and use NPROC: jobs would share the devices)
+
+if [ "$NNODES" -gt 1 ] && { [[ ! "$RDZV" =~ ^[^:]+:[0-9]+$ ]] || [ -z "$RDZV_ID" ] ||
+                            [ "$JOBS" -gt 1 ]; }; then
+  echo "run_all.sh: NNODES=$NNODES needs RDZV=host:port (the first node), RDZV_ID (a name" \
+    "for this job) and JOBS=1" >&2; exit 2
+fi
 
 if [ -z "$DATA_ROOT" ]; then
   # demo scale: every run CPU-sized; ablations at the same budget as the main runs
@@ -66,9 +73,6 @@ LIN_ARGS="${LINEAR_EPOCHS:+--epochs $LINEAR_EPOCHS}$ALL"
 SED_ARGS="${EPOCHS:+--epochs $EPOCHS}${BATCH:+ --batch_strong $BATCH --batch_weak $BATCH}$ALL"
 if [ -n "$EPOCHS" ]; then SED_FT_ARGS=""; fi
 mkdir -p "$OUT"
-if [ "$NNODES" -gt 1 ] && { [ -z "$RDZV" ] || [ "$JOBS" -gt 1 ]; }; then
-  echo "run_all.sh: NNODES=$NNODES needs RDZV=host:port (the first node) and JOBS=1" >&2; exit 2
-fi
 if [ "$JOBS" -gt 1 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then  # cores shared by the jobs
   export OMP_NUM_THREADS=$(( $(nproc) > JOBS ? $(nproc) / JOBS : 1 ))
 fi
@@ -86,10 +90,14 @@ barrier() {  # every cell started so far has ended; stop if one failed
   pids=()
   [ "$failed" = 0 ] || { echo "run_all.sh: a stage failed (its messages are above)" >&2; exit 1; }
 }
-run() {  # one process, torchrun on this node, or torchrun over NNODES nodes (c10d)
+RUNS=0
+run() {  # one process, torchrun on this node, or torchrun over NNODES nodes (c10d); every node
+         # runs the same runs in the same order, each meeting on a port of its own (the last
+         # run's rendezvous may still be closing on the first node)
   if [ "$NNODES" -gt 1 ]; then
+    RUNS=$((RUNS + 1))
     torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC" --rdzv_backend=c10d \
-      --rdzv_endpoint="$RDZV" --rdzv_id="$RDZV_ID" "$@"
+      --rdzv_endpoint="${RDZV%:*}:$(( ${RDZV##*:} + RUNS % 100 ))" --rdzv_id="$RDZV_ID" "$@"
   elif [ "$NPROC" -gt 1 ]; then torchrun --standalone --nproc_per_node="$NPROC" "$@"
   else python "$@"; fi
 }

@@ -29,11 +29,15 @@ RDZV=$HEAD:${RDZV_PORT:-29500}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 echo "job $SLURM_JOB_ID: $SLURM_NNODES nodes x $GPUS processes, rendezvous $RDZV: $*"
 
-if [ "$1" = run_all.sh ]; then  # every node runs the script; each cell's torchrun meets
+# one task per node with the job's CPUs (newer srun does not inherit --cpus-per-task); a node
+# whose task fails ends the others rather than leaving them waiting for it
+SRUN=(srun --ntasks-per-node=1 --kill-on-bad-exit=1
+      ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK})
+if [[ "$1" == *run_all.sh ]]; then  # every node runs the script; each cell's torchrun meets
   shift
-  srun --ntasks-per-node=1 env NNODES="$SLURM_NNODES" NPROC="$GPUS" RDZV="$RDZV" \
-    RDZV_ID="$SLURM_JOB_ID" bash run_all.sh "$@"
+  "${SRUN[@]}" env NNODES="$SLURM_NNODES" NPROC="$GPUS" RDZV="$RDZV" RDZV_ID="$SLURM_JOB_ID" \
+    bash run_all.sh "$@"
 else
-  srun --ntasks-per-node=1 torchrun --nnodes="$SLURM_NNODES" --nproc_per_node="$GPUS" \
+  "${SRUN[@]}" torchrun --nnodes="$SLURM_NNODES" --nproc_per_node="$GPUS" \
     --rdzv_backend=c10d --rdzv_endpoint="$RDZV" --rdzv_id="$SLURM_JOB_ID" "$@"
 fi

@@ -194,47 +194,61 @@ def test_launchers_torchrun_srun_tasks_and_one_process():
 
 def test_a_process_that_sees_one_gpu_uses_it(monkeypatch):
     """A scheduler that binds one GPU per task shows each process one device, whatever its
-    local rank; a process that sees several takes its local rank's; more processes than GPUs
-    is one line saying so."""
+    local rank (local_world 1: no other process of its launcher shares what it sees); a
+    process that sees several takes its local rank's; more processes than GPUs (torchrun's 4
+    processes of a node seeing one GPU, or 2 GPUs for local rank 3) is one line saying so."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for count, local, want in ((1, 3, "cuda:0"), (4, 2, "cuda:2"), (4, 0, "cuda:0")):
+    for count, local, local_world, want in ((1, 3, 1, "cuda:0"), (4, 2, 4, "cuda:2"),
+                                            (4, 0, 1, "cuda:0"), (1, 0, 4, "cuda:0")):
         monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
-        assert P.pick_device("auto", local) == torch.device(want)
-        assert P.pick_device("cuda", local) == torch.device(want)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(P.UserError, match="sees 2 CUDA devices for local rank 3: .*one process "
-                                          "per GPU"):
-        P.pick_device("auto", 3)
+        assert P.pick_device("auto", local, local_world) == torch.device(want)
+        assert P.pick_device("cuda", local, local_world) == torch.device(want)
+    for count, local, local_world in ((2, 3, 1), (1, 2, 4)):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        with pytest.raises(P.UserError, match=f"for local rank {local}: .*one process per GPU"):
+            P.pick_device("auto", local, local_world)
     assert P.pick_device("cpu", 3) == torch.device("cpu")
 
 
 def test_a_restart_of_the_same_job_takes_its_lock_over_from_another_host(tmp_path, capsys,
                                                                         monkeypatch):
-    """A requeued SLURM job (the same SLURM_JOB_ID) whose rank 0 now runs on another host takes
-    over the lock its earlier start left there, and says so; another job's lock on another
-    host stops the run, naming the job and how to clear the lock; torchrun's default
-    rendezvous id ('none') names no job."""
+    """A requeued SLURM job (the same SLURM_JOB_ID, a higher SLURM_RESTART_COUNT) whose rank 0
+    now runs on another host takes over the lock its earlier start left there, and says so;
+    another job's lock on another host, or one of the same start (a concurrent step of the
+    job), stops the run, naming the job and how to clear the lock; a lock naming this very
+    process (a container restarted with the same pid) is left behind, not in use; torchrun's
+    default rendezvous id ('none') names no job."""
     out = str(tmp_path / "run")
     os.makedirs(out)
     lock = os.path.join(out, P.LOCK)
     one = P.Dist(0, 0, 1, torch.device("cpu"), True, None, "fp32")
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    for job, restart in (("slurm 4243", 0), ("slurm 4242", 1)):
+        with open(lock, "w") as f:
+            json.dump(dict(host="node-17", pid=1, since="then", command="x", job=job,
+                           restart=restart), f)
+        with pytest.raises(P.UserError, match=f"on node-17 since then \\(x; job {job}\\); if "
+                           f"that job is gone, delete {lock} \\(squeue -j {job[6:]} lists it"):
+            P.claim_out_dir(out, one)
     with open(lock, "w") as f:
-        json.dump(dict(host="node-17", pid=1, since="then", command="x", job="slurm 4243"), f)
-    with pytest.raises(P.UserError, match=f"on node-17 since then \\(x; job slurm 4243\\); if "
-                       f"that job is gone, delete {lock} \\(squeue -j 4243 lists it"):
-        P.claim_out_dir(out, one)
-    with open(lock, "w") as f:
-        json.dump(dict(host="node-17", pid=1, since="then", command="x", job="slurm 4242"), f)
+        json.dump(dict(host="node-17", pid=1, since="then", command="x", job="slurm 4242",
+                       restart=0), f)
     P.claim_out_dir(out, one)
     said = capsys.readouterr().out
     assert f"took over {lock} from pid 1 on node-17" in said and "an earlier start of this job" \
         in said
     held = json.load(open(lock))
-    assert held["job"] == "slurm 4242" and held["host"] == socket.gethostname()
-    assert P.job_id({"TORCHELASTIC_RUN_ID": "none"}) == ""
-    assert P.job_id({"TORCHELASTIC_RUN_ID": "frame_base"}) == "torchrun frame_base"
+    assert (held["job"], held["restart"], held["host"]) == ("slurm 4242", 1,
+                                                             socket.gethostname())
+    with open(lock, "w") as f:
+        json.dump(dict(held, token="older", since="before"), f)
+    P.claim_out_dir(out, one)
+    assert "since before" in capsys.readouterr().out and json.load(open(lock))["token"] != "older"
+    assert P.job_id({"TORCHELASTIC_RUN_ID": "none"}) == ("", 0)
+    assert P.job_id({"TORCHELASTIC_RUN_ID": "frame_base", "TORCHELASTIC_RESTART_COUNT": "2"}) \
+        == ("torchrun frame_base", 2)
 
 
 def test_global_batches_split_into_ranks_and_accumulation_steps():

@@ -285,14 +285,15 @@ def _free_port():
 
 
 def test_launched_as_clusters_launch_it_gives_the_same_weights(data_root, tmp_path):
-    """ATST-Clip pre-training on 2 processes launched three ways ends bit-identical: torchrun
+    """ATST-Clip pre-training on 2 processes accumulating 2 micro-batches a step, launched
+    three ways, ends bit-identical: torchrun
     on one node; two SLURM tasks without torchrun (they form one job from SLURM's variables);
     and slurm.sh on two nodes (simulated on this machine: a stand-in srun starts one torchrun
     agent per node, meeting by c10d at the first node), killed at step 3 and restarted as a
     requeue would, its rank 0 now on another host than the lock names (the lock knows the
     job and is taken over). Tasks whose --out_dir is not one folder stop at once."""
     args = ["pretrain_clip.py", *TINY, "--max_steps", "4", "--warmup_epochs", "0",
-            "--ckpt_every", "2", "--num_workers", "0"]
+            "--ckpt_every", "2", "--num_workers", "0", "--micro_batch", "8"]  # 2 accum steps
     base = {k: v for k, v in os.environ.items()
             if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in (
                 "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
@@ -348,7 +349,7 @@ def test_launched_as_clusters_launch_it_gives_the_same_weights(data_root, tmp_pa
     held = json.load(open(lock))
     assert held["job"] == "slurm 4242"
     json.dump(dict(held, host="node-gone"), open(lock, "w"))  # rank 0 ran on another node
-    p = sbatch()
+    p = sbatch(SLURM_RESTART_COUNT="1")                        # as SLURM requeues
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-2000:])
     assert "an earlier start of this job" in p.stdout and "resumed from" in p.stdout
     assert "at step 2" in p.stdout and "weights identical on 2 ranks" in p.stdout

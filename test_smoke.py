@@ -117,7 +117,7 @@ def test_sed_demo_end_to_end_and_prediction_on_long_stereo_audio(pretrained, dat
                                                                   tmp_path, monkeypatch):
     """linear mode (ATST-Clip on 2 processes with cached frames, and on one process encoding
     every batch, accumulating 2 micro-batches a step; ASiT), and fine-tune mode on 2 processes
-    with an ASiT SED model teaching ATST-Frame (another front-end, 160 ms frames), on the demo
+    accumulating 2 micro-batches, with an ASiT SED model teaching ATST-Frame (another front-end, 160 ms frames), on the demo
     SED task (once through renamed DESED files given by flags); PSDS reported with plots and
     TSVs; then events for a 25 s 44.1 kHz stereo file (ATST-Clip and ASiT models), for
     silence, for an empty folder."""
@@ -148,7 +148,8 @@ def test_sed_demo_end_to_end_and_prediction_on_long_stereo_audio(pretrained, dat
             ("lin_nc", "clip", 0, ["--mode", "linear", "--cache", "false", "--micro_batch", "16",
                                    *renamed]),
             ("asit", "asit", 0, ["--mode", "linear"]),
-            ("a2f", "frame", 2, ["--mode", "finetune", "--cache", "false"])):
+            ("a2f", "frame", 2, ["--mode", "finetune", "--cache", "false", "--micro_batch",
+                                 "8"])):
         outs[name] = str(tmp_path / name)
         if name == "a2f":
             extra = extra + ["--teacher", os.path.join(outs["asit"], "best.pt")]
