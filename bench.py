@@ -31,9 +31,9 @@ import pretrain_clip
 import pretrain_frame
 import runtime
 from augment import Mixup
+from cluster import setup_distributed
 from config import configure, script_config
-from data import stream_loader
-from plumbing import setup_distributed
+from loaders import stream_loader
 
 # -------------------------------------------------------------------------------- config
 preset = "tiny"      # tiny | small | base

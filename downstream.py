@@ -10,9 +10,9 @@ import signal
 import time
 from types import SimpleNamespace
 
+from cluster import claim_out_dir, decide, setup_distributed, visible
 from config import describe
-from plumbing import (UserError, claim_out_dir, decide, load_checkpoint, save_atomic, save_json,
-                      setup_distributed, visible)
+from plumbing import UserError, load_checkpoint, save_atomic, save_json
 from runtime import load_encoder, random_weights
 
 EVAL_BATCH = 32  # clips per rank per batch where nothing is trained (caching, scoring)

@@ -28,12 +28,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from cluster import check_shared, cleanup_distributed, decide, shared_work, together
 from config import configure
-from data import MANIFEST_EXTS, AudioError, load_audio, named_audio, pad_collate, read_manifest
+from data import MANIFEST_EXTS, AudioError, load_audio, named_audio, read_manifest
 from downstream import start
+from loaders import pad_collate
 from model import SAMPLE_RATE
-from plumbing import (check_shared, check_writable, cleanup_distributed, decide, shared_work,
-                      user_errors, write_atomic)
+from plumbing import check_writable, user_errors, write_atomic
 from runtime import load_encoder
 
 # -------------------------------------------------------------------------------- config
@@ -113,7 +114,7 @@ def save_npz(path, **arrays):
 def main(cfg):
     c, d, t0 = start(cfg)
     named = decide(lambda: inputs(c.audio), d)  # one walk of the folder, on rank 0
-    check_writable(c.out, "out", folder=True, d=d)
+    together(lambda: check_writable(c.out, "out", folder=True), d)
     check_shared(c.out, d, "out")  # rank 0 says what is done there
     target = {p: os.path.join(c.out, name + ".npz") for p, name in named.items()}
     paths = sorted(named)

@@ -13,7 +13,7 @@ the validation split is kept and scored once on test. distill.py shares this loo
 
 Per-dataset defaults (epochs, batch, Mixup, balanced sampling) are the TASKS table below;
 they apply when --data names the dataset; a global edited in the block or a flag wins over
-them (plumbing.configure). A rerun with the same
+them (config.configure). A rerun with the same
 --out_dir resumes after the last finished epoch.
 """
 import math
@@ -28,15 +28,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from augment import RandomResizedCrop, mixup_labels
+from cluster import (accumulate, cleanup_distributed, gather_shards, my_shard, split_batch,
+                     visible, wrap_ddp)
 from config import config_keys, configure
-from data import BalancedSampler, Labels, LabelledClips, pad_collate, task_copy, task_splits
+from data import Labels, task_copy, task_splits
 from downstream import publish, record, resume, run_dir, save_epoch, start, start_encoder
 from heads import Classifier, layer_decay_groups
+from loaders import BalancedSampler, LabelledClips, pad_collate
 from metrics import score
 from model import freeze, set_drop_path
-from plumbing import (WORKERS, Log, UserError, all_mean, cleanup_distributed, cosine_schedule,
-                      gather_shards, load_checkpoint, micro_steps, my_shard, save_atomic,
-                      split_batch, step_seed, user_errors, visible, warmup_steps, wrap_ddp)
+from plumbing import (WORKERS, Log, UserError, cosine_schedule, load_checkpoint, save_atomic,
+                      step_seed, user_errors, warmup_steps)
 
 # -------------------------------------------------------------------------------- config
 # None = the value of the task's TASKS row (a CSV or an unnamed dataset takes "default");
@@ -233,16 +235,13 @@ def run_epoch(r, epoch, kd_weight, pbar):
         step = epoch * r.per_epoch + i
         for g in opt.param_groups:
             g["lr"] = r.sched[step].item() * g["lr_scale"]
-        loss = torch.zeros((), device=d.device)
-        for k, sync in micro_steps(r.ddp, r.accum, d):
+
+        def micro(k):
             seed = step_seed(c.seed, step * r.accum + k, d.rank)
             torch.manual_seed(seed)  # drop-path
-            with sync:
-                part = micro_loss(r, *next(batches), seed, kd_weight)
-                (part / r.accum).backward()
-            loss += part.detach()
+            return micro_loss(r, *next(batches), seed, kd_weight)
+        loss_val = accumulate(r.ddp, r.accum, d, micro)
         torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-        loss_val = all_mean(loss / r.accum, d).item()
         if not math.isfinite(loss_val):
             raise SystemExit(f"non-finite loss ({loss_val}) at epoch {epoch} step {i}: stopping")
         opt.step()

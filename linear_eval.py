@@ -26,16 +26,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cluster import (check_shared, cleanup_distributed, decide, gather_shards, my_shard,
+                     shared_work, together, visible)
 from config import configure
-from data import (Labels, LabelledClips, manifest_name, pad_collate, read_manifest,
-                  resolve_manifest, task_copy, task_splits)
+from data import (Labels, manifest_name, read_manifest, resolve_manifest, task_copy,
+                  task_splits)
 from downstream import publish, record, start, start_encoder
 from heads import LinearHead
+from loaders import LabelledClips, pad_collate
 from metrics import score
 from model import SAMPLE_RATE
-from plumbing import (WORKERS, UserError, check_shared, check_writable, cleanup_distributed,
-                      cosine_schedule, decide, gather_shards, my_shard, save_atomic,
-                      shared_work, user_errors, visible)
+from plumbing import WORKERS, UserError, check_writable, cosine_schedule, save_atomic, user_errors
 
 # -------------------------------------------------------------------------------- config
 ckpt = ""                   # pre-trained checkpoint: ours (teacher encoder) or a released one
@@ -167,8 +168,8 @@ def main(cfg):
                                            f"{'_' + c.frame_pool if c.frame_pool else ''}.json")
     paths = {t: out.replace("{data}", manifest_name(t)) for t in tasks}
     for path in paths.values():  # said now, not after the work
-        check_writable(path, "out", d=d)
-    check_writable(c.cache_dir, "cache_dir", folder=True, d=d)
+        together(lambda: check_writable(path, "out"), d)
+    together(lambda: check_writable(c.cache_dir, "cache_dir", folder=True), d)
     check_shared(c.cache_dir, d, "cache_dir")  # rank 0 says which features are cached there
     ae = start_encoder(c, d).pool_frames(c.frame_pool)
     if c.chunk_seconds:

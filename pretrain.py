@@ -35,13 +35,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import read_manifest, resolve_manifest, stream_loader, task_copy
-from model import param_groups
+from cluster import (accumulate, claim_out_dir, cleanup_distributed, decide, setup_distributed,
+                     split_batch, visible, wrap_ddp)
 from config import describe
-from plumbing import (Log, UserError, all_mean, claim_out_dir, cleanup_distributed,
-                      cosine_schedule, decide, ema_schedule, load_checkpoint, micro_steps,
-                      save_atomic, setup_distributed, split_batch, step_seed, visible,
-                      warmup_steps, wrap_ddp)
+from data import read_manifest, resolve_manifest, task_copy
+from loaders import stream_loader
+from model import param_groups
+from plumbing import (Log, UserError, cosine_schedule, ema_schedule, load_checkpoint, save_atomic,
+                      step_seed, warmup_steps)
 
 
 NEEDS = ("out_dir", "data", "data_root", "seed", "device", "dtype", "num_workers", "log_every",
@@ -204,17 +205,17 @@ def run_step(model, ddp, opt, views, batches, accum, d, gen, want_gnorm=False, c
     then AdamW (the caller updates the teacher). Returns (loss averaged over ranks, grad norm
     before clipping or None, the stats of the last micro-batch). The optimizer does not step
     when the loss is not finite."""
-    loss_sum = torch.zeros((), device=d.device)
-    for _, sync in micro_steps(ddp, accum, d):
+    last = {}
+
+    def micro(_):
         wav, valid = next(batches)
         with torch.no_grad():
             inputs = views(wav.to(d.device, non_blocking=True), valid.to(d.device), gen)
-        with sync:
-            with d.ctx:
-                loss, stats = ddp(*inputs, **(kwargs or {}))
-            (loss / accum).backward()
-        loss_sum += loss.detach()
-    loss_val = all_mean(loss_sum / accum, d).item()
+        with d.ctx:
+            loss, last["stats"] = ddp(*inputs, **(kwargs or {}))
+        return loss
+    loss_val = accumulate(ddp, accum, d, micro)
+    stats = last["stats"]
     gnorm = None
     if math.isfinite(loss_val):
         grads = [p.grad for p in model.parameters() if p.grad is not None]

@@ -29,6 +29,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cluster import (accumulate, cleanup_distributed, gather_shards, my_shard, pick_device,
+                     split_batch, visible, wrap_ddp)
 from config import configure
 from data import AudioError, dataset_copy, hold_out, load_audio, named_audio
 from desed import (CLIP_FRAMES, SedClips, encode_strong, read_task, reference_files, sed_files,
@@ -38,10 +40,8 @@ from downstream import (EVAL_BATCH, publish, record, resume, run_dir, save_epoch
 from heads import SedModel, load_classifier, on_grid
 from metrics import evaluate_sed, median_windows
 from model import SAMPLE_RATE, TOKEN_S, freeze
-from plumbing import (WORKERS, Log, UserError, all_mean, check_writable, cleanup_distributed,
-                      cosine_schedule, gather_shards, load_checkpoint, micro_steps, my_shard,
-                      pick_device, save_atomic, split_batch, step_seed, user_errors, visible,
-                      warmup_steps, wrap_ddp, write_table)
+from plumbing import (WORKERS, Log, UserError, check_writable, cosine_schedule, load_checkpoint,
+                      save_atomic, step_seed, user_errors, warmup_steps, write_table)
 
 # -------------------------------------------------------------------------------- config
 # None = the value of the task's TASKS row (below); anything written here, or a flag, wins.
@@ -257,15 +257,12 @@ def run_epoch(r, epoch):
         step = epoch * r.per_epoch + i
         for g in opt.param_groups:
             g["lr"] = r.sched[step].item()
-        loss = torch.zeros((), device=d.device)
-        for k, sync in micro_steps(r.ddp, r.accum, d):
+
+        def micro(k):
             torch.manual_seed(step_seed(c.seed, step * r.accum + k, d.rank))
-            with sync:
-                part = micro_loss(r, next(strong), next(weak))
-                (part / r.accum).backward()
-            loss += part.detach()
+            return micro_loss(r, next(strong), next(weak))
+        loss_val = accumulate(r.ddp, r.accum, d, micro)
         torch.nn.utils.clip_grad_norm_(r.params, c.grad_clip)
-        loss_val = all_mean(loss / r.accum, d).item()
         if not math.isfinite(loss_val):
             raise SystemExit(f"non-finite loss ({loss_val}) at epoch {epoch}: stopping")
         opt.step()

@@ -237,7 +237,7 @@ def test_the_readme_gpu_counts_are_the_default_batches_divisors():
     """README 'Several nodes' lists, for each stage's default global batch, the GPU counts (up
     to 64) that split it; they are what plumbing.split_batch accepts for the scripts' own
     configs (SED: the strong + weak forward and each of the two batches)."""
-    import plumbing as P
+    import cluster
     import torch
     table = {}
     for line in open(os.path.join(HERE, "README.md")).read().split("## Several nodes")[1] \
@@ -249,10 +249,10 @@ def test_the_readme_gpu_counts_are_the_default_batches_divisors():
     def counts(*batches):
         ok = []
         for world in range(1, 65):
-            d = P.Dist(0, 0, world, torch.device("cpu"), True, None, "fp32")
+            d = cluster.Dist(0, 0, world, torch.device("cpu"), True, None, "fp32")
             try:
-                _, accum = P.split_batch(sum(batches), 0, d)
-            except P.UserError:
+                _, accum = cluster.split_batch(sum(batches), 0, d)
+            except cluster.UserError:
                 continue
             if all(b % (world * accum) == 0 for b in batches):
                 ok.append(world)

@@ -7,9 +7,9 @@ import pytest
 import soundfile as sf
 import torch
 
-import data as D
 import finetune
 import heads as H
+import loaders as L
 import model as M
 import plumbing as P
 import runtime as R
@@ -52,7 +52,7 @@ def test_linear_features_are_every_block_and_12s_centre_in_chunks(kind, tmp_path
     t = np.arange(25 * 16000) / 16000
     sig = (0.1 * np.sin(2 * np.pi * (200 + 40 * t) * t)).astype(np.float32)  # a slow chirp
     sf.write(tmp_path / "long.wav", sig, 16000)
-    ds = D.LabelledClips([dict(path=str(tmp_path / "long.wav"), _where="x")], torch.zeros(1),
+    ds = L.LabelledClips([dict(path=str(tmp_path / "long.wav"), _where="x")], torch.zeros(1),
                          12.0)
     wav, valid, _ = ds[0]
     centre = torch.from_numpy(sig[int(6.5 * 16000):int(18.5 * 16000)])

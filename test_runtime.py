@@ -171,7 +171,7 @@ def test_unreadable_checkpoints_are_named(tmp_path):
     with pytest.raises(P.UserError, match="good.pt: a fine-tuned classifier .*; this needs an "
                        "SED model"):
         H.load_classifier(str(ck), expect=["atst-sed"])
-    state = torch.load(ck, weights_only=False)
+    state = P.load_checkpoint(str(ck))
     del state["model"]["encoder.pos_embed"]
     torch.save(state, tmp_path / "nopos.pt")
     with pytest.raises(P.UserError, match=r"missing encoder keys \['pos_embed'\]"):

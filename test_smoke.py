@@ -117,10 +117,10 @@ def test_sed_demo_end_to_end_and_prediction_on_long_stereo_audio(pretrained, dat
                                                                   tmp_path, monkeypatch):
     """linear mode (ATST-Clip on 2 processes with cached frames, and on one process encoding
     every batch, accumulating 2 micro-batches a step; ASiT), and fine-tune mode on 2 processes
-    accumulating 2 micro-batches, with an ASiT SED model teaching ATST-Frame (another front-end, 160 ms frames), on the demo
-    SED task (once through renamed DESED files given by flags); PSDS reported with plots and
-    TSVs; then events for a 25 s 44.1 kHz stereo file (ATST-Clip and ASiT models), for
-    silence, for an empty folder."""
+    accumulating 2 micro-batches, with an ASiT SED model teaching ATST-Frame (another
+    front-end, 160 ms frames), on the demo SED task (once through renamed DESED files given by
+    flags); PSDS reported with plots and TSVs; then events for a 25 s 44.1 kHz stereo file
+    (ATST-Clip and ASiT models), for silence, for an empty folder."""
     ck = {k: os.path.join(v, "ckpt.pt") for k, v in pretrained.items()}
     sed_dir, desed = os.path.join(data_root, "demo", "sed"), tmp_path / "DESED"
     (desed / "metadata").mkdir(parents=True)
