@@ -8,7 +8,6 @@ rank writes to, with its job-aware lock. Precision, schedules, files, the log: p
 import atexit
 import contextlib
 import datetime
-import glob
 import json
 import os
 import re
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from plumbing import UserError, autocast, check_writable, precision
+from plumbing import UserError, autocast, check_writable, precision, remove_partials
 
 # ----------------------------------------------------------------------------------------------
 # Launch, devices, the process group: torchrun or srun -> nccl on CUDA, gloo on the CPU (so
@@ -311,7 +310,7 @@ LOCK = "run.lock"
 
 def claim_out_dir(out_dir, d, flag="out_dir"):
     """Make out_dir this job's: writable, locked, seen alike by every rank, and cleared of what
-    saves interrupted by a kill left behind (save_atomic's temporary files). The lock,
+    saves interrupted by a kill left behind (write_atomic's temporary names alone). The lock,
     out_dir/run.lock, holds host, pid, command and job (job_id); a second job on the same
     folder stops at once naming the holder. A lock the holder left behind is taken over, and
     said: one of a process of this host that no longer runs (a killed job), or one of an
@@ -326,9 +325,7 @@ def claim_out_dir(out_dir, d, flag="out_dir"):
     if d.master:
         if note:
             print(note)
-        for p in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp*")):
-            os.remove(p)
-            print(f"removed {p}: a save interrupted by a kill")
+        remove_partials(out_dir)
     return out_dir
 
 
@@ -361,7 +358,7 @@ def _lock(out_dir):
     path, host, (job, restart) = os.path.join(out_dir, LOCK), socket.gethostname(), job_id()
     me = dict(host=host, pid=os.getpid(), since=datetime.datetime.now().isoformat(
         timespec="seconds"), command=" ".join(sys.argv), job=job, restart=restart,
-        token=secrets.token_hex(8))
+        token=secrets.token_hex(8), started=_started(os.getpid()))
     note = None
     for _ in range(2):
         try:
@@ -381,8 +378,10 @@ def _lock(out_dir):
                                                      " lists it while it runs)"
                                                      if held.get("job", "").startswith("slurm")
                                                      else ""))
-            if held and here and held.get("pid") != os.getpid() and _alive(held.get("pid")):
-                raise UserError(f"{out_dir} is in use by {holder}: use another --out_dir")
+            if held and here and held.get("pid") != os.getpid() and _alive(held):
+                raise UserError(f"{out_dir} is in use by {holder}: use another --out_dir (if "
+                                f"pid {held.get('pid')} is not that run, its number reused "
+                                f"since, delete {path})")
             os.remove(path)
             note = f"took over {path} from " + (
                 "a torn lock" if not held else f"{holder}, an earlier start of this job"
@@ -395,14 +394,28 @@ def _lock(out_dir):
     raise UserError(f"could not take {path}: another job is taking it")
 
 
-def _alive(pid):
+def _started(pid):
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22), or None
+    where /proc does not say: with the pid, it names one process, whose number may be reused."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, TypeError, IndexError):
+        return None
+
+
+def _alive(held):
+    """The lock holder's process still runs: its pid is live and, where both are known, started
+    when the holder's did (else the number was reused: a reboot, a restarted container)."""
+    pid = held.get("pid")
     try:
         os.kill(int(pid), 0)
     except (ProcessLookupError, ValueError, TypeError):
         return False
     except PermissionError:  # another user's live process
-        return True
-    return True
+        pass
+    then, now = held.get("started"), _started(pid)
+    return then is None or now is None or then == now
 
 
 def _unlock(path, token):

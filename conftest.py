@@ -130,6 +130,19 @@ def _text(path, text):
         f.write(text)
 
 
+def _truncated(path, keep=0.4, seconds=1.0, sr=16000):
+    """A clip cut short as an interrupted download leaves it (`keep` of its bytes; 0: an
+    empty file); the format follows the extension (.ogg: Vorbis, else 16-bit PCM)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    x = 0.3 * np.sin(2 * np.pi * 440 * np.arange(int(seconds * sr)) / sr)
+    sf.write(path, x.astype(np.float32), sr,
+             subtype="VORBIS" if path.endswith(".ogg") else "PCM_16")
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:int(len(data) * keep)])
+
+
 AS_CLASSES = [("/m/09x0r", "Speech"), ("/m/05zppz", "Male speech, man speaking"),
               ("/m/04rlf", "Music"), ("/m/0bt9lr", "Dog"), ("/m/05tny_", "Bark")]
 
@@ -185,10 +198,14 @@ def make_downloads(root):
                                    pitch=60 + k, velocity=100, qualities=[0] * 10)
                 _clip(os.path.join(src["nsynth"], f"nsynth-{split}", "audio", f"{note}.wav"),
                       1.0, 16000, 110 * (f + 1), next(n))
+        if split == "train":  # a WAV cut short: its header gives more frames than it holds
+            note = "bass_electronic_000-072-100"
+            notes[note] = dict(notes["bass_acoustic_000-060-100"], note_str=note, pitch=72)
+            _truncated(os.path.join(src["nsynth"], "nsynth-train", "audio", f"{note}.wav"), 0.5)
         _text(os.path.join(src["nsynth"], f"nsynth-{split}", "examples.json"), json.dumps(notes))
     # FSD50K: FSD50K.{dev,eval}_audio/<fname>.wav, ground truth with quoted label lists
     vocab = [("Bark", "/m/05tny_"), ("Dog", "/m/0bt9lr"), ("Music", "/m/04rlf"),
-             ("Speech", "/m/09x0r")]
+             ("Speech", "/m/09x0r"), ("Cat", "/m/01yrx")]  # no clip is a cat: 5 classes, 4 used
     _text(os.path.join(src["fsd50k"], "FSD50K.ground_truth", "vocabulary.csv"),
           "".join(f"{i},{lab},{mid}\n" for i, (lab, mid) in enumerate(vocab)))
     for part, count in (("dev", 16), ("eval", 4)):
@@ -235,6 +252,11 @@ def make_downloads(root):
             if k < count - 1 or part == "eval_segments":  # the last one was never downloaded
                 _clip(os.path.join(src["audioset"], "audio", path(y)), 1.0,
                       (44100, 48000)[k % 2], 200 + 100 * (k % 5), next(n), channels=1 + k % 2)
+        if part == "unbalanced_train_segments":  # a scraped copy's cut-short Ogg, empty file
+            for y, keep in (("0TruncOgg00", 0.4), ("0EmptyClip0", 0)):
+                lines.append(f'{y}, 30.000, 40.000, "{AS_CLASSES[2][0]}"')
+                _truncated(os.path.join(src["audioset"], "audio", "unbal", "part00",
+                                        f"{y}_30000_40000.{'ogg' if keep else 'wav'}"), keep)
         _text(os.path.join(src["audioset"], "metadata", f"{part}.csv"), "\n".join(lines) + "\n")
     _clip(os.path.join(src["audioset"], "audio", "notes.wav"))            # named by no CSV
     # DESED (DCASE 2022 task 4) as generate_dcase_task4_2022.py lays it out; 2 s clips
@@ -243,9 +265,10 @@ def make_downloads(root):
     for k in range(13):
         strong += [f"{k}.wav\t{0.2 + j / 10:.1f}\t{1.0 + 3 * j / 10:.1f}\t{events[(k + j) % 3]}"
                    for j in range(2)]
-        if k < 12:                                                       # 12.wav is missing
-            _clip(os.path.join(d, "audio/train/synthetic21_train/soundscapes_16k", f"{k}.wav"),
-                  2.0, 16000, 300 + 100 * (k % 3), next(n))
+        for folder, sr in (("soundscapes", 44100), ("soundscapes_16k", 16000)):
+            if k < (12 if sr == 44100 else 10):   # 12.wav is missing; _16k stopped after 9.wav
+                _clip(os.path.join(d, "audio/train/synthetic21_train", folder, f"{k}.wav"),
+                      2.0, sr, 300 + 100 * (k % 3), next(n))
     _text(os.path.join(d, "metadata/train/synthetic21_train/soundscapes.tsv"),
           "\n".join(strong) + "\n")
     weak = ["filename\tevent_labels"]

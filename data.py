@@ -15,7 +15,9 @@ import json
 import math
 import multiprocessing
 import os
+import re
 
+import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
@@ -103,30 +105,48 @@ def audio_files(folder):
     return files
 
 
-def named_audio(spec):
-    """{path: name} of comma-separated files and folders: a file is named by its base name,
-    a file found in a folder by its path inside that folder (an empty folder is an error)."""
-    named = {}
-    for p in spec.split(","):
-        if os.path.isdir(p):
-            named.update((f, os.path.relpath(f, p)) for f in audio_files(p))
-        else:
-            named[p] = os.path.basename(p)
-    return named
+def named_audio(spec, files_from=""):
+    """{path: name} of the audio a user names (embed.py, sed.py --predict): `spec` is a folder
+    (every audio file under it), a file, a manifest (.csv / .tsv with a `path` column; its
+    listed files need not exist: the reader says which cannot be read), or comma-separated
+    files and folders (a path that exists is never split at a comma); `files_from` a text
+    file of such paths, one a line, relative to its own folder. Names are paths relative to
+    the one folder given, else to the deepest folder holding everything given, so two files
+    never share a name (a/x.wav and b/x.wav). A named path that does not exist is an error,
+    said before any model is loaded."""
+    if files_from:
+        with open(_must_exist(files_from, "--files_from")) as f:
+            base = os.path.dirname(os.path.abspath(files_from))
+            items = [os.path.join(base, line.strip()) for line in f if line.strip()]
+        if not items:
+            raise UserError(f"--files_from {files_from}: lists no file")
+        items = [_must_exist(p, f"listed in {files_from}") for p in items]
+    elif spec.endswith(MANIFEST_EXTS) and os.path.isfile(spec):
+        items = [r["path"] for r in read_manifest(spec, check_files=False)]
+    else:
+        items = [_must_exist(p, "given") for p in
+                 ([spec] if os.path.exists(spec) else spec.split(","))]
+    if len(items) == 1 and os.path.isdir(items[0]):
+        base = os.path.abspath(items[0])
+    else:
+        base = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in items])
+    files = [f for p in items for f in (audio_files(p) if os.path.isdir(p) else [p])]
+    return {f: os.path.relpath(os.path.abspath(f), base) for f in dict.fromkeys(
+        os.path.abspath(f) for f in files)}
+
+
+def _must_exist(path, how):
+    if not os.path.exists(path):
+        raise UserError(f"{path} ({how}): no such file or folder")
+    return path
 
 
 def write_manifest(folder, out_csv):
-    """Manifest of every readable, non-empty audio file under `folder` (paths relative to the
-    CSV's folder). Returns (files written, [(file, why) skipped])."""
-    good, bad = [], []
-    for p in audio_files(folder):
-        try:
-            if sf.info(p).frames > 0:
-                good.append(p)
-            else:
-                bad.append((p, "zero length"))
-        except (RuntimeError, sf.LibsndfileError) as e:
-            bad.append((p, f"unreadable: {str(e).splitlines()[0]}"))
+    """Manifest of every audio file under `folder` that decodes to the end (decode_error;
+    paths relative to the CSV's folder). Returns (files written, [(file, why) skipped])."""
+    files = audio_files(folder)
+    why = decode_errors(files, min(8, os.cpu_count() or 1))
+    good, bad = [p for p in files if p not in why], list(why.items())
     if not good:
         raise UserError(f"no readable audio under {folder} ({len(bad)} files skipped)")
     base = os.path.dirname(os.path.abspath(out_csv))
@@ -152,26 +172,51 @@ def resolve_manifest(data, split="train", data_root=None):
     return path
 
 
-def dataset_copy(folder):
-    """What prepare.py recorded about the dataset copy in `folder` (from its info.json: name,
-    fingerprint, clips listed and found per split, classes), or None for data it did not
-    prepare (the demo, a hand-written manifest). Result files carry it, so that a number says
-    which copy of a dataset it was measured on."""
+def read_info(folder):
+    """The info.json prepare.py wrote in `folder`, or None for data it did not prepare (the
+    demo, a hand-written manifest)."""
     path = os.path.join(folder, "info.json")
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        info = json.load(f)
-    return {k: info.get(k) for k in ("dataset", "fingerprint", "splits", "classes", "source",
+        return json.load(f)
+
+
+def dataset_copy(folder):
+    """What prepare.py recorded about the dataset copy in `folder` (from its info.json: name,
+    fingerprint, clips listed, found, missing and unreadable per split, the number of
+    classes), or None (read_info). Result files carry it, so that a number says which copy of
+    a dataset it was measured on."""
+    info = read_info(folder)
+    if info is None:
+        return None
+    copy = {k: info.get(k) for k in ("dataset", "fingerprint", "splits", "classes", "source",
                                      "prepared", "resampled")}
+    if isinstance(copy["classes"], list):  # the list itself stays in info.json
+        copy["classes"] = len(copy["classes"])
+    return copy
+
+
+def task_folder(data, data_root=None):
+    """The folder of a task given as stages take it (a named dataset or a CSV manifest), or
+    None for a demo task."""
+    if data in DEMO:
+        return None
+    return os.path.dirname(os.path.abspath(resolve_manifest(data, "train", data_root)))
 
 
 def task_copy(data, data_root=None):
-    """dataset_copy of a task given as stages take it (a named dataset or a CSV manifest)."""
-    if data in DEMO:
-        return None
-    return dataset_copy(os.path.dirname(os.path.abspath(resolve_manifest(data, "train",
-                                                                        data_root))))
+    """dataset_copy of a task given as stages take it."""
+    folder = task_folder(data, data_root)
+    return folder and dataset_copy(folder)
+
+
+def task_classes(data, data_root=None):
+    """The class list prepare.py recorded for a task from the dataset's own class file
+    (info.json), or None: data it did not prepare, or an info.json older than the list."""
+    folder = task_folder(data, data_root)
+    classes = (read_info(folder) or {}).get("classes") if folder else None
+    return classes if isinstance(classes, list) else None
 
 # ----------------------------------------------------------------------------------------------
 # Audio loading (runs in DataLoader workers: read, mono, resample, crop; nothing else)
@@ -213,6 +258,47 @@ def load_audio(path, seconds=None, rng=None, where="", pad=True):
     n = int(round(seconds * SAMPLE_RATE))
     valid = min(wav.shape[0], n)
     return torch.nn.functional.pad(wav[:n], (0, n - valid) if pad else (0, 0)), valid
+
+
+TAIL_S = 0.1  # seconds decoded at the end of each clip: a truncated file fails there
+SHORT_DATA = re.compile(r"\b(?:data|SSND) : (\d+) \(should be (\d+)\)")  # libsndfile's log
+
+
+def decode_error(path):
+    """Why a clip cannot be used, or None. libsndfile opens a truncated WAV or AIFF as a
+    shorter clip (its log says that the header's data size "should be" what the file holds),
+    a truncated Ogg as malformed or of 0 frames, a truncated FLAC or MP3 with its header's
+    frame count but no frames at the end: the header and the last TAIL_S seconds tell."""
+    said = lambda e: getattr(e, "error_string", None) or str(e).splitlines()[0]
+    if os.path.getsize(path) == 0:
+        return "empty file (0 bytes)"
+    try:
+        info = sf.info(path, verbose=True)
+    except RuntimeError as e:  # sf.LibsndfileError is one
+        return f"cannot open: {said(e)}"
+    short = SHORT_DATA.search(info.extra_info)
+    if short and int(short[1]) != 0xFFFFFFFF:  # a streamed WAV's "size unknown"
+        return (f"truncated: its header gives {int(short[1]):,} bytes of audio, the file "
+                f"holds {int(short[2]):,}")
+    if info.frames <= 0:
+        return "no audio frames"
+    n = min(info.frames, math.ceil(TAIL_S * info.samplerate))
+    try:
+        x, _ = sf.read(path, start=info.frames - n, frames=n, dtype="float32")
+    except RuntimeError as e:
+        return f"truncated or corrupt: its last {TAIL_S:g} s do not decode ({said(e)})"
+    if len(x) < n:
+        return f"truncated: {len(x)} of the last {n} frames its header gives decode"
+    return None if np.isfinite(x).all() else "NaN or infinite samples"
+
+
+def decode_errors(paths, workers):
+    """{path: why} of the files among `paths` that cannot be used (decode_error), each decoded
+    once in `workers` processes, with a progress bar."""
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        whys = list(tqdm(pool.imap(decode_error, paths, chunksize=16), total=len(paths),
+                         desc=f"decoding {len(paths):,} clips", unit=" clips", leave=False))
+    return {p: why for p, why in zip(paths, whys) if why}
 
 
 def _flac16k(job):
@@ -259,7 +345,7 @@ def to_flac16k(jobs, workers):
 
 
 class Labels:
-    """Classes of a task, from the training rows (sorted) unless given. Column `label` is
+    """Classes of a task: the list given, else the sorted labels of `rows`. Column `label` is
     single-label (targets: class index), `labels` multi-label (`;`-separated; multi-hot; a
     value with commas and no ';' is an error, not one class)."""
 
@@ -272,6 +358,14 @@ class Labels:
         self.classes = list(classes) if classes else \
             sorted({c for r in rows for c in self.split(r)})
         self.index = {c: i for i, c in enumerate(self.classes)}
+
+    @classmethod
+    def of_task(cls, data, rows, data_root=None):
+        """The label space of every stage on a task: the class list prepare.py recorded
+        (task_classes: FSD50K's 200 even where a copy uses fewer), else the classes of `rows`,
+        which are all the task's rows (train, valid, test), so that a class seen only in
+        held-out or test rows is still one of them."""
+        return cls(rows, task_classes(data, data_root))
 
     def split(self, r):
         v = r.get(self.col)
@@ -293,7 +387,7 @@ class Labels:
             for c in self.split(r):
                 if c not in self.index:
                     raise DataError(f"{r['_where']}: label {c!r} is not one of the "
-                                    f"{len(self.classes)} training classes")
+                                    f"{len(self.classes)} classes of the task")
                 if self.multi:
                     out[i, self.index[c]] = 1
                 else:

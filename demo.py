@@ -125,6 +125,8 @@ def make_demo(root=None, force=False):
         if not force and os.path.isfile(stamp) and open(stamp).read().strip() == str(DEMO_VERSION):
             return out
         t0 = time.time()
+        print(f"writing the demo data to {out} (once; about a minute on 2 cores) ...",
+              flush=True)
         _make_demo(out)
         with open(stamp, "w") as f:
             f.write(f"{DEMO_VERSION}\n")

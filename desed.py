@@ -13,6 +13,7 @@ import torch
 
 from data import DataError, load_audio, read_table
 from demo import make_demo
+from loaders import read_or_replace
 from model import TOKEN_S
 from plumbing import UserError, default_data_root, write_table
 
@@ -137,15 +138,24 @@ def encode_strong(events, classes, n_frames):
 
 
 class SedClips(torch.utils.data.Dataset):
-    """(wav, valid samples, target) of SED clips: strong targets (T, C) or weak ones (C,)."""
+    """(wav, valid samples, target) of SED clips: strong targets (T, C) or weak ones (C,).
+    Training (train): a clip that fails to decode is replaced by another (with its target),
+    drawn from (seed, index) (loaders.read_or_replace, whose messages come 4th); otherwise it
+    ends the run, as a replaced one would change a reported score."""
 
-    def __init__(self, audio_dir, files, targets, seconds=CLIP_SECONDS):
+    def __init__(self, audio_dir, files, targets, seconds=CLIP_SECONDS, train=False, seed=0):
         self.audio_dir, self.files, self.targets, self.seconds = audio_dir, files, targets, seconds
+        self.train, self.seed = train, seed
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
+        if self.train:
+            return read_or_replace(self.read, i, len(self.files), (self.seed, i))
+        return self.read(i)
+
+    def read(self, i, rng=None):
         wav, valid = load_audio(os.path.join(self.audio_dir, self.files[i]), self.seconds,
                                 where=f"{self.audio_dir} clip {self.files[i]}")
         return wav, valid, self.targets[i]

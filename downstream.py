@@ -5,6 +5,8 @@ checkpoint, or the same shape with fresh weights: --random_init), the run folder
 locked, cleared of interrupted saves), resuming after the last finished epoch, and the fields
 every result file starts with.
 """
+import functools
+import json
 import os
 import signal
 import time
@@ -12,7 +14,8 @@ from types import SimpleNamespace
 
 from cluster import claim_out_dir, decide, setup_distributed, visible
 from config import describe
-from plumbing import UserError, load_checkpoint, save_atomic, save_json
+from plumbing import (UserError, default_data_root, digest, load_checkpoint, save_atomic,
+                       save_json)
 from runtime import load_encoder, random_weights
 
 EVAL_BATCH = 32  # clips per rank per batch where nothing is trained (caching, scoring)
@@ -37,28 +40,72 @@ def start_encoder(c, d):
 
 
 def run_dir(c, d, stage, ae, *parts):
-    """--out_dir, or out/<stage>_<data>_<kind>[_<parts>][_random], claimed for this job."""
+    """--out_dir, or out/<stage>_<data>_<kind>[_<parts>][_random], claimed for this job. A
+    folder holding a run with other settings is refused now, before the data are read
+    (from the summary save_epoch writes beside its checkpoint; resume() checks again)."""
     name = "_".join([stage, os.path.basename(c.data), ae.kind, *parts])
-    return claim_out_dir(c.out_dir or os.path.join(
+    out_dir = claim_out_dir(c.out_dir or os.path.join(
         "out", name + ("_random" if c.random_init else "")), d)
+    path = os.path.join(out_dir, "ckpt.pt")
+    then = decide(lambda: (_json(path + ".json") or {}).get("settings"), d)
+    if then:
+        same_run(path, then, vars(c), d)
+    return out_dir
 
 
-RUN_KEYS = ("ckpt", "teacher", "data", "mode", "frame_pool", "random_init", "seed")
+def _json(path):
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+# What may change when a run resumes: where and how fast it runs (a micro-batch splits the
+# same batch; a cache holds exactly what it replaces) and how its values were given (a flag
+# or a row), not what it trains
+RUNTIME_KEYS = ("out_dir", "out", "num_workers", "device", "micro_batch", "cache", "cache_dir",
+                "predict", "data_root", "set_by_user", "from_rows")
+
+
+def settings(cfg):
+    """What shapes a run's model and its reported result: every config value but RUNTIME_KEYS;
+    a value naming a file or folder by what it holds (the same checkpoint by another path is
+    the same run, an overwritten one is not), a named dataset with the root it was read from."""
+    out = {k: (_held(os.path.abspath(v), os.stat(v).st_mtime_ns) if isinstance(v, str) and v
+               and os.path.exists(v) else v) for k, v in cfg.items() if k not in RUNTIME_KEYS}
+    if "data" in cfg and not os.path.exists(cfg["data"]):
+        root = os.path.abspath(cfg.get("data_root") or default_data_root())
+        out["data"] = f"{cfg['data']} in {root}"
+    return json.loads(json.dumps(out, default=str))  # as the checkpoint's summary holds it
+
+
+def same_run(path, then, cfg, d):
+    """A UserError naming every setting in which the run saved at `path` (its settings
+    `then`) and this one (cfg) differ."""
+    now = decide(lambda: settings(cfg), d)
+    other = {k: (then.get(k), now.get(k)) for k in {**then, **now} if then.get(k) != now.get(k)}
+    if other:
+        said = "; ".join(f"{k} {a!r}, this run {b!r}" for k, (a, b) in sorted(other.items()))
+        raise UserError(f"{path} is another run's ({said}): use another --out_dir, or the "
+                        "settings it was trained with")
+
+
+@functools.lru_cache
+def _held(path, mtime):
+    """A file's or folder's name and digest, once per version of it (not at every epoch)."""
+    return f"{os.path.basename(path)} (sha256 {digest(path)})"
 
 
 def resume(path, model, opt, d, cfg):
     """(epochs done, best so far or None) from a run folder's ckpt.pt, loaded into model and
     optimizer on every rank (before DDP is built); (0, None) when the run starts afresh. Rank
-    0 decides which. A folder of another run (another checkpoint, data, mode, ...: RUN_KEYS)
-    is an error, not a silent continuation."""
+    0 decides which. A folder of a run with other settings (any value but RUNTIME_KEYS: a
+    checkpoint, the data, lr, epochs, ...) is an error, not a silent continuation whose result
+    file would name settings the model was not trained with."""
     if not decide(lambda: os.path.exists(path), d):
         return 0, None
     ck = load_checkpoint(visible(path, d, "out_dir"))
-    other = {k: (ck["config"].get(k), cfg.get(k)) for k in RUN_KEYS
-             if ck["config"].get(k) != cfg.get(k)}
-    if other:
-        said = ", ".join(f"{k} {a!r}, this run {b!r}" for k, (a, b) in other.items())
-        raise UserError(f"{path} is another run's ({said}): use another --out_dir")
+    same_run(path, ck.get("settings") or settings(ck["config"]), cfg, d)  # older: no settings
     model.load_state_dict(ck["model"])
     try:
         opt.load_state_dict(ck["optimizer"])
@@ -73,8 +120,10 @@ def resume(path, model, opt, d, cfg):
 def save_epoch(path, model, opt, epoch, best, cfg, d):
     """The state resume() reads, after each finished epoch (rank 0, atomically)."""
     if d.master:
+        made = settings(cfg)
         save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
-                         best=best, config=cfg), path)
+                         best=best, config=cfg, settings=made), path,
+                    summary=dict(epoch=epoch, settings=made))
     if epoch == int(os.environ.get("ATST_DIE_AFTER_EPOCH", -1)):  # tests: a kill mid-run
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -34,7 +34,7 @@ from config import config_keys, configure
 from data import Labels, task_copy, task_splits
 from downstream import publish, record, resume, run_dir, save_epoch, start, start_encoder
 from heads import Classifier, layer_decay_groups
-from loaders import BalancedSampler, LabelledClips, pad_collate
+from loaders import BalancedSampler, LabelledClips, Unreadable, pad_collate, replaced
 from metrics import score
 from model import freeze, set_drop_path
 from plumbing import (WORKERS, Log, UserError, cosine_schedule, load_checkpoint, save_atomic,
@@ -107,7 +107,8 @@ def predict(model, rows, targets, batch, c, d):
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, collate_fn=pad_collate,
                                          num_workers=c.num_workers)
     out = []
-    for wav, valid, _ in loader:
+    for wav, valid, _ in tqdm(loader, desc=f"scoring {len(rows)} clips", disable=not d.master,
+                              leave=False):
         wav, valid = wav.to(d.device), valid.to(d.device)
         with d.ctx:
             out.append(model(*model.ae.features(wav, valid)).float().cpu())
@@ -149,7 +150,7 @@ def setup(cfg, teacher, stage):
         raise SystemExit(f"{stage}.py needs --ckpt (a pre-trained checkpoint)")
     train_rows, valid_rows, test_rows = task_splits(c.data, c.data_root or None, c.test_csv,
                                                     c.valid_csv, seed=c.seed, d=d)
-    labels = Labels(train_rows)
+    labels = Labels.of_task(c.data, train_rows + valid_rows + test_rows, c.data_root or None)
     y_train, y_valid, y_test = (labels.encode(r) for r in (train_rows, valid_rows, test_rows))
     micro, accum = split_batch(c.batch_size, c.micro_batch, d)  # said before any loading
     ae = start_encoder(c, d)
@@ -230,7 +231,8 @@ def run_epoch(r, epoch, kd_weight, pbar):
     model.train()
     r.ds.set_epoch(epoch)
     r.sampler.set_epoch(epoch)
-    batches, loss_sum = iter(r.loader), 0.0
+    said = []  # messages of the clips replaced in this step's batches
+    batches, loss_sum = replaced(iter(r.loader), said), 0.0
     for i in range(r.per_epoch):
         step = epoch * r.per_epoch + i
         for g in opt.param_groups:
@@ -241,6 +243,7 @@ def run_epoch(r, epoch, kd_weight, pbar):
             torch.manual_seed(seed)  # drop-path
             return micro_loss(r, *next(batches), seed, kd_weight)
         loss_val = accumulate(r.ddp, r.accum, d, micro)
+        r.unreadable(step + 1, said, (step + 1) * c.batch_size)
         torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
         if not math.isfinite(loss_val):
             raise SystemExit(f"non-finite loss ({loss_val}) at epoch {epoch} step {i}: stopping")
@@ -265,6 +268,7 @@ def train(cfg, teacher=None, kd_weight=0.5, stage="finetune"):
     best = best or dict(valid=-math.inf, epoch=-1)
     model, r.ddp = wrap_ddp(model, d)  # after resume: every rank starts from rank 0's weights
     r.model, r.gen = model, torch.Generator(device=d.device)
+    r.unreadable = Unreadable(r.out_dir, d, epoch * r.per_epoch)
     log = Log(r.out_dir, d.master, resume=("epoch", epoch))
     pbar = tqdm(total=r.total, initial=epoch * r.per_epoch, disable=not d.master,
                 dynamic_ncols=True)

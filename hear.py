@@ -18,6 +18,8 @@ The suite's own runners over this module (requirements-hear.txt; README, HEAR an
 """
 import importlib
 import importlib.util
+import inspect
+import json
 import os
 import sys
 import types
@@ -25,6 +27,7 @@ import types
 import torch
 
 from model import SAMPLE_RATE
+from plumbing import UserError, user_errors
 from runtime import load_encoder
 
 
@@ -51,6 +54,27 @@ def get_timestamp_embeddings(audio, model):
 
 def get_scene_embeddings(audio, model):
     return _embed(audio, model).clip
+
+
+def check_model_options(args):
+    """The embeddings runner's --model-options (a JSON object of load_model's keyword
+    arguments), checked here: heareval's own json.loads of it ends in a traceback, and an
+    unknown key in a TypeError deep inside its Embedding class."""
+    known = list(inspect.signature(load_model).parameters)[1:]  # all but the model's path
+    for i, a in enumerate(args):
+        if a != "--model-options" and not a.startswith("--model-options="):
+            continue
+        text = a.split("=", 1)[1] if "=" in a else args[i + 1] if i + 1 < len(args) else ""
+        try:
+            options = json.loads(text)
+        except ValueError as e:
+            raise UserError(f"--model-options {text!r}: not JSON ({e}); e.g. --model-options "
+                            "'{\"frame_pool\": \"concat\"}'") from None
+        if not isinstance(options, dict) or set(options) - set(known):
+            what = f"unknown {sorted(set(options) - set(known))}" if isinstance(options, dict) \
+                else "not a JSON object"
+            raise UserError(f"--model-options {text!r}: {what}; it takes hear.load_model's "
+                            f"options ({', '.join(known)})")
 
 
 def heareval_runner(stage):
@@ -93,4 +117,6 @@ if __name__ == "__main__":
         ap.parse_args()  # --help, or an error naming the stages
     stage = sys.argv[1]
     args = ["hear", *sys.argv[2:]] if stage == "embeddings" else sys.argv[2:]
-    heareval_runner(stage).main(args=args, prog_name=f"hear.py {stage}")
+    with user_errors():  # a checkpoint or an option that is wrong: one line, exit 1
+        check_model_options(args)
+        heareval_runner(stage).main(args=args, prog_name=f"hear.py {stage}")

@@ -36,7 +36,8 @@ from heads import LinearHead
 from loaders import LabelledClips, pad_collate
 from metrics import score
 from model import SAMPLE_RATE
-from plumbing import WORKERS, UserError, check_writable, cosine_schedule, save_atomic, user_errors
+from plumbing import (WORKERS, UserError, check_writable, cosine_schedule, load_checkpoint,
+                      save_atomic, user_errors)
 
 # -------------------------------------------------------------------------------- config
 ckpt = ""                   # pre-trained checkpoint: ours (teacher encoder) or a released one
@@ -73,7 +74,7 @@ def extract(ae, rows, c, d, tag):
                  .hexdigest()[:16], d)  # rank 0's tag: its copy of the checkpoint
     path = os.path.join(c.cache_dir, f"linear_{key}.pt")
     if decide(lambda: os.path.exists(path), d):
-        return torch.load(visible(path, d, "cache_dir"))
+        return load_checkpoint(visible(path, d, "cache_dir"))
     mine = my_shard(len(rows), d)
     ds = LabelledClips([rows[i] for i in mine], torch.zeros(len(mine)), c.max_seconds)
     loader = torch.utils.data.DataLoader(ds, batch_size=c.extract_batch, collate_fn=pad_collate,
@@ -118,7 +119,7 @@ def evaluate_split(c, d, task, features, folds=0, fold=0):
     -> (N, F) features of manifest rows."""
     train, valid, test = task_splits(task, c.data_root or None, c.test_csv, c.valid_csv,
                                      folds, fold, seed=c.seed, d=d)
-    labels = Labels(train)
+    labels = Labels.of_task(task, train + valid + test, c.data_root or None)
     ys = [labels.encode(r).to(d.device) for r in (train, valid, test)]
     Xs = [features(rows).float().to(d.device) for rows in (train, valid, test)]
     val, heads = {}, {}

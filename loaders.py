@@ -1,14 +1,105 @@
 """
 How the data reaches a step: the torch Datasets and Samplers over data.py's manifests. The
 pre-training stream (endless, the same micro-batches on every launch and resume), balanced
-sampling, labelled clips and their padded batches. Audio is read in the DataLoader workers
+sampling, labelled clips and their padded batches, and the clips of a training run that fail
+to decode (replaced, counted, named). Audio is read in the DataLoader workers
 (data.load_audio); every random draw comes from explicit seeds, never from worker state.
 """
+import os
+
 import numpy as np
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
-from data import DataError, load_audio
-from plumbing import step_seed
+from cluster import decide
+from data import AudioError, DataError, load_audio
+from plumbing import UserError, save_text, step_seed
+
+# ----------------------------------------------------------------------------------------------
+# Clips that fail to decode in training: nearly every scraped AudioSet copy holds a few, and
+# one of them must not end a run hours in. Each is replaced by another row (read_or_replace),
+# named, and counted (Unreadable); the run stops only when they are more than a few.
+
+MAX_UNREADABLE_SHARE = 0.001  # a run stops when more than this share of the clips seen failed
+MIN_UNREADABLE = 10           # ... and more than this many (one in the first batch is no trend)
+ATTEMPTS = 10                 # rows tried for one item before its error ends the run
+
+
+def read_or_replace(read, i, n, seeds):
+    """read(i, rng) of row i, rng seeded by `seeds` (what the item draws without failures);
+    when the clip fails to decode (data.AudioError), read(j, rng) of a row j drawn from an rng
+    seeded by (*seeds, attempt), which also draws its crop: the same replacement in any worker
+    and after a resume. Returns read's tuple + (the failures' messages, one a line; '' when
+    none: default_collate batches strings)."""
+    rng, failed = np.random.default_rng(list(seeds)), []
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return (*read(i, rng), "\n".join(failed))
+        except AudioError as e:
+            failed.append(" ".join(str(e).split()))
+        rng = np.random.default_rng([*seeds, attempt])
+        i = int(rng.integers(n))
+    raise AudioError(f"{failed[0]}; and the {ATTEMPTS - 1} rows drawn to replace it failed too "
+                     f"(the last: {failed[-1]})")
+
+
+def replaced(batches, said):
+    """A training loader's batches without their last item, the messages of the clips
+    replaced in them, which go to the list `said` (for Unreadable) as the batch is taken."""
+    for *batch, messages in batches:
+        said += [m for s in messages for m in s.splitlines()]
+        yield batch
+
+
+class Unreadable:
+    """The clips a training run replaced, over every rank: each named by rank 0 (a line, and
+    one in out_dir/unreadable.txt, rewritten atomically), counted, and the run stopped on
+    every rank together once they are more than MIN_UNREADABLE and MAX_UNREADABLE_SHARE of
+    the clips seen. The file is also the count's record, read back on resume (after `done`
+    steps): its lines up to that step are kept, the later ones come again as the run meets
+    the same clips, replaced the same way, so a resumed run counts what an uninterrupted one
+    counts (downstream checkpoints are written by downstream.save_epoch, which knows no
+    loader; the list has to outlive the run anyway, as the stop names it)."""
+
+    def __init__(self, out_dir, d, done):
+        self.path, self.d = os.path.join(out_dir, "unreadable.txt"), d
+        self.lines = decide(lambda: self._kept(done), d)
+
+    def _kept(self, done):
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            lines = f.read().splitlines()
+        kept = [x for x in lines if int(x.split(":", 1)[0].split()[-1]) <= done]
+        if kept != lines:
+            save_text("".join(x + "\n" for x in kept), self.path)
+        return kept
+
+    def __call__(self, step, said, seen):
+        """After step `step` (from 1): `said`, this rank's messages of the clips replaced in
+        it (emptied here), and `seen`, the clips every rank read up to it."""
+        new, said[:] = list(said), []
+        if self.d.world > 1:
+            every = [None] * self.d.world
+            dist.all_gather_object(every, new)
+            new = [m for part in every for m in part]
+        if not new:
+            return
+        new = [f"step {step}: {m}" for m in new]
+        self.lines += new
+
+        def record():  # on rank 0, before any rank stops
+            for x in new:
+                tqdm.write(f"replaced an unreadable clip, {x}")
+            save_text("".join(x + "\n" for x in self.lines), self.path)
+        decide(record, self.d)
+        n = len(self.lines)
+        if n > MIN_UNREADABLE and n > MAX_UNREADABLE_SHARE * seen:
+            raise UserError(f"{n} of the {seen} clips read so far failed to decode (more than "
+                            f"{MIN_UNREADABLE} and {MAX_UNREADABLE_SHARE:.1%}): stopping; they "
+                            f"are listed in {self.path}: mend them or drop their rows from the "
+                            "manifest")
 
 # ----------------------------------------------------------------------------------------------
 # Pre-training: an endless stream of random crops
@@ -17,7 +108,8 @@ from plumbing import step_seed
 class ClipDataset(torch.utils.data.Dataset):
     """Random `seconds`-long crops of manifest rows. Items are (index, key) pairs from
     StreamSampler; the crop is drawn from an RNG seeded by (seed, key), so it does not depend
-    on the worker count or on where a run was resumed."""
+    on the worker count or on where a run was resumed. An item is (wav, valid, the messages
+    of the clips that failed to decode and were replaced: read_or_replace)."""
 
     def __init__(self, rows, seconds, seed=0):
         self.rows, self.seconds, self.seed = rows, seconds, seed
@@ -27,10 +119,11 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         idx, key = item
+        return read_or_replace(self.read, idx, len(self.rows), (self.seed, key))
+
+    def read(self, idx, rng):
         r = self.rows[idx]
-        rng = np.random.default_rng([self.seed, key])
-        wav, valid = load_audio(r["path"], self.seconds, rng, r["_where"])
-        return wav, valid
+        return load_audio(r["path"], self.seconds, rng, r["_where"])
 
 
 class StreamSampler(torch.utils.data.Sampler):
@@ -61,7 +154,8 @@ class StreamSampler(torch.utils.data.Sampler):
 
 
 def stream_loader(rows, seconds, batch, d, seed, start, workers):
-    """DataLoader of (wav (B, S), valid (B,)) for pre-training, resumable at micro-batch start."""
+    """DataLoader of (wav (B, S), valid (B,), [messages of replaced clips]) for pre-training,
+    resumable at micro-batch start."""
     sampler = StreamSampler(len(rows), batch, d.rank, d.world, seed, start)
     return torch.utils.data.DataLoader(
         ClipDataset(rows, seconds, seed), batch_sampler=sampler, num_workers=workers,
@@ -94,8 +188,10 @@ class BalancedSampler(torch.utils.data.Sampler):
 
 class LabelledClips(torch.utils.data.Dataset):
     """(wav, valid samples, target) of manifest rows. Training: a random `seconds` crop (RNG
-    from (seed, epoch, index); call set_epoch), zero-padded. Evaluation: the centre
-    `seconds` of longer clips, unpadded (pad_collate pads the batch)."""
+    from (seed, epoch, index); call set_epoch), zero-padded, and a 4th item, the messages of
+    clips that failed to decode and were replaced (read_or_replace). Evaluation: the centre
+    `seconds` of longer clips, unpadded (pad_collate pads the batch); a clip that fails to
+    decode ends the run, as a replaced one would change a reported score."""
 
     def __init__(self, rows, targets, seconds, train=False, seed=0):
         self.rows, self.targets, self.seconds, self.train, self.seed = rows, targets, seconds, \
@@ -109,16 +205,21 @@ class LabelledClips(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i):
+        if self.train:
+            return read_or_replace(self.read, i, len(self.rows), (self.seed, self.epoch, i))
+        return self.read(i, None)
+
+    def read(self, i, rng):
         r = self.rows[i]
-        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.train else None
-        wav, valid = load_audio(r["path"], self.seconds, rng, r["_where"], pad=self.train)
-        return wav, valid, self.targets[i]
+        return (*load_audio(r["path"], self.seconds, rng, r["_where"], pad=self.train),
+                self.targets[i])
 
 
 def pad_collate(batch):
-    """Zero-pad a list of (wav, valid, target) to the longest clip: (B, S), (B,), targets."""
-    wavs, valid, targets = zip(*batch)
+    """Zero-pad a list of (wav, valid, target[, replaced clips' messages]) to the longest clip:
+    (B, S), (B,), targets[, a list of B messages]."""
+    wavs, valid, targets, *said = zip(*batch)
     out = torch.zeros(len(wavs), max(w.shape[0] for w in wavs))
     for i, w in enumerate(wavs):
         out[i, :w.shape[0]] = w
-    return out, torch.tensor(valid), torch.stack(targets)
+    return out, torch.tensor(valid), torch.stack(targets), *(list(m) for m in said)

@@ -6,6 +6,7 @@ knows a model or a method (the config block: config.py) or other processes (clus
 import argparse
 import contextlib
 import csv
+import hashlib
 import json
 import math
 import os
@@ -77,12 +78,33 @@ def ema_schedule(m0, total_steps, ramp="cosine"):
 # Checkpoints, result files and logs: written atomically (temporary file, fsync, rename)
 
 
+PARTIAL = re.compile(r"^\..+\.atst-partial-\d+$")  # write_atomic's temporary names, no other
+
+
+def partial_name(path):
+    """The temporary file write_atomic writes `path` through: .NAME.atst-partial-PID beside it
+    (hidden; a name no user file is likely to have, so that clean-up removes ours alone)."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.atst-partial-{os.getpid()}")
+
+
+def remove_partials(folder, say=print):
+    """Delete what saves interrupted by a kill left in `folder` (write_atomic's temporary
+    names only, never a user's `notes.tmp`), and say each."""
+    with contextlib.suppress(FileNotFoundError):
+        for name in sorted(os.listdir(folder)):
+            if PARTIAL.match(name):
+                os.remove(os.path.join(folder, name))
+                say(f"removed {os.path.join(folder, name)}: a save interrupted by a kill")
+
+
 def write_atomic(path, write, mode="wb"):
-    """write(f) to a temporary file, fsync, rename over path: every file we write goes through
-    here (checkpoints, JSON, text, .npz, safetensors, FLAC). A failed write (a full disk, a
-    quota, an I/O error: an OSError, or torch.save's RuntimeError around one) removes the
-    temporary file, leaves any previous `path` as it was, and is one line naming the file."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """write(f) to a temporary file (partial_name), fsync, rename over path: every file we
+    write goes through here (checkpoints, JSON, text, .npz, safetensors, FLAC). A failed write
+    (a full disk, a quota, an I/O error: an OSError, or torch.save's RuntimeError around one)
+    removes the temporary file, leaves any previous `path` as it was, and is one line naming
+    the file."""
+    tmp = partial_name(path)
     try:
         with open(tmp, mode) as f:
             write(f)
@@ -130,6 +152,26 @@ def _write_rows(f, delimiter, header, rows):
     w = csv.writer(f, delimiter=delimiter, lineterminator="\n")
     w.writerow(header)
     w.writerows(rows)
+
+
+def digest(path):
+    """What a file or folder holds, for telling runs apart: sha256 (16 hex digits) of a file's
+    bytes, or of a folder's file names and bytes (an exported model); None when `path` names
+    neither (a Hub id, a dataset name)."""
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if os.path.isfile(os.path.join(path, f))
+                       and not PARTIAL.match(f))
+    elif os.path.isfile(path):
+        files = [""]
+    else:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.encode() + b"\0")
+        with open(os.path.join(path, f) if f else path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
 
 
 def default_data_root():

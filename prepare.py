@@ -1,13 +1,17 @@
 """
 The datasets as their authors distribute them -> the manifests every stage reads (README
 "Reproduce the tables"). One function per dataset reads the official metadata and finds the
-clips it names; `write` then writes DATA_ROOT/NAME/{train,valid,test}.csv (absolute paths,
+clips it names; `prepare` then writes DATA_ROOT/NAME/{train,valid,test}.csv (absolute paths,
 labels as the stages read them: README "Data layout") and DATA_ROOT/NAME/info.json: per split
-the clips the metadata lists and the clips found, the classes, and a fingerprint of the copy
-(a hash of the sorted relative paths and sizes of the files used). Every result file of a stage
-records that copy, and results/tables.md names it beside each number. Listed clips that are
-not on disk are counted, listed in DATA_ROOT/NAME/missing.txt and said; a missing metadata file,
-or a split of which no clip is found, is an error.
+the clips the metadata lists, found, missing and unreadable, the class list (from the dataset's
+own class file: the label space of every stage), and a fingerprint of the copy (a hash of the
+sorted relative paths and sizes of the files used). Every result file of a stage records that
+copy, and results/tables.md names it beside each number. Every clip found is decoded (its
+header and last 0.1 s, data.decode_error, in --workers processes: a truncated or empty file
+fails there); one that does not decode is left out, listed with the reason in
+DATA_ROOT/NAME/unreadable.txt and said.
+Listed clips that are not on disk are counted, listed in DATA_ROOT/NAME/missing.txt and said; a
+missing metadata file, or a split of which no readable clip is found, is an error.
 
     python prepare.py spcv2 /downloads/speech_commands_v0.02 --out $ATST_DATA
     python prepare.py us8k /downloads/UrbanSound8K --out $ATST_DATA
@@ -21,7 +25,8 @@ or a split of which no clip is found, is an error.
 
 --resample DIR converts the clips once to 16 kHz mono FLAC under DIR (parallel processes,
 resumable) and writes the manifests against that copy, so that training workers stop
-resampling 44.1 / 48 kHz audio every epoch. The fingerprint stays that of the download.
+resampling 44.1 / 48 kHz audio every epoch (a clip that fails to convert is unreadable). The
+fingerprint stays that of the download.
 """
 import argparse
 import csv
@@ -33,19 +38,21 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from data import AUDIO_EXTS, read_table, to_flac16k
-from plumbing import UserError, default_data_root, save_json, save_text, user_errors, write_table
+from data import AUDIO_EXTS, decode_errors, read_table, to_flac16k
+from plumbing import (UserError, check_writable, default_data_root, save_json, save_text,
+                      user_errors, write_table)
 
-INFO_VERSION = 1
+INFO_VERSION = 2  # 2: classes is the list, unreadable clips counted and listed
 
 
 class Split:
     """The clips of one split: rows found on disk (dicts with `path` (absolute), `rel` (relative
-    to the download's root: fingerprint, missing list) and label columns), and the relative
-    paths the metadata names that are not on disk."""
+    to the download's root: fingerprint, lists) and label columns), the relative paths the
+    metadata names that are not on disk, and (relative path, why) of the clips found that do
+    not decode."""
 
     def __init__(self):
-        self.rows, self.missing = [], []
+        self.rows, self.missing, self.unreadable = [], [], []
 
     def add(self, root, rel, **labels):
         path = os.path.join(root, rel)
@@ -54,8 +61,13 @@ class Split:
         else:
             self.missing.append(rel)
 
+    def drop(self, bad):
+        """Moves the rows whose clip is in `bad` ({path: why}) to the unreadable ones."""
+        self.unreadable += [(r["rel"], bad[r["path"]]) for r in self.rows if r["path"] in bad]
+        self.rows = [r for r in self.rows if r["path"] not in bad]
+
     def listed(self):
-        return len(self.rows) + len(self.missing)
+        return len(self.rows) + len(self.missing) + len(self.unreadable)
 
 
 def need(path, what):
@@ -83,61 +95,65 @@ def walk(root, meta=()):
     return audio, found
 
 
-def fingerprint(splits):
-    """sha256 of the sorted (relative path, size) of every clip used: two copies of a dataset
-    get the same fingerprint only if they hold the same files of the same sizes."""
+def fingerprint(src, splits):
+    """sha256 of the sorted (relative path, size) of every clip used, in the download: two
+    copies of a dataset get the same fingerprint only if they hold the same files of the same
+    sizes."""
     h = hashlib.sha256()
-    for rel, path in sorted({r["rel"]: r["path"] for s in splits.values() for r in s.rows}
-                            .items()):
-        h.update(f"{rel}\t{os.path.getsize(path)}\n".encode())
+    for rel in sorted({r["rel"] for s in splits.values() for r in s.rows}):
+        h.update(f"{rel}\t{os.path.getsize(os.path.join(src, rel))}\n".encode())
     return h.hexdigest()[:16]
+
+
+def drop_unreadable(splits, workers):
+    """Decodes every clip of `splits` (Split objects) once (data.decode_errors) and moves
+    those that fail to each split's unreadable ones."""
+    bad = decode_errors(sorted({r["path"] for s in splits for r in s.rows}), workers)
+    for s in splits:
+        s.drop(bad)
 
 
 def check(name, src, splits):
     for split, s in splits.items():
         if not s.rows:
-            raise UserError(f"{name}: no clip of the {split} split found under {src} "
-                            f"({s.listed()} listed, e.g. {s.missing[:2]}); is it the "
+            why = [f"{len(items)} {what}, e.g. {items[0]}" for items, what in (
+                (s.missing, "not found"), ([f"{r}: {w}" for r, w in s.unreadable],
+                                           "unreadable")) if items]
+            raise UserError(f"{name}: no readable clip of the {split} split under {src} ("
+                            + "; ".join([f"{s.listed()} listed"] + why) + f"); is it the "
                             f"{name} download, unpacked?")
 
 
-def write(out, name, src, splits, label_col, classes, resample="", workers=4, extra=None):
-    """Manifests, info.json and missing.txt of one dataset under out/name; returns info."""
-    check(name, src, splits)
-    fp = fingerprint(splits)
-    if resample:
-        splits = resampled(splits, resample, workers)
-    cols = ["path", label_col] + (["fold"] if "fold" in next(iter(splits.values())).rows[0]
-                                  else [])
-    for split, s in splits.items():
-        write_table(os.path.join(out, name, f"{split}.csv"), cols,
-                    ([r[c] for c in cols] for r in s.rows))
-    return write_info(out, name, src, splits, classes, fp, resample, extra)
-
-
-def write_info(out, name, src, splits, classes, fp, resample="", extra=None):
-    """out/name/info.json (what stages record about this copy) and missing.txt; says both."""
-    folder = os.path.join(out, name)
-    missing = [f"{split}\t{rel}" for split, s in splits.items() for rel in s.missing]
-    miss_path = os.path.join(folder, "missing.txt")
-    if missing:
-        save_text("".join(m + "\n" for m in missing), miss_path)
-    elif os.path.exists(miss_path):
-        os.remove(miss_path)
-    info = dict(dataset=name, version=INFO_VERSION, source=os.path.abspath(src),
+def write_info(out, name, src, splits, classes, resample="", extra=None):
+    """out/name/info.json (what stages record about this copy), missing.txt and
+    unreadable.txt (each removed when empty: an earlier run's); says what they hold."""
+    folder, fp = os.path.join(out, name), fingerprint(src, splits)
+    lists = {"missing.txt": [f"{k}\t{rel}" for k, s in splits.items() for rel in s.missing],
+             "unreadable.txt": [f"{k}\t{rel}\t{why}" for k, s in splits.items()
+                                for rel, why in s.unreadable]}
+    for f, lines in lists.items():
+        if lines:
+            save_text("".join(line + "\n" for line in lines), os.path.join(folder, f))
+        elif os.path.exists(os.path.join(folder, f)):
+            os.remove(os.path.join(folder, f))
+    info = dict(dataset=name, version=INFO_VERSION, source=src,
                 prepared=datetime.datetime.now().isoformat(timespec="seconds"),
-                fingerprint=fp, classes=len(classes),
-                splits={k: dict(listed=s.listed(), found=len(s.rows), missing=len(s.missing))
-                        for k, s in splits.items()},
-                missing_list="missing.txt" if missing else None,
-                resampled=os.path.abspath(resample) if resample else None, **(extra or {}))
+                fingerprint=fp, classes=list(classes),
+                splits={k: dict(listed=s.listed(), found=len(s.rows), missing=len(s.missing),
+                                unreadable=len(s.unreadable)) for k, s in splits.items()},
+                missing_list="missing.txt" if lists["missing.txt"] else None,
+                unreadable_list="unreadable.txt" if lists["unreadable.txt"] else None,
+                resampled=resample or None, **(extra or {}))
     save_json(info, os.path.join(folder, "info.json"))
-    counts = ", ".join(f"{k} {v['found']:,}" + (f" of {v['listed']:,}" if v["missing"] else "")
+    counts = ", ".join(f"{k} {v['found']:,}" + (f" of {v['listed']:,}" if v["found"] <
+                                                v["listed"] else "")
                        for k, v in info["splits"].items())
     print(f"{name}: {counts} clips, {len(classes)} classes, copy {fp} -> {folder}")
-    if missing:
-        print(f"  warning: {len(missing):,} of the clips the metadata lists are not in {src} "
-              f"(they are listed in {miss_path}); results on this copy say so")
+    for f, said in (("missing.txt", f"of the clips the metadata lists are not in {src}"),
+                    ("unreadable.txt", "of the clips found do not decode and are left out")):
+        if lists[f]:
+            print(f"  warning: {len(lists[f]):,} {said} (they are listed in "
+                  f"{os.path.join(folder, f)}); results on this copy say so")
     return info
 
 
@@ -180,21 +196,21 @@ def us8k(src):
     """UrbanSound8K: audio/fold1..10 and metadata/UrbanSound8K.csv; one train.csv with a
     `fold` column (linear_eval.py rotates the test fold over the 10)."""
     meta = need(os.path.join(src, "metadata", "UrbanSound8K.csv"), "UrbanSound8K's metadata")
-    s = Split()
-    for r in read_table(meta, ["slice_file_name", "fold", "class"]):
+    s, rows = Split(), read_table(meta, ["slice_file_name", "fold", "class"])
+    for r in rows:
         s.add(src, os.path.join("audio", f"fold{r['fold']}", r["slice_file_name"]),
               label=r["class"], fold=r["fold"])
-    return {"train": s}, "label", sorted({r["label"] for r in s.rows})
+    return {"train": s}, "label", sorted({r["class"] for r in rows})
 
 
 def esc50(src):
     """ESC-50: audio/*.wav and meta/esc50.csv (filename, fold 1-5, category); one train.csv
     with a `fold` column (--folds 5)."""
     meta = need(os.path.join(src, "meta", "esc50.csv"), "ESC-50's metadata")
-    s = Split()
-    for r in read_table(meta, ["filename", "fold", "category"]):
+    s, rows = Split(), read_table(meta, ["filename", "fold", "category"])
+    for r in rows:
         s.add(src, os.path.join("audio", r["filename"]), label=r["category"], fold=r["fold"])
-    return {"train": s}, "label", sorted({r["label"] for r in s.rows})
+    return {"train": s}, "label", sorted({r["category"] for r in rows})
 
 
 def vox1(src):
@@ -206,7 +222,7 @@ def vox1(src):
     if split_file is None:
         raise UserError(f"no iden_split.txt under {src}: VoxCeleb1's identification split "
                         "(from the dataset's website) must be in the folder")
-    splits = {k: Split() for k in ("train", "valid", "test")}
+    splits, speakers = {k: Split() for k in ("train", "valid", "test")}, set()
     with open(split_file) as f:
         for i, line in enumerate(f, start=1):
             if not line.strip():
@@ -216,13 +232,18 @@ def vox1(src):
                 raise UserError(f"{split_file} line {i}: expected '1|2|3 idXXXXX/video/n.wav'")
             name = os.path.normpath(part[1])
             split = ("train", "valid", "test")[int(part[0]) - 1]
+            speakers.add(name.split(os.sep)[0])
             splits[split].add(src, by_name.get(name, name), label=name.split(os.sep)[0])
-    return splits, "label", sorted({r["label"] for s in splits.values() for r in s.rows})
+    return splits, "label", sorted(speakers)
+
+
+NSYNTH_FAMILIES = ("bass", "brass", "flute", "guitar", "keyboard", "mallet", "organ", "reed",
+                   "string", "synth_lead", "vocal")  # instrument_family 0-10 (R8)
 
 
 def nsynth(src):
     """NSynth: nsynth-{train,valid,test}/examples.json + audio/<note>.wav; label = instrument
-    family (11)."""
+    family (the 11 of NSYNTH_FAMILIES, whichever a split holds)."""
     splits = {}
     for split in ("train", "valid", "test"):
         folder = os.path.join(src, f"nsynth-{split}")
@@ -232,23 +253,34 @@ def nsynth(src):
             notes = json.load(f)
         splits[split] = Split()
         for note in sorted(notes):
+            family = notes[note].get("instrument_family_str")
+            if family not in NSYNTH_FAMILIES:
+                raise UserError(f"{meta}: note {note}: instrument_family_str {family!r} is not "
+                                f"one of NSynth's {len(NSYNTH_FAMILIES)} families")
             splits[split].add(src, os.path.join(f"nsynth-{split}", "audio", f"{note}.wav"),
-                              label=notes[note]["instrument_family_str"])
-    return splits, "label", sorted({r["label"] for s in splits.values() for r in s.rows})
+                              label=family)
+    return splits, "label", NSYNTH_FAMILIES
 
 
 def fsd50k(src):
     """FSD50K: FSD50K.{dev,eval}_audio and FSD50K.ground_truth/{dev,eval}.csv (dev's `split`:
-    train / val); multi-label, labels are the ontology's MIDs (display names in info.json)."""
+    train / val); multi-label, labels are the ontology's MIDs; the classes are the 200 of
+    vocabulary.csv (`index,display name,MID` lines; the names go to info.json)."""
     gt = os.path.join(src, "FSD50K.ground_truth")
     splits = {k: Split() for k in ("train", "valid", "test")}
-    names = {}
+    vocab = need(os.path.join(gt, "vocabulary.csv"), "FSD50K's class list")
+    with open(vocab, newline="") as f:
+        lines = list(csv.reader(f))
+    if not lines or any(len(line) != 3 for line in lines):
+        raise UserError(f"{vocab}: expected lines 'index,display name,MID'")
+    names = {mid: shown for _, shown, mid in lines}
     for part in ("dev", "eval"):
         meta = need(os.path.join(gt, f"{part}.csv"), f"FSD50K's {part} labels")
-        for r in read_table(meta, ["fname", "labels", "mids"] + (["split"] if part == "dev"
-                                                                 else [])):
-            mids, shown = r["mids"].split(","), r["labels"].split(",")
-            names.update(zip(mids, shown))
+        for r in read_table(meta, ["fname", "mids"] + (["split"] if part == "dev" else [])):
+            mids = r["mids"].split(",")
+            if any(m not in names for m in mids):
+                raise UserError(f"{r['_where']}: MID(s) {[m for m in mids if m not in names]}"
+                                f" not in {vocab}")
             split = "test" if part == "eval" else {"train": "train", "val": "valid"}.get(
                 r["split"])
             if split is None:
@@ -297,12 +329,13 @@ def read_segments(path, mids):
     return out
 
 
-def audioset(src, seed=0, n200k=200_000):
+def audioset(src, workers=4, seed=0, n200k=200_000):
     """AudioSet: a folder of downloaded clips (any audio format, nested folders, the common
     names of download tools: youtube_id) and the official CSVs anywhere under it. Several
-    datasets: as20k (balanced train / eval), and with unbalanced_train_segments.csv as2m
-    (balanced + unbalanced / eval), as1.9m (unbalanced) and as200k (a fixed-seed sample of
-    200,000 of as1.9m's clips). Labels are MIDs: display names hold commas."""
+    datasets: as20k (balanced train / eval), and where unbalanced_train_segments.csv and a
+    readable clip of it are there as2m (balanced + unbalanced / eval), as1.9m (unbalanced)
+    and as200k (a fixed-seed sample of 200,000 of as1.9m's readable clips); they are skipped,
+    and said, otherwise. Labels are MIDs: display names hold commas."""
     found, metas = walk(src, AS_CSVS)
     for f in AS_CSVS[:3]:
         if f not in metas:
@@ -321,21 +354,28 @@ def audioset(src, seed=0, n200k=200_000):
             dupes += y in clip
             clip.setdefault(y, path)
 
-    def split(*names_):
+    segs = {p: Split() for p in parts}
+    for p, listed in parts.items():
+        for y, mids in listed.items():
+            if y in clip:
+                segs[p].rows.append(dict(path=clip[y], rel=os.path.relpath(clip[y], src),
+                                         labels=join_labels(mids)))
+            else:
+                segs[p].missing.append(f"{p}:{y}")
+    drop_unreadable(segs.values(), workers)  # before as200k draws its sample
+
+    def split(*names_):  # a Split of its own per set: resampled() updates each one
         s = Split()
         for p in names_:
-            for y, mids in parts[p].items():
-                if y in clip:
-                    s.rows.append(dict(path=clip[y], rel=os.path.relpath(clip[y], src),
-                                       labels=join_labels(mids)))
-                else:
-                    s.missing.append(f"{p}:{y}")
+            s.rows += segs[p].rows
+            s.missing += segs[p].missing
+            s.unreadable += segs[p].unreadable
         return s
     extra = dict(class_names=names, duplicates=dupes,
                  unlisted=len(found) - len(clip) - dupes)
     out = {"as20k": ({"train": split("balanced"), "test": split("eval")}, "labels",
                      sorted(names), extra)}
-    if "unbalanced" in parts:
+    if "unbalanced" in segs and segs["unbalanced"].rows:
         unbal = split("unbalanced")
         out["as2m"] = ({"train": split("balanced", "unbalanced"), "test": split("eval")},
                        "labels", sorted(names), extra)
@@ -346,8 +386,11 @@ def audioset(src, seed=0, n200k=200_000):
         sample.rows = [unbal.rows[i] for i in keep]
         out["as200k"] = ({"train": sample}, "labels", sorted(names),
                          dict(extra, sample=f"{len(keep)} of as1.9m's clips, seed {seed}"))
-    else:
-        print(f"no unbalanced_train_segments.csv under {src}: as20k only")
+    else:  # the usual download for downstream use: the balanced and eval clips alone
+        said = f"no {AS_CSVS[3]}" if "unbalanced" not in segs else \
+            f"no readable clip of the {segs['unbalanced'].listed():,} {AS_CSVS[3]} lists"
+        print(f"audioset: {said} under {src}: as20k only (as2m, as1.9m and as200k are made of "
+              "the unbalanced clips)")
     if dupes or extra["unlisted"]:
         print(f"note: {src} holds {dupes} clips twice (the first is used) and "
               f"{extra['unlisted']} audio files that no CSV names")
@@ -355,7 +398,7 @@ def audioset(src, seed=0, n200k=200_000):
 
 # ----------------------------------------------------------------------------------------------
 # DESED (DCASE 2022 task 4): the tree generate_dcase_task4_2022.py writes -> what sed.py's
-# --data dcase2022 reads without flags (TSVs of the clips found, links to the audio folders)
+# --data dcase2022 reads without flags (TSVs of the clips found, folders of links to them)
 
 
 STRONG = ["filename", "onset", "offset", "event_label"]
@@ -366,55 +409,78 @@ DESED = {  # ours: (DESED's metadata file, its columns, its audio folder (or the
     "test": ("metadata/validation/validation.tsv", STRONG, "audio/validation/validation")}
 
 
-def dcase2022(src, out):
+def dcase2022(src, out, workers):
     """Writes out/dcase2022/: train_strong.tsv, train_weak.tsv, test.tsv, test_durations.tsv
-    (rows of the clips found), audio/{train_strong,train_weak,test} (links to DESED's folders,
-    the 16 kHz `_16k` ones where present), info.json, missing.txt."""
+    (rows of the clips found that decode), audio/{train_strong,train_weak,test}/ (a link per
+    clip: to its 16 kHz twin in the `_16k` folder where that is there, else to DESED's clip;
+    the DCASE baseline's first training run writes the `_16k` folders, and one that stopped
+    leaves them half-written); returns (splits, the classes of the three TSVs)."""
     folder = os.path.join(out, "dcase2022")
+    old = {ours: our_links(os.path.join(folder, "audio", ours)) for ours in DESED}
     splits, tables = {}, {}
     for ours, (tsv, columns, folder_name) in DESED.items():
         meta = need(os.path.join(src, tsv), f"DESED's {ours} labels (DCASE 2022 task 4 tree: "
                     "give its dataset/ folder)")
-        audio = next((p for p in (os.path.join(src, folder_name + "_16k"),
-                                  os.path.join(src, folder_name)) if os.path.isdir(p)), None)
-        if audio is None:
+        audio = [f for f in (folder_name + "_16k", folder_name)
+                 if os.path.isdir(os.path.join(src, f))]
+        if not audio:
             raise UserError(f"{os.path.join(src, folder_name)}[_16k] not found: DESED's "
                             f"{ours} audio")
         rows = read_table(meta, columns)
         s = Split()
         for name in dict.fromkeys(r["filename"] for r in rows):
-            s.add(src, os.path.relpath(os.path.join(audio, name), src))
-        splits[ours], tables[ours] = s, (meta, audio, rows)
+            there = [os.path.join(f, name) for f in audio]
+            s.add(src, next((p for p in there if os.path.isfile(os.path.join(src, p))),
+                            there[-1]))
+        splits[ours], tables[ours] = s, rows
     dur_path = need(os.path.join(src, "metadata/validation/validation_durations.tsv"),
                     "DESED's validation clip durations (PSDS needs them)")
     durations = read_table(dur_path, ["filename", "duration"])
-    os.makedirs(os.path.join(folder, "audio"), exist_ok=True)
-    for ours, (meta, audio, rows) in tables.items():
-        ok = {os.path.basename(r["path"]) for r in splits[ours].rows}
+    drop_unreadable(splits.values(), workers)
+    check("dcase2022", src, splits)
+    for ours, rows in tables.items():
+        ok = {os.path.basename(r["path"]): r["path"] for r in splits[ours].rows}
         cols = [c for c in rows[0] if c != "_where"]
         write_table(os.path.join(folder, f"{ours}.tsv"), cols,
                     ([r[c] for c in cols] for r in rows if r["filename"] in ok))
-        link = os.path.join(folder, "audio", ours)
-        if os.path.islink(link):
+        for link in old[ours]:
             os.remove(link)
-        elif os.path.exists(link):
-            raise UserError(f"{link} exists and is not a link prepare.py made: move it away")
-        os.symlink(os.path.abspath(audio), link)
+        os.makedirs(os.path.join(folder, "audio", ours), exist_ok=True)
+        for name, path in ok.items():
+            os.symlink(path, os.path.join(folder, "audio", ours, name))
     test_ok = {os.path.basename(r["path"]) for r in splits["test"].rows}
     write_table(os.path.join(folder, "test_durations.tsv"), ["filename", "duration"],
                 ([r["filename"], r["duration"]] for r in durations if r["filename"] in test_ok))
-    classes = sorted({r["event_label"] for r in tables["train_strong"][2] if r["event_label"]})
-    return splits, classes
+    return splits, sorted({c for rows in tables.values() for r in rows for c in (
+        r.get("event_label") or r.get("event_labels") or "").split(",") if c})
+
+
+def our_links(path):
+    """The links at `path` that an earlier run made, to be replaced (its link to a whole
+    folder, or the links in its folder of links); anything else there is an error, said before
+    the work and never deleted."""
+    if os.path.islink(path):
+        return [path]
+    if not os.path.exists(path):
+        return []
+    theirs = [e.path for e in os.scandir(path) if not e.is_symlink()] if os.path.isdir(path) \
+        else [path]
+    if theirs:
+        raise UserError(f"{theirs[0]} is in the way of the links prepare.py writes in {path}: "
+                        "move it away")
+    return [e.path for e in os.scandir(path)]
+
 
 def resampled(splits, dest, workers):
-    """The splits with every clip converted to dest/<relative path>.flac (data.to_flac16k);
-    clips already converted are kept, unreadable ones are dropped and said."""
+    """Converts the clips of `splits` (Split objects) to dest/<relative path>.flac
+    (data.to_flac16k; clips converted before are kept) and points their rows there; a clip
+    that fails to convert is moved to its split's unreadable ones."""
     jobs = {r["path"]: os.path.join(dest, os.path.splitext(r["rel"])[0] + ".flac")
-            for s in splits.values() for r in s.rows}
-    bad = to_flac16k(jobs, workers)
-    for s in splits.values():
-        s.rows = [dict(r, path=jobs[r["path"]]) for r in s.rows if r["path"] not in bad]
-    return splits
+            for s in splits for r in s.rows}
+    bad = {p: f"cannot convert: {why}" for p, why in to_flac16k(jobs, workers).items()}
+    for s in splits:
+        s.drop(bad)
+        s.rows = [dict(r, path=jobs[r["path"]]) for r in s.rows]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,19 +490,39 @@ CLIP_SETS = dict(spcv2=spcv2, us8k=us8k, esc50=esc50, vox1=vox1, nsynth=nsynth, 
 
 
 def prepare(name, src, out, resample="", workers=4):
-    """Prepare one download; returns {dataset: info}."""
+    """Prepare one download; returns {dataset: info}. The flags are checked before the scan;
+    every set is checked before any is written."""
+    if workers < 1:
+        raise UserError(f"--workers {workers}: give 1 or more processes")
     if not os.path.isdir(src):
         raise UserError(f"{src} is not a folder (the unpacked {name} download)")
+    if name == "dcase2022" and resample:
+        raise UserError("--resample: not for dcase2022 (sed.py resamples DESED's clips as it "
+                        "reads them; the 16 kHz `_16k` folders that the DCASE baseline's first "
+                        "training run writes are linked where they are there)")
+    check_writable(out, "out", folder=True)
+    if resample:
+        check_writable(resample, "resample", folder=True)
+    src = os.path.abspath(src)  # manifests hold absolute paths, whatever the working folder
     if name == "dcase2022":
-        if resample:
-            raise UserError("--resample: DESED's download script already writes 16 kHz "
-                            "copies (the _16k folders), which prepare.py links")
-        splits, classes = dcase2022(src, out)
-        check(name, src, splits)
-        return {name: write_info(out, name, src, splits, classes, fingerprint(splits))}
-    sets = audioset(src) if name == "audioset" else {name: CLIP_SETS[name](src)}
-    dest = os.path.join(resample, name) if resample else ""
-    return {k: write(out, k, src, *v[:3], dest, workers, *v[3:]) for k, v in sets.items()}
+        splits, classes = dcase2022(src, out, workers)
+        return {name: write_info(out, name, src, splits, classes)}
+    if name == "audioset":
+        sets = audioset(src, workers)  # decodes its clips before drawing as200k
+    else:
+        sets = {name: CLIP_SETS[name](src)}
+        drop_unreadable(sets[name][0].values(), workers)
+    dest = os.path.join(os.path.abspath(resample), name) if resample else ""
+    if dest:
+        resampled([s for v in sets.values() for s in v[0].values()], dest, workers)
+    for k, v in sets.items():
+        check(k, src, v[0])
+    for k, (splits, label_col, *_) in sets.items():
+        cols = ["path", label_col] + (["fold"] if "fold" in splits["train"].rows[0] else [])
+        for split, s in splits.items():
+            write_table(os.path.join(out, k, f"{split}.csv"), cols,
+                        ([r[c] for c in cols] for r in s.rows))
+    return {k: write_info(out, k, src, v[0], v[2], dest, *v[3:]) for k, v in sets.items()}
 
 
 if __name__ == "__main__":
@@ -447,7 +533,7 @@ if __name__ == "__main__":
                    help="data root the stages read ($ATST_DATA, else ./data)")
     p.add_argument("--resample", default="", help="make a 16 kHz mono FLAC copy here first")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="processes for --resample")
+                   help="processes that decode (and with --resample convert) the clips")
     a = p.parse_args()
     with user_errors():
         prepare(a.dataset, a.src, a.out, a.resample, a.workers)

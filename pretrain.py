@@ -1,8 +1,9 @@
 """
 The pre-training loop every method shares (ATST-Frame, ATST-Clip, ASiT): DDP (nccl on CUDA, gloo on
 CPU), bf16 autocast on CUDA, gradient accumulation, AdamW with lr / weight-decay / EMA schedules
-indexed by step, atomic checkpoints and exact resume, a non-finite loss stops the run, one log
-line. It knows no method: a pre-training script gives it
+indexed by step, atomic checkpoints and exact resume, a non-finite loss stops the run, a clip
+that fails to decode is replaced (loaders.Unreadable: too many stop the run), one log line. It
+knows no method: a pre-training script gives it
 
 - `model_args` and `make_model`: make_model(**model_args) builds the teacher-student module,
   whose forward(*inputs) returns (loss, stats: a dict of detached tensors),
@@ -21,8 +22,9 @@ gradient-norm clip (`clip_grad`, 0 = none).
 out_dir holds ckpt.pt (`model`: the whole teacher-student state, strict; `model_args`, which
 rebuild it; `optimizer`, `step`, `config`; `kind` "atst-pretrain" / "asit-pretrain" and
 `encoder_kind`, the model.KINDS row; downstream stages read `teacher.encoder.*`), ckpt.pt.json
-(the same summary for people), log.jsonl (one record per log line) and, per rank, the views'
-state (Mixup banks) of the last save, so that a killed run resumes bit for bit.
+(the same summary for people), log.jsonl (one record per log line), unreadable.txt (the clips
+replaced, if any) and, per rank, the views' state (Mixup banks) of the last save, so that a
+killed run resumes bit for bit.
 """
 import glob
 import math
@@ -39,8 +41,8 @@ from cluster import (accumulate, claim_out_dir, cleanup_distributed, decide, set
                      split_batch, visible, wrap_ddp)
 from config import describe
 from data import read_manifest, resolve_manifest, task_copy
-from loaders import stream_loader
-from model import param_groups
+from loaders import Unreadable, replaced, stream_loader
+from model import SAMPLE_RATE, param_groups
 from plumbing import (Log, UserError, cosine_schedule, ema_schedule, load_checkpoint, save_atomic,
                       step_seed, warmup_steps)
 
@@ -107,8 +109,10 @@ def train(cfg, model_args, make_model, views, schedules=None):
     model, ddp = wrap_ddp(model, d)
 
     loader = stream_loader(rows, c.seconds, micro, d, c.seed, step * accum, c.num_workers)
-    batches = iter(loader)
+    said = []  # messages of the clips replaced in this step's batches
+    batches = replaced(iter(loader), said)
     log = Log(c.out_dir, d.master, resume=("step", step))
+    unreadable = Unreadable(c.out_dir, d, step)
     gen = torch.Generator(device=d.device)
     pbar = tqdm(total=total, initial=step, disable=not d.master, dynamic_ncols=True)
     t_log, steps_log = time.time(), 0
@@ -148,6 +152,7 @@ def train(cfg, model_args, make_model, views, schedules=None):
                              f"an optimizer step; last good checkpoint: {last_good}")
         model.update_teacher(m_s[step].item())
         step += 1
+        unreadable(step, said, step * c.batch_size)
         steps_log += 1
         pbar.update(1)
         if log_now:
@@ -167,6 +172,15 @@ def train(cfg, model_args, make_model, views, schedules=None):
     d.print(f"done: {ckpt_path} (step {step})")
     cleanup_distributed()
     return model
+
+
+def crop_samples(c, flag):
+    """Samples of the crop --FLAG sets, said at start-up (not at the first step) when it is
+    longer than the audio read per clip (--seconds)."""
+    if getattr(c, flag) > c.seconds:
+        raise UserError(f"--{flag} {getattr(c, flag):g} is longer than --seconds {c.seconds:g}, "
+                        "the audio read per clip: shorten the crop or raise --seconds")
+    return int(getattr(c, flag) * SAMPLE_RATE)
 
 
 def views_path(out_dir, d, step):

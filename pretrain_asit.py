@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import pretrain
 from augment import gmml, random_crops, roll_shifts
 from metrics import collapse_std
-from model import KINDS, PATCH, SAMPLE_RATE, Encoder, KaldiFrontEnd, ema_update, init_weights
+from model import KINDS, PATCH, Encoder, KaldiFrontEnd, ema_update, init_weights
 from config import choose, configure
 from plumbing import user_errors
 
@@ -258,7 +258,7 @@ class AsitViews(torch.nn.Module):
     def __init__(self, c):
         super().__init__()
         self.front, self.c = KaldiFrontEnd(), c
-        self.n = int(c.crop_sec * SAMPLE_RATE)
+        self.n = pretrain.crop_samples(c, "crop_sec")
 
     def forward(self, wav, valid, g):
         c = self.c

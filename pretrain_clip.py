@@ -17,9 +17,9 @@ import torch
 
 import pretrain
 from augment import Mixup, RandomResizedCrop, random_crops
-from model import ATST, PRESETS as MODEL_PRESETS, SAMPLE_RATE, MelFrontEnd, frames_for
+from model import ATST, PRESETS as MODEL_PRESETS, MelFrontEnd, frames_for
 from config import choose, configure
-from plumbing import user_errors
+from plumbing import UserError, user_errors
 
 # -------------------------------------------------------------------------------- config
 # The paper's ATST-Clip runs (Table I; steps as the reference code). None = the value of the
@@ -90,8 +90,11 @@ class ClipViews(torch.nn.Module):
         super().__init__()
         assert c.segments in ("two", "single"), c.segments
         self.two = c.segments == "two"
-        self.n = [int(s * SAMPLE_RATE) for s in (c.crop_sec, c.crop_sec2 or c.crop_sec)]
-        assert self.two or self.n[0] == self.n[1], "a single segment gives two views of one length"
+        self.n = [pretrain.crop_samples(c, f) for f in ("crop_sec", "crop_sec2" if c.crop_sec2
+                                                         else "crop_sec")]
+        if not self.two and self.n[0] != self.n[1]:
+            raise UserError("--segments single gives two views of one crop: leave --crop_sec2 "
+                            "at 0")
         self.front, self.rrc = MelFrontEnd(), RandomResizedCrop()
         self.mixups = torch.nn.ModuleDict({str(frames_for(n)): Mixup(c.mixup_bank, c.mixup_ratio)
                                            for n in self.n})

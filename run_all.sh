@@ -52,7 +52,7 @@ if [ -z "$DATA_ROOT" ]; then
   LINEAR_TASKS="demo_events demo_tags"; ABL_TASKS="demo_events"
   FT_TASKS="demo_events"; SED_DATA=demo_sed
   SED_FT_ARGS="--epochs 10"  # fine-tune-mode SED: half the demo's 20 epochs (CPU time)
-  python demo.py --data_root "$ATST_DATA" >/dev/null
+  python demo.py --data_root "$ATST_DATA"  # says when it writes the data (once), then where
 else
   # the paper: base models on AudioSet-1.9M; Tables II-III ablations are small on AS-200K
   # (with another PRESET, e.g. the miniature's tiny, the ablations take that one)
@@ -78,13 +78,18 @@ if [ "$JOBS" -gt 1 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then  # cores shared by t
 fi
 
 pids=()
+CELLS=0; CELL=0
 cell() {  # cell FUNCTION ARGS...: one table cell (or run), now or, with JOBS > 1, beside others
+  CELL=$((CELL + 1))
+  if [ "$CELLS" = 0 ]; then return; fi  # the first pass through protocol counts the cells
+  echo "== cell $CELL of $CELLS: $*"
   if [ "$JOBS" -le 1 ]; then "$@"; return; fi
   while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
   "$@" &
   pids+=($!)
 }
 barrier() {  # every cell started so far has ended; stop if one failed
+  [ "$CELLS" != 0 ] || return 0
   local p failed=0
   for p in ${pids[@]+"${pids[@]}"}; do wait "$p" || failed=1; done
   pids=()
@@ -112,7 +117,8 @@ pretrain() {  # pretrain NAME SCRIPT PRESET DATA [FLAGS...]
   run "$script" --preset "$preset" --data "$data" --out_dir "$OUT/pretrain/$name" $PRE_ARGS "$@"
 }
 same() {  # the ablation row equal to a main run (same preset and data): reuse, don't repeat
-  [ "$ABL_PRESET" = "$PRESET" ] && [ "$ABL_DATA" = "$PRE_DATA" ] && [ ! -e "$OUT/pretrain/$1" ] &&
+  [ "$CELLS" != 0 ] && [ "$ABL_PRESET" = "$PRESET" ] && [ "$ABL_DATA" = "$PRE_DATA" ] &&
+    [ ! -e "$OUT/pretrain/$1" ] &&
     ln -s "$2" "$OUT/pretrain/$1" || true
 }
 linear() {  # linear NAME "TASKS" [FLAGS...]: Table II-IV cells of one encoder, one process
@@ -138,6 +144,7 @@ sed_run() {  # sed_run NAME CKPT MODE [FLAGS...]: Table VI cells
     $SED_ARGS "$@"
 }
 
+protocol() {  # every cell of the tables, in order
 # ---- 1. pre-training: ATST-Clip (two 6 s segments) and ATST-Frame (config D) -------------
 cell pretrain clip pretrain_clip.py "$PRESET" "$PRE_DATA"
 cell pretrain frame pretrain_frame.py "$PRESET" "$PRE_DATA"
@@ -203,6 +210,9 @@ for name in clip_single_1s clip_two_1s clip_single_6s clip_two_6s \
   cell linear $name "$ABL_TASKS"
 done
 barrier
+}
+protocol; CELLS=$CELL; CELL=0  # counted; now run
+protocol
 
 # ---- 7. tables and plots -----------------------------------------------------------------
 if [ "$NODE_RANK" = 0 ]; then python tables.py --out "$OUT"; fi

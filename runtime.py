@@ -145,6 +145,9 @@ class AudioEncoder(nn.Module):
         sample_rate = round(sample_rate)  # resampling is between whole rates
         dev = next(self.parameters()).device
         audio = torch.as_tensor(audio)
+        if audio.numel() == 0:  # before the shape checks, which would read it as transposed
+            raise ValueError(f"empty audio (0 samples, shape {tuple(audio.shape)}): every clip "
+                             "needs at least one sample")
         if not audio.is_floating_point():
             pcm = {torch.int16: (0, 2 ** 15), torch.int32: (0, 2 ** 31), torch.uint8: (128, 128)}
             if audio.dtype not in pcm:
@@ -176,8 +179,8 @@ class AudioEncoder(nn.Module):
         if (lengths > S).any():
             raise ValueError(f"lengths {lengths.tolist()}: a clip cannot be longer than the "
                              f"audio's {S} samples")
-        if S == 0 or (lengths <= 0).any():
-            raise ValueError("empty audio: every clip needs at least one sample")
+        if (lengths <= 0).any():
+            raise ValueError(f"lengths {lengths.tolist()}: every clip needs at least one sample")
         if sample_rate != SAMPLE_RATE:
             audio = torchaudio.functional.resample(audio, sample_rate, SAMPLE_RATE)
             lengths = (lengths * SAMPLE_RATE + sample_rate - 1) // sample_rate
@@ -374,6 +377,14 @@ def load_encoder(path, device="cpu", pretrained=False):
     args = dict(dim=dim, depth=depth, heads=max(1, dim // 64), cls_token="cls_token" in state,
                 mask_token="mask_token" in state, max_tokens=state["pos_embed"].shape[1] - 1,
                 tokens=row.tokens, qkv_bias=row.qkv_bias)
+    unknown = sorted(set(stated) - set(args))
+    differ = [f"{k} {stated[k]!r} (the weights: {args[k]!r})" for k in
+              ("dim", "depth", "cls_token", "mask_token", "max_tokens")
+              if k in stated and stated[k] != args[k]]
+    if unknown or differ:  # a hand-edited or mismatched config.json / encoder_args
+        raise UserError(f"{path} ({what}): " + (
+            f"unknown encoder arguments {unknown} (an Encoder takes {sorted(args)})" if unknown
+            else "its stated encoder arguments disagree with its weights: " + ", ".join(differ)))
     enc = Encoder(drop_path=0.0, **dict(args, **stated))
     expected, got = set(enc.state_dict()), set(state)
     if expected != got:

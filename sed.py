@@ -38,6 +38,7 @@ from desed import (CLIP_FRAMES, SedClips, encode_strong, read_task, reference_fi
 from downstream import (EVAL_BATCH, publish, record, resume, run_dir, save_epoch, start,
                         start_encoder)
 from heads import SedModel, load_classifier, on_grid
+from loaders import Unreadable, replaced
 from metrics import evaluate_sed, median_windows
 from model import SAMPLE_RATE, TOKEN_S, freeze
 from plumbing import (WORKERS, Log, UserError, check_writable, cosine_schedule, load_checkpoint,
@@ -111,7 +112,8 @@ def clip_inputs(model, ds, c, d, features=False, teacher=None):
     model.eval()
     loader = torch.utils.data.DataLoader(ds, batch_size=EVAL_BATCH, num_workers=c.num_workers)
     out = []
-    for wav, valid, y in loader:
+    for wav, valid, y in tqdm(loader, desc=f"caching {len(ds)} clips", disable=not d.master,
+                              leave=False):
         wav, valid = wav.to(d.device), valid.to(d.device)
         x, n = model.ae.features(wav, valid)
         with d.ctx:
@@ -141,7 +143,8 @@ def predict_scores(model, audio_dir, files, c, d, cached=None):
         loader = torch.utils.data.DataLoader(ds, batch_size=EVAL_BATCH, num_workers=c.num_workers)
         batches = (model.ae.features(w.to(d.device), v.to(d.device)) for w, v, _ in loader)
     out = []
-    for x, n in batches:
+    for x, n in tqdm(batches, desc=f"scoring {len(files)} clips", disable=not d.master,
+                     total=-(-len(mine) // EVAL_BATCH), leave=False):
         with d.ctx:
             out.append(model(x.to(d.device), n.to(d.device), features)[0].float().cpu())
     return gather_shards(mine, out, len(files), d).numpy()
@@ -184,10 +187,14 @@ def setup(cfg):
             f"{sum(p.numel() for p in params):,} trainable parameters; strong {len(s_train)}/"
             f"{len(s_valid)}, weak {len(w_train)}, test {len(test)} clips")
     opt = torch.optim.SGD(params, lr=c.lr, momentum=0.9)
+    # clips read in the epochs replace an unreadable one; the cache's one pass, minutes before
+    # the first step, ends the run with its line instead
     s_ds = SedClips(fs.train_strong_audio, s_train, torch.stack(
-        [encode_strong(strong[f], classes, CLIP_FRAMES) for f in s_train]))
+        [encode_strong(strong[f], classes, CLIP_FRAMES) for f in s_train]), train=not c.cache,
+        seed=c.seed)
     w_ds = SedClips(fs.train_weak_audio, w_train, torch.tensor(
-        [[float(k in weak[f]) for k in classes] for f in w_train]))
+        [[float(k in weak[f]) for k in classes] for f in w_train]), train=not c.cache,
+        seed=c.seed)
     features = c.cache and c.mode == "linear"
     v_cache = None  # this rank's shard of the validation clips, as predict_scores takes it
     if c.cache:  # one pass over the clips; the epochs then read memory (exact: see the flag)
@@ -252,6 +259,9 @@ def run_epoch(r, epoch):
     for sampler, _ in r.loaders:
         sampler.set_epoch(epoch)
     strong, weak = iter(r.loaders[0][1]), in_steps(r.loaders[1][1], r.accum)
+    said = []  # messages of the clips replaced in this step's batches (read from disk)
+    if not c.cache:
+        strong, weak = replaced(strong, said), replaced(weak, said)
     loss_sum = 0.0
     for i in tqdm(range(r.per_epoch), disable=not d.master, leave=False):
         step = epoch * r.per_epoch + i
@@ -262,6 +272,7 @@ def run_epoch(r, epoch):
             torch.manual_seed(step_seed(c.seed, step * r.accum + k, d.rank))
             return micro_loss(r, next(strong), next(weak))
         loss_val = accumulate(r.ddp, r.accum, d, micro)
+        r.unreadable(step + 1, said, (step + 1) * (c.batch_strong + c.batch_weak))
         torch.nn.utils.clip_grad_norm_(r.params, c.grad_clip)
         if not math.isfinite(loss_val):
             raise SystemExit(f"non-finite loss ({loss_val}) at epoch {epoch}: stopping")
@@ -309,6 +320,7 @@ def train(cfg):
     best = best or dict(obj=-1.0, epoch=0)
     model, r.ddp = wrap_ddp(model, d)  # after resume: every rank starts from rank 0's weights
     r.model = model
+    r.unreadable = Unreadable(r.out_dir, d, epoch * r.per_epoch)
     log = Log(r.out_dir, d.master, resume=("epoch", epoch))
     for epoch in range(epoch, c.epochs):
         t_ep = time.time()
@@ -356,19 +368,22 @@ def train(cfg):
 def detect(c):
     """--predict: events (filename, onset, offset, event_label) in files of any length and
     sample rate, with the SED checkpoint's classes and median windows (--median_window /
-    --class_windows, when you set them, instead). A file found in a folder is named by its
-    path inside that folder; an unreadable file is said and skipped, the others processed,
-    and the exit status is then 1."""
+    --class_windows, when you set them, instead). A file is named by its path inside the
+    folder given, or inside the deepest folder holding the files given (data.named_audio); an
+    unreadable file is said and skipped, the others processed, and the exit status is then
+    1."""
     device = pick_device(c.device)
+    if c.out and os.path.isdir(c.out):
+        raise UserError(f"--out {c.out} is a folder: give the TSV file to write")
     if c.out:
         check_writable(c.out, "out")
+    named = named_audio(c.predict)  # a missing input is said before the model loads
     model = load_classifier(c.ckpt, device, expect=["atst-sed"])
     windows = model.median_windows
     if not windows or {"median_window", "class_windows"} & set(c.set_by_user):
         windows = median_windows(c.class_windows, model.classes, c.median_window)
-    named = named_audio(c.predict)
     rows, failed = [], []
-    for path, name in named.items():
+    for path, name in tqdm(named.items(), desc="detecting", unit=" files", leave=False):
         try:
             wav, n = load_audio(path, where="--predict")
         except AudioError as e:

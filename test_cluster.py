@@ -54,12 +54,27 @@ def test_second_job_on_an_out_dir_stops_and_a_dead_jobs_lock_is_taken_over(tmp_p
     finally:
         holder.kill()
         holder.wait()
-    (tmp_path / "run" / "ck.pt.tmp123").write_text("torn")          # a killed save's debris
+    (tmp_path / "run" / ".ck.pt.atst-partial-123").write_text("torn")  # a killed save's debris
+    for mine in ("survey.tmp.csv", "notes.tmp", "ck.pt.tmp123", ".x.atst-partial-"):  # a user's
+        (tmp_path / "run" / mine).write_text("keep")
     C.claim_out_dir(out, one)
     said = capsys.readouterr().out
     assert f"took over {lock}" in said and "which no longer runs" in said
     assert json.load(open(lock))["pid"] == os.getpid()
-    assert not (tmp_path / "run" / "ck.pt.tmp123").exists()
+    assert sorted(os.listdir(out)) == sorted([".x.atst-partial-", C.LOCK, "ck.pt.tmp123",
+                                              "notes.tmp", "survey.tmp.csv"])
+    assert f"removed {out}/.ck.pt.atst-partial-123: a save interrupted by a kill" in said
+    held = json.load(open(lock))
+    if held["started"] is not None:  # where /proc says when a process started (Linux)
+        with open(lock, "w") as f:   # a live pid, but not the process that took the lock
+            json.dump(dict(held, pid=os.getppid(), started=held["started"] + 1), f)
+        C.claim_out_dir(out, one)
+        assert f"from pid {os.getppid()} on" in capsys.readouterr().out
+    with open(lock, "w") as f:
+        json.dump(dict(host=socket.gethostname(), pid=os.getppid(), since="then", command="x"), f)
+    with pytest.raises(UserError, match=f"if pid {os.getppid()} is not that run, its number "
+                       f"reused since, delete {lock}"):
+        C.claim_out_dir(out, one)
     open(lock, "w").close()                     # torn: a job killed as it wrote its lock
     C.claim_out_dir(out, one)
     assert f"took over {lock} from a torn lock" in capsys.readouterr().out

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,6 +19,7 @@ import pretrain_clip
 import pretrain_frame
 import sed
 from conftest import HERE
+from plumbing import UserError
 
 SCRIPTS = [pretrain_frame, pretrain_clip, pretrain_asit, finetune, sed]
 
@@ -217,6 +219,20 @@ def test_impossible_numbers_stop_at_parse_time(script, flags, want):
     with pytest.raises(SystemExit) as e:
         _run(module, *(["--ckpt", "x.pt", *flags] if hasattr(module, "ckpt") else flags))
     assert str(e.value.code) == f"error: {want}"
+
+
+@pytest.mark.parametrize("module,flags,want", [
+    (pretrain_asit, ["--crop_sec", "20"], "--crop_sec 20 is longer than --seconds 10, the "
+     "audio read per clip: shorten the crop or raise --seconds"),
+    (pretrain_clip, ["--crop_sec2", "12"], "--crop_sec2 12 is longer than --seconds 10"),
+    (pretrain_clip, ["--segments", "single", "--crop_sec2", "2"], "--segments single gives "
+     "two views of one crop: leave --crop_sec2 at 0")])
+def test_crops_the_audio_read_cannot_give_stop_before_the_run(module, flags, want):
+    """A crop longer than the audio read per clip was a traceback at the first step: now the
+    views, built before the run starts, say it in one line."""
+    views = {pretrain_asit: "AsitViews", pretrain_clip: "ClipViews"}[module]
+    with pytest.raises(UserError, match=re.escape(want)):
+        getattr(module, views)(SimpleNamespace(**_run(module, *flags)))
 
 
 def test_every_numeric_flag_has_a_range_and_every_default_is_inside_it():

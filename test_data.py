@@ -1,13 +1,16 @@
 """data.py: manifests, bad input, audio loading, labels and task splits, DESED TSVs; and the
 demo data of demo.py."""
+import json
 import os
 
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 import data as D
 import desed as DS
+from conftest import _clip, _truncated
 
 
 def test_bad_input_errors_name_the_file(tmp_path):
@@ -33,6 +36,32 @@ def test_bad_input_errors_name_the_file(tmp_path):
     with pytest.raises(D.AudioError, match="1 of 2 audio files listed in .*gone.csv do not "
                        "exist: .*gone.csv line 3: .*b.wav"):
         D.read_manifest(str(tmp_path / "gone.csv"))
+
+
+def test_decode_check_catches_truncated_and_empty_clips(tmp_path):
+    """decode_error on what libsndfile makes of each bad file: a WAV cut short (opened as a
+    shorter clip; its header gives more), an Ogg cut short (malformed, or no frames), a FLAC
+    cut short (its header's frame count, no frames at the end), an empty file, NaN samples;
+    a whole clip and a streamed WAV (header sizes 0xFFFFFFFF: "unknown") pass."""
+    t = lambda name, keep: _truncated(str(tmp_path / name), keep, seconds=2.0) or \
+        D.decode_error(str(tmp_path / name))
+    assert t("whole.wav", 1.0) is None and t("whole.ogg", 1.0) is None
+    assert t("cut.wav", 0.5) == "truncated: its header gives 64,000 bytes of audio, the file " \
+        "holds 31,978"
+    assert t("empty.wav", 0) == "empty file (0 bytes)"
+    assert t("cut.ogg", 0.3).startswith("cannot open: ")
+    for flac in ("cut.flac", "late.flac"):                  # the header opens; the end fails
+        assert t(flac, 0.5 if flac == "cut.flac" else 0.9).startswith(
+            "truncated or corrupt: its last 0.1 s do not decode")
+    x = np.zeros(1600, np.float32)
+    x[-1] = np.nan
+    sf.write(tmp_path / "nan.wav", x, 16000, subtype="FLOAT")
+    assert D.decode_error(str(tmp_path / "nan.wav")) == "NaN or infinite samples"
+    _clip(str(tmp_path / "stream.wav"))
+    head = bytearray(open(tmp_path / "stream.wav", "rb").read())
+    head[4:8] = head[40:44] = (0xFFFFFFFF).to_bytes(4, "little")   # RIFF and data sizes
+    (tmp_path / "stream.wav").write_bytes(bytes(head))
+    assert D.decode_error(str(tmp_path / "stream.wav")) is None
 
 
 def test_manifest_of_a_folder_skips_what_cannot_be_read(tmp_path):
@@ -90,6 +119,33 @@ def test_labels_and_bad_labels():
     with pytest.raises(ValueError, match="no 'label' or 'labels' column"):
         D.Labels([dict(path="a.wav", _where="v.csv line 2")])
 
+
+def test_label_space_of_a_task(tmp_path, data_root):
+    """Labels.of_task: the class list prepare.py recorded in info.json (a class no clip has
+    included); without one (hand-written manifests, an older info.json), the classes of all
+    the task's rows, so that a class only in held-out or test rows is one of them; the demo
+    tasks keep the classes of their training rows."""
+    (tmp_path / "a.wav").write_bytes(b"")
+    held = torch.randperm(10, generator=torch.Generator().manual_seed(0))[0]  # hold_out's pick
+    (tmp_path / "train.csv").write_text("path,label\n" + "".join(
+        f"a.wav,{'only_held' if i == held else 'x'}\n" for i in range(10)))
+    (tmp_path / "test.csv").write_text("path,label\na.wav,x\na.wav,only_test\n")
+    task = str(tmp_path / "train.csv")
+    splits = D.task_splits(task, test_csv=str(tmp_path / "test.csv"))
+    rows = [r for s in splits for r in s]
+    assert "only_held" in {r["label"] for r in splits[1]} - {r["label"] for r in splits[0]}
+    assert D.Labels.of_task(task, rows).classes == ["only_held", "only_test", "x"]
+    D.Labels.of_task(task, rows).encode(splits[2])                     # test encodes
+    info = dict(dataset="t", fingerprint="f", classes=["only_held", "only_test", "unused", "x"])
+    (tmp_path / "info.json").write_text(json.dumps(info))
+    assert D.Labels.of_task(task, rows).classes == info["classes"]
+    assert D.task_copy(task)["classes"] == 4                         # result files: a count
+    (tmp_path / "info.json").write_text(json.dumps(dict(info, classes=3)))  # INFO_VERSION 1
+    assert D.task_classes(task) is None and D.task_copy(task)["classes"] == 3
+    for demo in ("demo_events", "demo_tags"):
+        train, valid, test = D.task_splits(demo, data_root)
+        assert D.Labels.of_task(demo, train + valid + test, data_root).classes == \
+            D.Labels(train).classes
 
 def test_sed_tsv_errors_name_the_row(tmp_path):
     def tsv(name, text):

@@ -2,18 +2,22 @@
 to 70 s, a subfolder, an unreadable file) -> one .npz per readable file, equal to the Python
 API's embeddings of the file alone; the bad file named; a rerun writes nothing; manifests."""
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
+import data as D
 import embed
 import heads as H
 import plumbing as P
 import runtime as R
 from conftest import HERE, tiny_asit, tiny_encoder
+from test_plumbing import one_line_error
 
 FILES = {"a.wav": (16000, 1, 3.0), "sub/b.wav": (44100, 2, 12.0), "c.flac": (8000, 1, 0.05),
          "d.wav": (48000, 1, 70.0), "sub/a.wav": (22050, 2, 0.5)}
@@ -62,9 +66,46 @@ def test_a_folder_of_recordings_to_one_file_each(tmp_path):
         assert str(got["kind"]) == "frame" and abs(float(got["seconds"]) - sec) < 1e-3
     assert not os.path.exists(os.path.join(out, "broken.wav.npz"))
     stamp = {f: os.path.getmtime(os.path.join(out, f + ".npz")) for f in FILES}
-    again = _embed(rec, "--ckpt", ck, "--out", out)                   # resumable: nothing new
-    assert f"{len(FILES)} done before" in again.stdout and "embedded 0 files" in again.stdout
-    assert stamp == {f: os.path.getmtime(os.path.join(out, f + ".npz")) for f in FILES}
+    assert str(got["checkpoint_sha256"]) == P.digest(ck) and str(got["precision"]) == "fp32"
+    os.remove(tmp_path / "emb" / "sub" / "b.wav.npz")  # killed as it saved b.wav's
+    (tmp_path / "emb" / "sub" / ".b.wav.npz.atst-partial-99").write_text("a killed save")
+    (tmp_path / "emb" / "notes.tmp").write_text("a user's")
+    shutil.copy(ck, tmp_path / "same.pt")   # the same weights by another name: the same run
+    again = _embed(rec, "--ckpt", str(tmp_path / "same.pt"), "--out", out)
+    assert f"{len(FILES) - 1} done before, 2 to embed" in again.stdout  # and broken.wav
+    assert "embedded 1 files" in again.stdout and "a save interrupted" in again.stdout
+    del stamp["sub/b.wav"]
+    assert stamp == {f: os.path.getmtime(os.path.join(out, f + ".npz")) for f in stamp}
+    assert sorted(os.listdir(tmp_path / "emb" / "sub")) == ["a.wav.npz", "b.wav.npz"]
+    assert (tmp_path / "emb" / "notes.tmp").exists()
+    other = _embed(rec, "--ckpt", ck, "--out", out, "--layers", "all")   # other settings
+    assert one_line_error(other) == (f"error: --out {out} holds embeddings made otherwise "
+                                     f"({out}/embeddings.json: layers 'last', this run 'all'): "
+                                     "give another --out")
+    assert stamp == {f: os.path.getmtime(os.path.join(out, f + ".npz")) for f in stamp}
+    bad = _embed(rec, "--ckpt", ck, "--out", out, "--layers", "a,b")
+    assert one_line_error(bad) == "error: --layers 'a,b': give all, or block indices like 0,5,11"
+
+
+def test_inputs_are_named_by_their_path_inside_what_was_given(tmp_path):
+    """Two files of one name in two folders get two outputs; a path holding a comma is one
+    path; a list file names files relative to itself; a missing input is said at once."""
+    for rel in ("a/x.wav", "b/x.wav", "b/c/y,z.wav"):
+        os.makedirs(tmp_path / os.path.dirname(rel), exist_ok=True)
+        sf.write(tmp_path / rel, np.zeros(160, np.float32), 16000)
+    t = str(tmp_path)
+    assert sorted(D.named_audio(f"{t}/a/x.wav,{t}/b/x.wav").values()) == ["a/x.wav", "b/x.wav"]
+    assert list(D.named_audio(f"{t}/b/c/y,z.wav").values()) == ["y,z.wav"]
+    assert sorted(D.named_audio(t).values()) == ["a/x.wav", "b/c/y,z.wav", "b/x.wav"]
+    assert sorted(D.named_audio(f"{t}/a,{t}/b").values()) == ["a/x.wav", "b/c/y,z.wav",
+                                                              "b/x.wav"]
+    (tmp_path / "b" / "list.txt").write_text("x.wav\nc/y,z.wav\n\n")
+    assert D.named_audio("", f"{t}/b/list.txt") == {f"{t}/b/x.wav": "x.wav",
+                                                    f"{t}/b/c/y,z.wav": "c/y,z.wav"}
+    with pytest.raises(P.UserError, match=f"{t}/none \\(given\\): no such file or folder"):
+        D.named_audio(f"{t}/a/x.wav,{t}/none")
+    p = _embed(f"{t}/none", "--ckpt", "none.pt", "--out", f"{t}/emb")  # before any loading
+    assert one_line_error(p) == f"error: {t}/none (given): no such file or folder"
 
 
 def test_a_manifest_and_every_block_of_asit(tmp_path):
@@ -85,7 +126,7 @@ def test_a_manifest_and_every_block_of_asit(tmp_path):
     assert got["frames"].shape == (frames, depth * dim) == (74, 64)
     assert got["clip"].shape == (2 * depth * dim,) and str(got["layers"]) == "all"
     assert got["timestamps"][0] == 80.0
-    assert sorted(os.listdir(out)) == ["a.wav.npz", "sub"]
+    assert sorted(os.listdir(out)) == ["a.wav.npz", "embeddings.json", "sub"]
     # padded cost = longest x count <= budget: [1, 2] costs 4, with the 5 it would cost 15
     assert embed.batches_by_length([5, 1, 9, 2], 10) == [[1, 3], [0], [2]]
     assert embed.batches_by_length([3, 3, 4], 10) == [[0, 1], [2]]  # a plain sum would take all

@@ -2,13 +2,16 @@
 the prediction heads and their scores) on two tiny tasks written in HEAR's task format."""
 import json
 import os
+import re
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
 import model as M
 import runtime as R
+from plumbing import UserError
 from conftest import asit_release, released_layouts, run, tiny_asit
 
 SR = 16000
@@ -47,6 +50,29 @@ def test_hear_api_on_asit(tmp_path):
     assert emb.shape == (3, 12, 256) and (ts.diff(dim=1) == 160).all() and (ts[:, 0] == 80).all()
     torch.testing.assert_close(emb[0], ae(audio[:1], 16000, layers="all").frames[0])
     assert hear.get_scene_embeddings(audio, model).shape == (3, 512)
+
+
+def test_bad_model_options_name_the_flag(tmp_path, data_root):
+    """--model-options (heareval's runner json.loads it: a traceback; an unknown key: a
+    TypeError inside its Embedding class) is checked first: one line naming the flag and what
+    it takes, exit 1."""
+    import hear
+    for text, said in (("{frame_pool: concat}", "not JSON"),
+                       ('["concat"]', "not a JSON object; it takes hear.load_model's options"),
+                       ('{"pool": "concat"}', r"unknown \['pool'\]; it takes hear.load_model's "
+                                              r"options \(layers, device, frame_pool\)")):
+        for args in (["--model-options", text], [f"--model-options={text}"]):
+            with pytest.raises(UserError, match=f"--model-options '{re.escape(text)}': {said}"):
+                hear.check_model_options(["hear", "--model", "x.ckpt", *args])
+    hear.check_model_options(["hear", "--model-options", '{"frame_pool": "concat"}'])
+    (tmp_path / "tasks").mkdir()
+    torch.save(asit_release(tiny_asit()), tmp_path / "asit.pt")
+    p = run("hear.py", "embeddings", "--model", str(tmp_path / "asit.pt"), "--tasks-dir",
+            str(tmp_path / "tasks"), "--model-options", "{frame_pool: concat}",
+            data_root=data_root, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1].startswith(
+        "error: --model-options '{frame_pool: concat}': not JSON (Expecting property name")
 
 
 def _tone(seconds, rng, events=()):

@@ -1,9 +1,18 @@
 """loaders.py: the pre-training stream's micro-batches (the same on every launch and resume,
-disjoint over ranks) and balanced sampling's draws."""
+disjoint over ranks), balanced sampling's draws, and the training clips that fail to decode
+(replaced the same way in any worker and on resume, counted, stopped past a threshold)."""
+import os
+from types import SimpleNamespace
+
 import numpy as np
+import pytest
+import soundfile as sf
 import torch
 
+import data as D
 import loaders as L
+from desed import SedClips
+from plumbing import UserError
 
 
 def test_stream_sampler_resumes_and_splits_ranks():
@@ -36,3 +45,97 @@ def test_balanced_draws_depend_on_seed_epoch_and_rank_alone():
     assert list(other) != epochs[3]
     counts = np.bincount(sum(epochs, []), minlength=4) / 2400
     assert counts[1] == 0 and np.allclose(counts, [1 / 6, 0, 1 / 2, 1 / 3], atol=0.03)
+
+
+def _rows(tmp_path, n=6):
+    """n manifest rows whose samples say which clip and where (clip k, sample i: k + i / 8000,
+    0.5 s), then a truncated OGG and a 0-byte file, which do not decode."""
+    rows = []
+    for k in range(n):
+        path = tmp_path / f"{k}.wav"
+        sf.write(path, k + np.arange(8000, dtype=np.float32) / 8000, 16000, subtype="FLOAT")
+        rows.append(path)
+    sf.write(tmp_path / "full.ogg", np.random.default_rng(0).uniform(-.5, .5, 16000), 16000)
+    ogg = (tmp_path / "full.ogg").read_bytes()
+    (tmp_path / "cut.ogg").write_bytes(ogg[:len(ogg) // 3])
+    (tmp_path / "empty.wav").write_bytes(b"")
+    rows += [tmp_path / "cut.ogg", tmp_path / "empty.wav"]
+    return [dict(path=str(p), _where=f"m.csv line {i + 2}") for i, p in enumerate(rows)]
+
+
+def _clip_of(wav):
+    return int(wav[0])  # the row whose clip this crop is (see _rows)
+
+
+def test_unreadable_clips_are_replaced_alike_in_any_worker_and_on_resume(tmp_path):
+    """A clip that fails to decode is replaced by a readable row (another for other keys),
+    its message naming the file and manifest line; a good clip reads exactly as before
+    replacement existed (the crop of the RNG seeded by (seed, key)); a stream read with 0 or
+    2 workers, or resumed, holds the same clips and messages."""
+    rows = _rows(tmp_path)
+    ds = L.ClipDataset(rows, 0.25, seed=3)
+    for key in range(5):
+        wav, valid, said = ds[(2, key)]
+        before = D.load_audio(rows[2]["path"], 0.25, np.random.default_rng([3, key]))
+        assert torch.equal(wav, before[0]) and valid == before[1] and said == ""
+    picked = set()
+    for bad, name in ((6, "cut.ogg"), (7, "empty.wav")):
+        for key in range(12):
+            wav, valid, said = ds[(bad, key)]
+            picked.add(_clip_of(wav))
+            assert valid == 4000 and said.startswith(f"m.csv line {bad + 2}: ")
+            assert name in said.splitlines()[0] and torch.equal(wav, ds[(bad, key)][0])
+    assert len(picked) > 2 and picked <= set(range(6))
+    d = SimpleNamespace(rank=0, world=1, device=torch.device("cpu"))
+    read = [list(zip(range(8), L.stream_loader(rows, 0.25, 4, d, 5, 0, w))) for w in (0, 2)]
+    resumed = next(iter(L.stream_loader(rows, 0.25, 4, d, 5, 3, 0)))
+    for (_, a), (_, b) in zip(*read):
+        assert torch.equal(a[0], b[0]) and a[2] == b[2]
+    assert torch.equal(resumed[0], read[0][3][1][0]) and resumed[2] == read[0][3][1][2]
+    replaced = [m for _, b in read[0] for m in b[2] if m]
+    assert len(replaced) == 8  # 4 epochs of 2 batches, each epoch reading both bad clips
+    everything_bad = L.ClipDataset(rows[6:], 0.25)
+    with pytest.raises(D.AudioError, match="rows drawn to replace it failed too"):
+        everything_bad[(0, 0)]
+
+
+def test_labelled_and_sed_clips_replace_in_training_only(tmp_path):
+    """Training: the replacement comes with its own target, and pad_collate passes the
+    messages on; evaluation: the clip's error, as a replaced clip would change a score."""
+    rows = _rows(tmp_path)
+    targets = torch.arange(len(rows))
+    train = L.LabelledClips(rows, targets, 0.25, train=True, seed=1)
+    train.set_epoch(4)
+    wav, valid, y, said = L.pad_collate([train[6], train[1]])
+    assert y[0] == _clip_of(wav[0]) != 6 and y[1] == 1 and said[1] == ""
+    assert "cut.ogg" in said[0]
+    assert len(L.pad_collate([L.LabelledClips(rows, targets, 0.25)[1]])) == 3
+    names = [os.path.basename(r["path"]) for r in rows]
+    sed = SedClips(str(tmp_path), names, targets, 0.25, train=True, seed=1)
+    wav, valid, y, said = sed[7]
+    assert y == _clip_of(wav) != 7 and "empty.wav" in said
+    for ds in (L.LabelledClips(rows, targets, 0.25), SedClips(str(tmp_path), names, targets)):
+        with pytest.raises(D.AudioError, match="cut.ogg"):
+            ds[6]
+
+
+def test_unreadable_clips_are_counted_across_a_resume_and_stop_past_the_threshold(tmp_path):
+    """Each replaced clip is a line of unreadable.txt; a run resumed after step 4 keeps the
+    lines up to it; the run stops once they are more than 10 and 0.1% of the clips seen."""
+    d = SimpleNamespace(world=1, master=True, rank=0)
+    run = L.Unreadable(str(tmp_path), d, 0)
+    said = ["a.wav: cannot read"]
+    run(1, said, 32)
+    assert said == []
+    run(2, said, 64)
+    for step in range(3, 8):  # 11 clips, but of 700,000 seen
+        run(step, [f"{step}a.wav: x", f"{step}b.wav: x"], step * 100_000)
+    path = tmp_path / "unreadable.txt"
+    lines = path.read_text().splitlines()
+    assert len(lines) == 11 and lines[0] == "step 1: a.wav: cannot read"
+    resumed = L.Unreadable(str(tmp_path), d, 4)
+    assert path.read_text().splitlines() == lines[:5] == resumed.lines
+    resumed(5, [f"{k}.wav: x" for k in range(5)], 5000)  # 10: not more than 10
+    with pytest.raises(UserError, match=r"11 of the 6000 clips read so far failed to decode "):
+        resumed(6, ["last.wav: x"], 6000)
+    assert path.read_text().splitlines()[-1] == "step 6: last.wav: x"

@@ -1,6 +1,7 @@
 """pretrain.py (the loop) and the views of pretrain_frame.py / pretrain_clip.py: the Table II
 and III switches, then real pre-training runs on the demo data (loss, collapse, DDP on gloo,
-kill and resume, non-finite loss, a bad manifest row)."""
+kill and resume, non-finite loss, a missing file, corrupt clips replaced or stopping the
+run)."""
 import json
 import math
 import os
@@ -9,10 +10,13 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 import data as D
+import loaders as L
 import model as M
 import pretrain_asit as A
 import pretrain_clip
@@ -140,11 +144,11 @@ def test_killed_run_resumes_to_the_same_weights(data_root, tmp_path, script):
     assert killed.returncode == -9
     assert load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))["step"] == 4
     assert [r["step"] for r in read_log(tmp_path / "b")] == [1, 2, 3, 4, 5]
-    for debris in ("ckpt.pt.tmp4242", "views_rank0_step6.pt.tmp4243"):
+    for debris in (".ckpt.pt.atst-partial-4242", ".views_rank0_step6.pt.atst-partial-4243"):
         (tmp_path / "b" / debris).write_bytes(b"half a checkpoint")
     p = run(script, *args, "--out_dir", str(tmp_path / "b"), data_root=data_root)
     assert "resumed from" in p.stdout and "at step 4" in p.stdout
-    assert not list((tmp_path / "b").glob("*.tmp*")) and "removed" in p.stdout
+    assert not list((tmp_path / "b").glob(".*partial*")) and "removed" in p.stdout
     assert [r["step"] for r in read_log(tmp_path / "b")] == [1, 2, 3, 4, 5, 6]
     a = load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))
     b = load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
@@ -170,10 +174,9 @@ def test_non_finite_loss_stops_with_a_message(data_root, tmp_path):
     assert p.returncode == 1 and "non-finite loss" in p.stderr
 
 
-def test_bad_manifest_rows_are_reported_before_and_during_training(data_root, tmp_path):
+def test_a_missing_file_is_reported_before_training(data_root, tmp_path):
     """A missing file in the last row of a manifest stops the run before training (a short
-    run never reads that row); an unreadable file, found by a DataLoader worker, ends the run
-    with its one line, not a worker traceback."""
+    run never reads that row), with its one line."""
     rows = D.read_manifest(D.resolve_manifest("demo", "train", data_root))
     csv_path = tmp_path / "m.csv"
     csv_path.write_text("path\n" + "".join(r["path"] + "\n" for r in rows[:100]) +
@@ -183,15 +186,84 @@ def test_bad_manifest_rows_are_reported_before_and_during_training(data_root, tm
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert "1 of 101 audio files listed in" in p.stderr and "m.csv line 102" in p.stderr
     assert "gone.wav" in p.stderr and "step 1/1" not in p.stdout
-    (tmp_path / "bad.wav").write_text("not audio")
-    csv_path.write_text("path\n" + "".join(r["path"] + "\n" for r in rows[:31]) +
-                        str(tmp_path / "bad.wav") + "\n")
-    p = run("pretrain_clip.py", *TINY, "--data", str(csv_path), "--max_steps", "1",
-            "--out_dir", str(tmp_path / "o2"), data_root=data_root, check=False)
-    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
-    error = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
-    assert len(error) == 1 and "m.csv line 33" in error[0]
-    assert "cannot read audio file" in error[0] and "bad.wav" in error[0]
+
+
+def _manifest(path, rows, bad):
+    """A manifest of `rows` whose indices in `bad` ({index: file}) list that file instead."""
+    path.write_text("path\n" + "".join(bad.get(i, r["path"]) + "\n" for i, r in enumerate(rows)))
+    return str(path)
+
+
+def test_corrupt_clips_are_replaced_named_and_replaced_alike_on_resume(data_root, tmp_path):
+    """The demo manifest with a truncated FLAC read in step 2 and an empty file read in step
+    5: the run finishes and names both (a line each, and unreadable.txt). Killed at step 5
+    and resumed from step 4, it meets the second again, replaces it the same way, ends
+    bit-identical to the uninterrupted run and holds the same list."""
+    rows = D.read_manifest(D.resolve_manifest("demo", "train", data_root))
+    stream = iter(L.StreamSampler(len(rows), 16, seed=0))  # 2 micro-batches of 16 a step
+    order = [next(stream) for _ in range(10)]
+    cut, empty = order[2][0][0], order[9][5][0]                      # in steps 2 and 5
+    sf.write(tmp_path / "full.flac", np.random.default_rng(0).uniform(-.5, .5, 160000), 16000)
+    flac = (tmp_path / "full.flac").read_bytes()  # its header says 10 s
+    (tmp_path / "cut.flac").write_bytes(flac[:len(flac) // 3])
+    (tmp_path / "empty.wav").write_bytes(b"")
+    csv_path = _manifest(tmp_path / "m.csv", rows, {cut: str(tmp_path / "cut.flac"),
+                                                     empty: str(tmp_path / "empty.wav")})
+    args = ["pretrain_frame.py", *TINY, "--data", csv_path, "--max_steps", "6",
+            "--warmup_epochs", "0.25", "--ckpt_every", "2", "--log_every", "1",
+            "--micro_batch", "16"]
+    a = run(*args, "--out_dir", str(tmp_path / "a"), data_root=data_root)
+    named = [line for line in a.stdout.splitlines() if line.startswith("replaced an unreadable")]
+    assert len(named) == 2 and f"step 2: {csv_path} line {cut + 2}: " in named[0]
+    assert "cut.flac" in named[0] and f"step 5: {csv_path} line {empty + 2}: " in named[1]
+    assert "empty.wav" in named[1] and "done:" in a.stdout
+    listed = (tmp_path / "a" / "unreadable.txt").read_text().splitlines()
+    assert listed == [line.split(", ", 1)[1] for line in named]
+    killed = run(*args, "--out_dir", str(tmp_path / "b"), data_root=data_root, check=False,
+                 env=dict(ATST_DIE_AT_STEP="5"))
+    assert killed.returncode == -9 and named[1] in killed.stdout
+    resumed = run(*args, "--out_dir", str(tmp_path / "b"), data_root=data_root)
+    assert "at step 4" in resumed.stdout and named[1] in resumed.stdout
+    assert named[0] not in resumed.stdout
+    assert (tmp_path / "b" / "unreadable.txt").read_text().splitlines() == listed
+    a, b = (load_checkpoint(str(tmp_path / r / "ckpt.pt"))["model"] for r in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_too_many_corrupt_clips_stop_every_rank_with_the_list(data_root, tmp_path):
+    """24 of 64 clips are not audio: on 2 processes (gloo) the failures pass 10 (and 0.1% of
+    the clips read) in the first steps; each rank stops by itself with the same one line,
+    naming the list, which holds every failure said. The ranks are two SLURM tasks, not
+    torchrun's, which would end the second as soon as the first exits."""
+    rows = D.read_manifest(D.resolve_manifest("demo", "train", data_root))[:64]
+    bad = {}
+    for i in range(0, 64, 8):
+        for k in range(3):
+            bad[i + k] = str(tmp_path / f"bad{i + k}.wav")
+            (tmp_path / f"bad{i + k}.wav").write_text("not audio")
+    out = tmp_path / "o"
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in (
+               "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(ATST_DATA=data_root, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               SLURM_JOB_ID="4243", SLURM_STEP_NUM_TASKS="2", SLURM_JOB_NODELIST="localhost",
+               MASTER_PORT=str(_free_port()))
+    tasks = [subprocess.Popen(
+        [sys.executable, "pretrain_clip.py", *TINY, "--data",
+         _manifest(tmp_path / "m.csv", rows, bad), "--max_steps", "4", "--out_dir", str(out)],
+        cwd=HERE, env=dict(env, SLURM_PROCID=str(i), SLURM_LOCALID=str(i)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    said = [t.communicate(timeout=600) for t in tasks]
+    assert [t.returncode for t in tasks] == [1, 1] and "step 4/4" not in said[0][0]
+    errors = [[x for x in err.splitlines() if x.startswith("error: ")] for _, err in said]
+    assert errors[0] == errors[1] and len(errors[0]) == 1, said[1][1][-3000:]
+    errors = errors[0]
+    assert "clips read so far failed to decode (more than 10 and 0.1%)" in errors[0]
+    assert f"listed in {out / 'unreadable.txt'}" in errors[0]
+    listed = (out / "unreadable.txt").read_text().splitlines()
+    named = [x for x in said[0][0].splitlines() if x.startswith("replaced an unreadable")]
+    assert len(listed) == len(named) == int(errors[0].split()[1]) > 10
+    assert all("cannot read audio file" in x and "bad" in x for x in listed)
 
 
 def test_asit_losses():

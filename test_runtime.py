@@ -1,5 +1,7 @@
 """runtime.py: the embedding API of every kind (audio of any length, rate and channels;
 padded batches; layers; bf16) and every checkpoint layout the loader reads."""
+import os
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -11,7 +13,7 @@ import heads as H
 import model as M
 import plumbing as P
 import runtime as R
-from conftest import released_layouts, tiny_asit, tiny_encoder
+from conftest import released_layouts, run_together, tiny_asit, tiny_encoder
 
 
 @pytest.mark.parametrize("kind", ["frame", "clip"])
@@ -124,6 +126,9 @@ def test_embedding_api_takes_what_users_pass(tmp_path):
         ae(torch.full((16000,), float("nan")), sample_rate=16000)
     with pytest.raises(ValueError, match="transpose it"):
         ae(torch.zeros(100, 50), sample_rate=16000)
+    for empty in (torch.zeros(0), np.zeros((0, 2), np.float32), torch.zeros(3, 0)):
+        with pytest.raises(ValueError, match=r"empty audio \(0 samples, shape"):  # not "transpose"
+            ae(empty, sample_rate=16000)
     with pytest.raises(ValueError, match=r"layers \[7\]: this encoder has blocks 0 to 2"):
         ae(torch.zeros(16000), sample_rate=16000, layers=[7])
     once = ae(torch.zeros(16000), sample_rate=16000, layers=[1])
@@ -147,6 +152,8 @@ def test_embedding_api_checks_lengths_and_sample_rate(kind):
     with pytest.raises(ValueError, match=r"lengths \[44100, 50000\]: a clip cannot be longer "
                        "than the audio's 44100 samples"):
         ae(x, 44100, lengths=[44100, 50000])
+    with pytest.raises(ValueError, match=r"lengths \[0, 44100\]: every clip needs at least one"):
+        ae(x, 44100, lengths=[0, 44100])
 
 
 def test_unreadable_checkpoints_are_named(tmp_path):
@@ -364,3 +371,52 @@ def test_concat_frames_keep_asits_band_tokens_apart():
     assert torch.equal(frame.pool_frames("concat")(audio, 16000).frames, a)
     with pytest.raises(P.UserError, match="--frame_pool 'sum'"):
         frame.pool_frames("sum")
+
+
+def test_a_planted_checkpoint_runs_nothing_through_any_entry_point(tmp_path, data_root):
+    """A checkpoint whose unpickling would run a command (people fetch checkpoints from drives
+    and hubs) is refused wherever a checkpoint comes in, and the command never runs: the
+    Python API (load_encoder, hear.load_model, X-ARES's AtstEncoder, export, load_classifier)
+    with an error naming the file; every command (export.py, hear.py's --model, embed.py and
+    the stages' --ckpt, distill.py's and sed.py's --teacher, a resume from a crafted ckpt.pt in
+    a run folder) with that one line and exit status 1."""
+    import export
+    import hear
+    from test_plumbing import _Planted
+    from xares_encoder import AtstEncoder
+    marker, bad, good = tmp_path / "ran", str(tmp_path / "planted.ckpt"), str(tmp_path / "ok.ckpt")
+    enc = M.Encoder(dim=64, depth=2, heads=2, drop_path=0.0, **M.KINDS["frame"].encoder_args())
+    _, ck = next(released_layouts(enc, "frame"))
+    torch.save(ck, good)                       # a valid --ckpt where another file is planted
+    torch.save(dict(ck, hyper=_Planted(marker)), bad)
+    run_dir = tmp_path / "resume"
+    run_dir.mkdir()
+    torch.save(dict(model={}, optimizer={}, epoch=1, best=None, config={},
+                    hyper=_Planted(marker)), run_dir / "ckpt.pt")
+    for load in (R.load_encoder, hear.load_model, lambda p: AtstEncoder(p, device="cpu"),
+                 lambda p: export.export(p, str(tmp_path / "exported")), H.load_classifier):
+        with pytest.raises(P.UserError, match="planted.ckpt: holds a Python object"):
+            load(bad)
+    (tmp_path / "tasks").mkdir()
+    demo = ["--data", "demo_events", "--num_workers", "1", "--epochs", "1"]
+    sed = ["--data", "demo_sed", "--num_workers", "1", "--epochs", "1"]
+    jobs = [("export.py", bad, str(tmp_path / "x")),
+            ("hear.py", "embeddings", "--model", bad, "--tasks-dir", str(tmp_path / "tasks"),
+             "--embeddings-dir", str(tmp_path / "emb")),
+            ("embed.py", os.path.join(data_root, "demo", "events", "audio"), "--ckpt", bad,
+             "--out", str(tmp_path / "npz"), "--num_workers", "1"),
+            ("linear_eval.py", "--ckpt", bad, *demo[:4], "--out", str(tmp_path / "lin.json"),
+             "--cache_dir", str(tmp_path / "cache")),
+            ("finetune.py", "--ckpt", bad, *demo, "--out_dir", str(tmp_path / "ft")),
+            ("sed.py", "--ckpt", bad, *sed, "--out_dir", str(tmp_path / "sed")),
+            ("distill.py", "--ckpt", good, "--teacher", bad, *demo, "--out_dir",
+             str(tmp_path / "kd")),
+            ("sed.py", "--ckpt", good, "--teacher", bad, *sed, "--out_dir",
+             str(tmp_path / "sed_kd")),
+            ("finetune.py", "--ckpt", good, *demo, "--out_dir", str(run_dir))]
+    for job, p in zip(jobs, run_together(jobs, data_root, check=False)):
+        assert p.returncode == 1 and "Traceback" not in p.stderr, (job, p.stderr[-2000:])
+        line = p.stderr.strip().splitlines()[-1]
+        name = "resume/ckpt.pt" if job[-1] == str(run_dir) else "planted.ckpt"
+        assert f"{name}: holds a Python object that a weights-only load refuses" in line, job
+    assert not marker.exists()

@@ -10,14 +10,16 @@ import sys
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
-import runtime as R
 import heads as H
+import runtime as R
 import sed
 from conftest import HERE, run
-from plumbing import load_checkpoint
+from plumbing import UserError, load_checkpoint
+from test_plumbing import one_line_error
 
 def test_downstream_scripts_end_to_end(pretrained, data_root, tmp_path):
     """linear_eval (ATST-Frame, ASiT), finetune (all three kinds) and distill (C2F; F2A: a
@@ -202,7 +204,9 @@ def test_sed_demo_end_to_end_and_prediction_on_long_stereo_audio(pretrained, dat
         (tmp_path / "rec" / sub).mkdir(parents=True)
         sf.write(tmp_path / "rec" / sub / "take1.wav", tone[:5 * sr].astype(np.float32), sr)
     (tmp_path / "rec" / "broken.wav").write_text("not audio")
-    p = run("sed.py", "--predict", str(tmp_path / "rec"), "--ckpt",
+    given = ",".join(str(tmp_path / "rec" / f) for f in ("kitchen/take1.wav",
+                                                          "garden/take1.wav", "broken.wav"))
+    p = run("sed.py", "--predict", given, "--ckpt",      # files of one name, named apart
             os.path.join(outs["lin"], "best.pt"), "--threshold", "0.001", data_root=data_root,
             check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr
@@ -219,6 +223,8 @@ def test_sed_demo_end_to_end_and_prediction_on_long_stereo_audio(pretrained, dat
     sed.detect(SimpleNamespace(**c, set_by_user=[]))
     sed.detect(SimpleNamespace(**dict(c, median_window=3), set_by_user=["median_window"]))
     assert set(seen[0]) == {31} and set(seen[1]) == {3}
+    with pytest.raises(UserError, match=f"--out {tmp_path} is a folder: give the TSV file"):
+        sed.detect(SimpleNamespace(**dict(c, out=str(tmp_path)), set_by_user=[]))
 
 
 HELP_RUNNER = """
@@ -251,10 +257,15 @@ def test_killed_sed_run_resumes_after_its_last_epoch(pretrained, data_root, tmp_
     assert all(a[k] == b[k] for k in ("psds1", "psds1_exact", "f1_intersection", "best_epoch"))
     ma, mb = (load_checkpoint(str(tmp_path / x / "best.pt"))["model"] for x in "ab")
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    args[1] = os.path.relpath(args[1], HERE)  # the same checkpoint by another path, other lr
+    p = run("sed.py", *args, "--epochs", "4", "--lr", "0.3", "--out_dir", str(tmp_path / "b"),
+            data_root=data_root, check=False)
+    assert p.returncode == 1 and one_line_error(p) == (
+        f"error: {tmp_path / 'b' / 'ckpt.pt'} is another run's (epochs 2, this run 4; lr 0.5, "
+        "this run 0.3): use another --out_dir, or the settings it was trained with")
     args[1] = os.path.join(pretrained["frame"], "ckpt.pt")     # another run, the same folder
     p = run("sed.py", *args, "--out_dir", str(tmp_path / "b"), data_root=data_root, check=False)
-    assert p.returncode == 1 and "is another run's (ckpt" in p.stderr and "another --out_dir" \
-        in p.stderr
+    assert p.returncode == 1 and "is another run's (ckpt 'ckpt.pt (sha256 " in p.stderr
 
 
 def test_every_script_prints_its_help():
