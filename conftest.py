@@ -266,9 +266,11 @@ def make_downloads(root):
         strong += [f"{k}.wav\t{0.2 + j / 10:.1f}\t{1.0 + 3 * j / 10:.1f}\t{events[(k + j) % 3]}"
                    for j in range(2)]
         for folder, sr in (("soundscapes", 44100), ("soundscapes_16k", 16000)):
-            if k < (12 if sr == 44100 else 10):   # 12.wav is missing; _16k stopped after 9.wav
-                _clip(os.path.join(d, "audio/train/synthetic21_train", folder, f"{k}.wav"),
-                      2.0, sr, 300 + 100 * (k % 3), next(n))
+            path = os.path.join(d, "audio/train/synthetic21_train", folder, f"{k}.wav")
+            if k == 9 and sr == 16000:            # _16k stopped as it wrote 9.wav
+                _truncated(path, 0.5, 2.0, sr)
+            elif k < (12 if sr == 44100 else 10):  # 12.wav is missing
+                _clip(path, 2.0, sr, 300 + 100 * (k % 3), next(n))
     _text(os.path.join(d, "metadata/train/synthetic21_train/soundscapes.tsv"),
           "\n".join(strong) + "\n")
     weak = ["filename\tevent_labels"]

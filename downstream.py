@@ -47,7 +47,8 @@ def run_dir(c, d, stage, ae, *parts):
     out_dir = claim_out_dir(c.out_dir or os.path.join(
         "out", name + ("_random" if c.random_init else "")), d)
     path = os.path.join(out_dir, "ckpt.pt")
-    then = decide(lambda: (_json(path + ".json") or {}).get("settings"), d)
+    then = decide(lambda: os.path.exists(path) and (_json(path + ".json") or {}).get(
+        "settings"), d)
     if then:
         same_run(path, then, vars(c), d)
     return out_dir
@@ -69,9 +70,10 @@ RUNTIME_KEYS = ("out_dir", "out", "num_workers", "device", "micro_batch", "cache
 
 def settings(cfg):
     """What shapes a run's model and its reported result: every config value but RUNTIME_KEYS;
-    a value naming a file or folder by what it holds (the same checkpoint by another path is
-    the same run, an overwritten one is not), a named dataset with the root it was read from."""
-    out = {k: (_held(os.path.abspath(v), os.stat(v).st_mtime_ns) if isinstance(v, str) and v
+    a value naming a file by what it holds (the same checkpoint by another path or name is the
+    same run, an overwritten one is not), one naming a folder by its real path (not read
+    through: an audio folder), a named dataset with the root it was read from."""
+    out = {k: (_held(os.path.realpath(v), os.stat(v).st_mtime_ns) if isinstance(v, str) and v
                and os.path.exists(v) else v) for k, v in cfg.items() if k not in RUNTIME_KEYS}
     if "data" in cfg and not os.path.exists(cfg["data"]):
         root = os.path.abspath(cfg.get("data_root") or default_data_root())
@@ -92,8 +94,8 @@ def same_run(path, then, cfg, d):
 
 @functools.lru_cache
 def _held(path, mtime):
-    """A file's or folder's name and digest, once per version of it (not at every epoch)."""
-    return f"{os.path.basename(path)} (sha256 {digest(path)})"
+    """A file's digest, once per version of it (not at every epoch); a folder's real path."""
+    return f"sha256 {digest(path)}" if os.path.isfile(path) else path
 
 
 def resume(path, model, opt, d, cfg):

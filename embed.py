@@ -86,7 +86,10 @@ def check_record(out, made, targets):
         except (OSError, ValueError) as e:  # BadZipFile is an OSError
             raise UserError(f"--out {out}: {targets[0]} is not an embedding this script can "
                             f"read ({e}): give another --out") from None
-    keys = ("checkpoint_sha256", "kind", "layers", "frame_pool", "precision")
+    keys = [k for k in ("checkpoint_sha256", "kind", "layers", "frame_pool", "precision")
+            if k in then]  # a file of an older version holds fewer
+    if not then.get("checkpoint_sha256"):  # a Hub id, or a file from before the hash
+        keys.append("checkpoint")
     differ = [f"{k} {then.get(k)!r}, this run {made[k]!r}" for k in keys
               if then.get(k) != made[k]]
     if differ:
@@ -169,7 +172,7 @@ def main(cfg):
     d.print(f"{len(named)} files, {len(named) - len(todo)} done before, {len(todo)} to embed")
     enc = load_encoder(c.ckpt, d.device).pool_frames(c.frame_pool)
     enc.layer_list(layers)  # an impossible block index is said before any work
-    made = made_by(c, enc, d.precision)
+    made = decide(lambda: made_by(c, enc, d.precision), d)  # the checkpoint hashed once
     decide(lambda: check_record(c.out, made, [target[p] for p, there in zip(paths, done)
                                               if there]), d)
     if d.master:

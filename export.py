@@ -190,7 +190,9 @@ def _same(path, state, meta):
     bytes: safetensors writes the metadata in no fixed order)."""
     try:
         with safetensors.safe_open(path, "pt") as f:
-            return f.metadata() == meta and set(f.keys()) == set(state) and \
+            old = f.metadata() or {}  # an export older than encoder_args in it: fewer keys
+            return all(old.get(k, v) == v for k, v in meta.items()) and set(old) <= set(meta) \
+                and set(f.keys()) == set(state) and \
                 all(torch.equal(f.get_tensor(k), v) for k, v in state.items())
     except (OSError, safetensors.SafetensorError):
         return False

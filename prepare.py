@@ -412,9 +412,10 @@ DESED = {  # ours: (DESED's metadata file, its columns, its audio folder (or the
 def dcase2022(src, out, workers):
     """Writes out/dcase2022/: train_strong.tsv, train_weak.tsv, test.tsv, test_durations.tsv
     (rows of the clips found that decode), audio/{train_strong,train_weak,test}/ (a link per
-    clip: to its 16 kHz twin in the `_16k` folder where that is there, else to DESED's clip;
-    the DCASE baseline's first training run writes the `_16k` folders, and one that stopped
-    leaves them half-written); returns (splits, the classes of the three TSVs)."""
+    clip: to its 16 kHz twin in the `_16k` folder where that is there and decodes, else to
+    DESED's clip; the DCASE baseline's first training run writes the `_16k` folders, and one
+    that stopped leaves them half-written, its last clip cut short); returns (splits, the
+    classes of the three TSVs)."""
     folder = os.path.join(out, "dcase2022")
     old = {ours: our_links(os.path.join(folder, "audio", ours)) for ours in DESED}
     splits, tables = {}, {}
@@ -437,6 +438,15 @@ def dcase2022(src, out, workers):
                     "DESED's validation clip durations (PSDS needs them)")
     durations = read_table(dur_path, ["filename", "duration"])
     drop_unreadable(splits.values(), workers)
+    for ours, s in splits.items():  # a `_16k` clip a stopped run left cut short: DESED's own
+        fast, orig = DESED[ours][2] + "_16k" + os.sep, DESED[ours][2] + os.sep
+        back = {rel: orig + rel[len(fast):] for rel, _ in s.unreadable if rel.startswith(fast)
+                and os.path.isfile(os.path.join(src, orig + rel[len(fast):]))}
+        bad = decode_errors([os.path.join(src, b) for b in back.values()], workers)
+        for rel, b in back.items():
+            if os.path.join(src, b) not in bad:
+                s.unreadable = [u for u in s.unreadable if u[0] != rel]
+                s.add(src, b)
     check("dcase2022", src, splits)
     for ours, rows in tables.items():
         ok = {os.path.basename(r["path"]): r["path"] for r in splits[ours].rows}

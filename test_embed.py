@@ -87,6 +87,24 @@ def test_a_folder_of_recordings_to_one_file_each(tmp_path):
     assert one_line_error(bad) == "error: --layers 'a,b': give all, or block indices like 0,5,11"
 
 
+def test_a_rerun_compares_what_the_outputs_there_record(tmp_path):
+    """Files of an older version (no hash, no precision) are compared on what they hold,
+    their checkpoint by path; a Hub id (no hash) by its name; embeddings.json wins."""
+    made = dict(checkpoint="/m/a.pt", checkpoint_sha256="ab12", kind="frame", layers="last",
+                frame_pool="mean", precision="fp32")
+    old = str(tmp_path / "x.wav.npz")
+    np.savez(old, frames=np.zeros((1, 2)), kind="frame", checkpoint="/m/a.pt", layers="last",
+             frame_pool="mean")
+    embed.check_record(str(tmp_path), made, [old])                       # the same run
+    with pytest.raises(P.UserError, match="checkpoint '/m/a.pt', this run '/m/b.pt'"):
+        embed.check_record(str(tmp_path), dict(made, checkpoint="/m/b.pt"), [old])
+    hub = dict(made, checkpoint="org/frame", checkpoint_sha256="")
+    P.save_json(hub, str(tmp_path / embed.RECORD))
+    embed.check_record(str(tmp_path), hub, [old])
+    with pytest.raises(P.UserError, match="checkpoint 'org/frame', this run 'org/other'"):
+        embed.check_record(str(tmp_path), dict(hub, checkpoint="org/other"), [old])
+
+
 def test_inputs_are_named_by_their_path_inside_what_was_given(tmp_path):
     """Two files of one name in two folders get two outputs; a path holding a comma is one
     path; a list file names files relative to itself; a missing input is said at once."""

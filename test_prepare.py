@@ -148,8 +148,9 @@ def test_youtube_ids_in_file_names():
 
 def test_desed_tree_is_read_by_sed_without_flags(prepared, downloads):
     """dcase2022: the TSVs list the clips found (the missing one dropped, counted), each clip's
-    link goes to its 16 kHz twin where the `_16k` folder has it (train_strong's stopped after
-    9.wav: 10.wav and 11.wav come from the 44.1 kHz folder, not called missing), and sed.py's
+    link goes to its 16 kHz twin where the `_16k` folder has it and it decodes (train_strong's
+    stopped as it wrote 9.wav, cut short: 9.wav, 10.wav and 11.wav come from the 44.1 kHz
+    folder, neither missing nor unreadable), and sed.py's
     default files resolve inside the folder."""
     import sed
     from types import SimpleNamespace
@@ -160,7 +161,7 @@ def test_desed_tree_is_read_by_sed_without_flags(prepared, downloads):
     assert len(strong) == 12 and "12.wav" not in strong
     real = lambda folder, f: os.path.dirname(os.path.realpath(os.path.join(folder, f)))
     assert {f: os.path.basename(real(fs.train_strong_audio, f)) for f in strong} == {
-        f"{k}.wav": "soundscapes" if k >= 10 else "soundscapes_16k" for k in range(12)}
+        f"{k}.wav": "soundscapes" if k >= 9 else "soundscapes_16k" for k in range(12)}
     test = DS.read_strong(fs.test_tsv, ["Alarm_bell_ringing", "Dog", "Speech"],
                          DS.read_durations(fs.test_durations_tsv))
     assert {real(fs.test_audio, f) for f in test} == {

@@ -257,7 +257,8 @@ def test_killed_sed_run_resumes_after_its_last_epoch(pretrained, data_root, tmp_
     assert all(a[k] == b[k] for k in ("psds1", "psds1_exact", "f1_intersection", "best_epoch"))
     ma, mb = (load_checkpoint(str(tmp_path / x / "best.pt"))["model"] for x in "ab")
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
-    args[1] = os.path.relpath(args[1], HERE)  # the same checkpoint by another path, other lr
+    shutil.copy(args[1], tmp_path / "renamed.pt")   # the same checkpoint by another name, other lr
+    args[1] = os.path.relpath(tmp_path / "renamed.pt", HERE)
     p = run("sed.py", *args, "--epochs", "4", "--lr", "0.3", "--out_dir", str(tmp_path / "b"),
             data_root=data_root, check=False)
     assert p.returncode == 1 and one_line_error(p) == (
@@ -265,7 +266,7 @@ def test_killed_sed_run_resumes_after_its_last_epoch(pretrained, data_root, tmp_
         "this run 0.3): use another --out_dir, or the settings it was trained with")
     args[1] = os.path.join(pretrained["frame"], "ckpt.pt")     # another run, the same folder
     p = run("sed.py", *args, "--out_dir", str(tmp_path / "b"), data_root=data_root, check=False)
-    assert p.returncode == 1 and "is another run's (ckpt 'ckpt.pt (sha256 " in p.stderr
+    assert p.returncode == 1 and "is another run's (ckpt 'sha256 " in p.stderr
 
 
 def test_every_script_prints_its_help():
