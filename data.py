@@ -115,16 +115,16 @@ def named_audio(spec, files_from=""):
     never share a name (a/x.wav and b/x.wav). A named path that does not exist is an error,
     said before any model is loaded."""
     if files_from:
-        with open(_must_exist(files_from, "--files_from")) as f:
+        with open(need(files_from, "the --files_from list")) as f:
             base = os.path.dirname(os.path.abspath(files_from))
             items = [os.path.join(base, line.strip()) for line in f if line.strip()]
         if not items:
             raise UserError(f"--files_from {files_from}: lists no file")
-        items = [_must_exist(p, f"listed in {files_from}") for p in items]
+        items = [need(p, f"listed in {files_from}") for p in items]
     elif spec.endswith(MANIFEST_EXTS) and os.path.isfile(spec):
         items = [r["path"] for r in read_manifest(spec, check_files=False)]
     else:
-        items = [_must_exist(p, "given") for p in
+        items = [need(p, "an audio file or folder you named") for p in
                  ([spec] if os.path.exists(spec) else spec.split(","))]
     if len(items) == 1 and os.path.isdir(items[0]):
         base = os.path.abspath(items[0])
@@ -135,9 +135,10 @@ def named_audio(spec, files_from=""):
         os.path.abspath(f) for f in files)}
 
 
-def _must_exist(path, how):
+def need(path, what):
+    """A file or folder that must exist; the error says what it is."""
     if not os.path.exists(path):
-        raise UserError(f"{path} ({how}): no such file or folder")
+        raise UserError(f"{path} not found: {what}")
     return path
 
 

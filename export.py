@@ -20,7 +20,6 @@ uploaded to the Hugging Face Hub.
 import argparse
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -30,7 +29,7 @@ import safetensors.torch
 import torch
 
 from model import KINDS
-from plumbing import (UserError, check_writable, load_checkpoint, save_text, user_errors,
+from plumbing import (UserError, check_writable, digest, load_checkpoint, save_text, user_errors,
                       write_atomic)
 from runtime import load_encoder
 
@@ -109,11 +108,7 @@ def provenance(path, ae):
         folder = path if os.path.isdir(path) else hub_folder(path)
         with open(os.path.join(folder, "config.json")) as f:
             return dict(json.load(f).get("provenance", {}), exported_again_from=path)
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            sha.update(block)
-    out = dict(source=ae.source, file=os.path.basename(path), sha256=sha.hexdigest(),
+    out = dict(source=ae.source, file=os.path.basename(path), sha256=digest(path, 64),
                exported=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     ck = load_checkpoint(path)
     if isinstance(ck, dict) and "config" in ck:  # ours; pre-training writes a summary beside

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cluster import decide
+from cluster import all_mean, decide
 from data import AudioError, DataError, load_audio
 from plumbing import UserError, save_text, step_seed
 
@@ -80,7 +80,8 @@ class Unreadable:
         """After step `step` (from 1): `said`, this rank's messages of the clips replaced in
         it (emptied here), and `seen`, the clips every rank read up to it."""
         new, said[:] = list(said), []
-        if self.d.world > 1:
+        if self.d.world > 1 and all_mean(torch.tensor([float(len(new))], device=self.d.device),
+                                         self.d).item() > 0:  # objects pickled only then
             every = [None] * self.d.world
             dist.all_gather_object(every, new)
             new = [m for part in every for m in part]

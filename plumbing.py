@@ -154,24 +154,25 @@ def _write_rows(f, delimiter, header, rows):
     w.writerows(rows)
 
 
-def digest(path):
-    """What a file or folder holds, for telling runs apart: sha256 (16 hex digits) of a file's
-    bytes, or of a folder's file names and bytes (an exported model); None when `path` names
-    neither (a Hub id, a dataset name)."""
+def digest(path, chars=16):
+    """What a file or folder holds, for telling runs apart: the sha256 of a file's bytes (as
+    sha256sum prints it), or of a folder's file names and bytes (an exported model), its
+    first `chars` hex digits; None when `path` names neither (a Hub id, a dataset name)."""
     if os.path.isdir(path):
-        files = sorted(f for f in os.listdir(path) if os.path.isfile(os.path.join(path, f))
-                       and not PARTIAL.match(f))
+        files = [(f, os.path.join(path, f)) for f in sorted(os.listdir(path))
+                 if os.path.isfile(os.path.join(path, f)) and not PARTIAL.match(f)]
     elif os.path.isfile(path):
-        files = [""]
+        files = [(None, path)]
     else:
         return None
     h = hashlib.sha256()
-    for f in files:
-        h.update(f.encode() + b"\0")
-        with open(os.path.join(path, f) if f else path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
+    for name, p in files:
+        if name is not None:
+            h.update(name.encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
                 h.update(block)
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:chars]
 
 
 def default_data_root():

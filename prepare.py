@@ -38,7 +38,7 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from data import AUDIO_EXTS, decode_errors, read_table, to_flac16k
+from data import AUDIO_EXTS, decode_errors, need, read_table, to_flac16k
 from plumbing import (UserError, check_writable, default_data_root, save_json, save_text,
                       user_errors, write_table)
 
@@ -68,13 +68,6 @@ class Split:
 
     def listed(self):
         return len(self.rows) + len(self.missing) + len(self.unreadable)
-
-
-def need(path, what):
-    """A metadata file or folder that must exist; the error says what it is."""
-    if not os.path.exists(path):
-        raise UserError(f"{path} not found: {what}")
-    return path
 
 
 def walk(root, meta=()):

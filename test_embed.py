@@ -120,10 +120,10 @@ def test_inputs_are_named_by_their_path_inside_what_was_given(tmp_path):
     (tmp_path / "b" / "list.txt").write_text("x.wav\nc/y,z.wav\n\n")
     assert D.named_audio("", f"{t}/b/list.txt") == {f"{t}/b/x.wav": "x.wav",
                                                     f"{t}/b/c/y,z.wav": "c/y,z.wav"}
-    with pytest.raises(P.UserError, match=f"{t}/none \\(given\\): no such file or folder"):
+    with pytest.raises(P.UserError, match=f"{t}/none not found: an audio file or folder you"):
         D.named_audio(f"{t}/a/x.wav,{t}/none")
     p = _embed(f"{t}/none", "--ckpt", "none.pt", "--out", f"{t}/emb")  # before any loading
-    assert one_line_error(p) == f"error: {t}/none (given): no such file or folder"
+    assert one_line_error(p) == f"error: {t}/none not found: an audio file or folder you named"
 
 
 def test_a_manifest_and_every_block_of_asit(tmp_path):
