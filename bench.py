@@ -3,7 +3,10 @@ Benchmark: one full pre-training step (front-end, views, teacher and student for
 student backward, AdamW, EMA) for a method, preset and batch on this device, next to the same
 step done the way the reference code did it (fp32, hand-written attention, front-end and
 augmentation per clip on the CPU: for ASiT torchaudio's per-clip Kaldi fbank and its Python
-GMML loop); then the data path (clips/s of one DataLoader worker reading 10 s files).
+GMML loop); ours again with the encoders compiled (--compile) and, for ATST-Frame, with the
+padding mask on the same whole batch; on CUDA the host syncs of each step; then the data path
+(clips/s of one DataLoader worker reading 10 s files and the same clips packed in shards, files
+opened, shared memory per batch, start-up over a 2M-row manifest).
 Prints numbers; asserts nothing. Compare numbers as ratios within one run.
 
     python bench.py --preset tiny --batch 32
@@ -13,11 +16,17 @@ Prints numbers; asserts nothing. Compare numbers as ratios within one run.
 """
 import contextlib
 import dataclasses
+import glob
 import math
 import os
+import re
 import resource
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -33,7 +42,8 @@ import runtime
 from augment import Mixup
 from cluster import setup_distributed
 from config import configure, script_config
-from loaders import stream_loader
+from plumbing import write_table
+from shards import write_shards
 
 # -------------------------------------------------------------------------------- config
 preset = "tiny"      # tiny | small | base
@@ -42,10 +52,12 @@ batch = 32           # clips per step (one device)
 steps = 5            # timed steps (after warmup_steps untimed ones)
 warmup_steps = 2            # untimed steps first
 reference = True     # also time the reference-style step
+compile = True       # also time the step with the encoders compiled (compiling takes minutes)
 device = "auto"      # auto (CUDA when torch sees it) | cpu | cuda
 dtype = "auto"       # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32: the timed step's autocast
 data_files = 48      # 10 s files written for the data-path benchmark (0 = skip it)
 data_batches = 6     # batches timed per format
+startup_rows = 2_000_000  # rows of the manifest the start-up is timed with (0 = skip it)
 embed_files = 16     # 10 s files embed.py embeds per kind, at this preset's size (0 = skip)
 seed = 0                    # initial weights
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
@@ -133,11 +145,30 @@ def reference_asit_views(c, rng):
     return views
 
 
-def time_step(c, d, style):
+def host_syncs(step):
+    """Host-device synchronisations in one call of step(), as CUDA's sync debug mode counts
+    them (one warning each)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+
+
+def time_step(c, d, style, masked=False, compiled=False):
+    """ms/step of one method's pre-training step on a batch of whole 10 s clips, ours or the
+    reference's way; masked: the views give the encoders the padding mask anyway (every batch
+    had it before whole batches went without); compiled: the encoders under torch.compile
+    (compiled in the untimed warm-up steps). On CUDA, the host syncs of one more step."""
     mod, Model, views_name, n_tokens = METHODS[c.method]
     defaults = preset_config(mod, c.preset)
     torch.manual_seed(c.seed)
     m = Model(**mod.model_args(defaults)).to(d.device)
+    if compiled:
+        pretrain.compile_encoders(m)
     opt = torch.optim.AdamW(M.param_groups(m, 0.05), lr=1e-4, eps=1e-6,
                             fused=d.device.type == "cuda")
     views = getattr(mod, views_name)(defaults)
@@ -151,7 +182,8 @@ def time_step(c, d, style):
                 mix.push(torch.zeros(1, 64, int(n.split(".")[-1]) if "." in n else 1001))
         one_by_one = views
 
-        def views(w, v, g):
+        def views(w, v, g):  # each clip with its valid samples: ATST-Frame's padding mask
+            v = pretrain.valid_samples(w, v)
             outs = [one_by_one(w[i:i + 1].cpu(), v[i:i + 1].cpu(), None)
                     for i in range(w.shape[0])]
             return tuple(None if o[0] is None else torch.cat(o).to(d.device) for o in zip(*outs))
@@ -162,9 +194,18 @@ def time_step(c, d, style):
         dd = dataclasses.replace(d, ctx=contextlib.nullcontext())
     else:
         views = views.to(d.device)
+    if masked:
+        whole = views
+        views = lambda w, v, g: whole(w, pretrain.valid_samples(w, v), g)
+    cuda = d.device.type == "cuda"
+    if cuda:  # as the loader hands batches over
+        wav, valid = wav.pin_memory(), valid.pin_memory()
     batches = iter(lambda: (wav, valid), None)
     gen = torch.Generator(device=d.device).manual_seed(0)
-    cuda = d.device.type == "cuda"
+
+    def step():
+        pretrain.run_step(m, m, opt, views, batches, 1, dd, gen, kwargs=kwargs)
+        m.update_teacher(0.999)
     try:
         for i in range(c.warmup_steps + c.steps):
             if i == c.warmup_steps:
@@ -172,14 +213,14 @@ def time_step(c, d, style):
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 t0 = time.time()
-            pretrain.run_step(m, m, opt, views, batches, 1, dd, gen, kwargs=kwargs)
-            m.update_teacher(0.999)
+            step()
         if cuda:
             torch.cuda.synchronize()
+        dt = (time.time() - t0) / c.steps
+        syncs = f" | {host_syncs(step)} host syncs/step" if cuda else ""
     finally:
         if style == "reference":
             M.Attention.forward = saved
-    dt = (time.time() - t0) / c.steps
     mem = (torch.cuda.max_memory_allocated() if cuda else
            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
     mfu = ""
@@ -190,9 +231,22 @@ def time_step(c, d, style):
             flops = step_flops(mod.model_args(defaults), n_tokens, c.batch)
             mfu = f" | MFU {flops / dt / peak:.1%}"
     mem_kind = "peak CUDA memory" if cuda else "peak RSS (process)"
-    print(f"{style:9s} step: {dt * 1000:8.1f} ms/step | {c.batch / dt:7.1f} clips/s | "
-          f"{mem_kind} {mem:.2f} GiB{mfu}", flush=True)
+    name = style + ", compiled" * compiled + ", padding mask" * masked
+    print(f"{name:28s} step: {dt * 1000:8.1f} ms/step | {c.batch / dt:7.1f} clips/s | "
+          f"{mem_kind} {mem:.2f} GiB{mfu}{syncs}", flush=True)
     return dt
+
+
+def time_variants(c, d, ours):
+    """Our step against `ours` (no padding mask, not compiled), in this run: with the encoders
+    compiled (--compile) and, for ATST-Frame, with the padding mask on the same whole batch."""
+    frame = c.method == "frame"  # the one method whose views give a padding mask
+    runs = [(True, False)] * frame + [(False, True), (True, True)][:1 + frame] * c.compile
+    for masked, compiled in runs:
+        dt = time_step(c, d, "ours", masked, compiled)
+        print(f"  {dt / ours:.2f}x the time of ours without the mask, not compiled", flush=True)
+    if d.device.type != "cuda":
+        print("host syncs per step: not countable off CUDA (torch.cuda.set_sync_debug_mode)")
 
 
 def time_views(c, d):
@@ -220,38 +274,109 @@ def time_views(c, d):
     print(f"speed-up of the ASiT data path: {times['reference'] / times['ours']:.2f}x")
 
 
-DATA_FORMATS = {  # name: (extension, sample rate, channels)
+DATA_FORMATS = {  # name: (extension, sample rate, channels); the last is also read as shards
     "44.1 kHz stereo WAV (as downloaded)": ("wav", 44100, 2),
     "16 kHz mono WAV": ("wav", 16000, 1),
     "16 kHz mono FLAC (prepare.py --resample)": ("flac", 16000, 1)}
+SHARDS = "16 kHz mono FLAC in shards (prepare.py --shards)"
+READER = """
+import sys, time, torch
+from types import SimpleNamespace
+from data import read_manifest
+from loaders import stream_loader
+one = SimpleNamespace(rank=0, world=1, device=torch.device("cpu"))
+it = iter(stream_loader(read_manifest(sys.argv[1]), 10.0, 8, one, 0, 0, workers=1))
+w = next(it)[0]                                              # worker start-up
+t0 = time.time()
+for _ in range(int(sys.argv[2])):
+    next(it)
+print(time.time() - t0, w.numel() * w.element_size(), str(w.dtype)[6:])
+"""
+OPENS_CLIPS = 1000  # clips read under strace to count the files opened
+
+
+def read_clips(manifest, batches, strace=""):
+    """Reads `batches` batches of 8 ten-second crops of the manifest's rows with one
+    DataLoader worker, in a child process: (clips/s, bytes of a batch's audio as the worker
+    hands it over, its dtype); under strace, the files opened (beside the manifest) instead."""
+    cmd = [sys.executable, "-c", READER, manifest, str(batches)]
+    log = manifest + ".strace"
+    if strace:
+        cmd = [strace, "-f", "-qq", "-e", "trace=open,openat", "-o", log] + cmd
+    out = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), check=True,
+                         capture_output=True, text=True).stdout.split()
+    if strace:
+        with open(log) as f:
+            return sum(f'"{os.path.dirname(manifest)}/' in line and "ENOENT" not in line
+                       and ".csv" not in line for line in f)
+    return 8 * batches / float(out[-3]), int(out[-2]), out[-1]
 
 
 def time_data(c, d):
-    """Clips/s one DataLoader worker reads (read, mono, resample, crop) from 10 s files of
-    each format: what prepare.py --resample saves the training workers."""
+    """The data path, files against shards: clips/s one DataLoader worker reads (read, mono,
+    resample, crop) from 10 s clips of each format and from the 16 kHz FLAC clips packed in
+    tar shards, with the bytes of a batch it hands over through shared memory (int16 from
+    16-bit 16 kHz mono clips, else float32); files opened per 1,000 clips (strace, when
+    installed); then the time to the end of the first step of a tiny pre-training over a
+    manifest of c.startup_rows rows."""
     rates = {}
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         for name, (ext, sr, ch) in DATA_FORMATS.items():
-            rows = []
-            for i in range(c.data_files):
-                p = os.path.join(tmp, f"{i}_{sr}_{ch}.{ext}")
-                sf.write(p, (rng.standard_normal((10 * sr, ch)) * 0.1).astype(np.float32), sr)
-                rows.append(dict(path=p, _where=p))
-            one = SimpleNamespace(rank=0, world=1, device=torch.device("cpu"))
-            loader = stream_loader(rows, 10.0, 8, one, 0, 0, workers=1)
-            it = iter(loader)
-            next(it)  # worker start-up
-            t0 = time.time()
-            for _ in range(c.data_batches):
-                next(it)
-            rates[name] = 8 * c.data_batches / (time.time() - t0)
-            print(f"data: {name:42s} 10 s clips, 1 worker: {rates[name]:7.1f} clips/s",
-                  flush=True)
-            del it, loader
-    first, last = list(rates)[0], list(rates)[-1]
-    print(f"data path after prepare.py --resample: {rates[last] / rates[first]:.2f}x the "
-          "clips/s of 44.1 kHz stereo WAV")
+            folder = os.path.join(tmp, f"{ext}{sr}{ch}")
+            os.makedirs(folder)
+            paths = [os.path.join(folder, f"{i}.{ext}") for i in range(c.data_files)]
+            for p in paths:
+                x = np.clip(rng.standard_normal((10 * sr, ch)) * 0.1, -1, 1)
+                sf.write(p, x.astype(np.float32), sr, subtype="PCM_16")
+            write_table(os.path.join(folder, "rows.csv"), ["path"], ([p] for p in paths))
+        flac = os.path.join(tmp, "flac160001")
+        where, _ = write_shards([(p, dict(source=p)) for p in sorted(
+            glob.glob(os.path.join(flac, "*.flac")))], os.path.join(tmp, "shards"), 1)
+        write_table(os.path.join(tmp, "shards", "rows.csv"), ["path", "shard_offset",
+                                                              "shard_bytes"], where.values())
+        manifests = {name: os.path.join(tmp, f"{e}{sr}{ch}", "rows.csv")
+                     for name, (e, sr, ch) in DATA_FORMATS.items()}
+        manifests[SHARDS] = os.path.join(tmp, "shards", "rows.csv")
+        for name, manifest in manifests.items():
+            rates[name], nbytes, dtype = read_clips(manifest, c.data_batches)
+            print(f"data: {name:49s} 1 worker: {rates[name]:6.1f} clips/s | a batch of 8: "
+                  f"{nbytes / 2**20:.2f} MiB of {dtype} through shared memory", flush=True)
+        first, files = list(rates)[0], list(rates)[-2]
+        print(f"data path: shards {rates[SHARDS] / rates[files]:.2f}x the clips/s of the same "
+              f"FLAC files; {rates[SHARDS] / rates[first]:.2f}x those of 44.1 kHz stereo WAV")
+        strace = shutil.which("strace")
+        for name in (files, SHARDS) if strace else ():
+            n = read_clips(manifests[name], OPENS_CLIPS // 8, strace)
+            print(f"data: {name:49s} {n} files opened for {OPENS_CLIPS:,} clips", flush=True)
+        if not strace:
+            print("data: files opened not counted (no strace on this machine)")
+        if c.startup_rows:
+            time_startup(c, tmp, manifests[SHARDS])
+
+
+def time_startup(c, tmp, shard_rows):
+    """Seconds from launch to the end of step 1 of `pretrain_frame.py --preset tiny` over a
+    manifest of c.startup_rows rows (repeating the shards' clips), and its peak memory."""
+    big = os.path.join(tmp, "big.csv")
+    with open(shard_rows) as f:
+        header, *rows = f.read().splitlines()
+    with open(big, "w") as f:
+        f.write(header + "\n")
+        f.writelines(rows[i % len(rows)] + "\n" for i in range(c.startup_rows))
+    here = os.path.dirname(os.path.abspath(__file__))
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "pretrain_frame.py", "--data", big, "--preset", "tiny",
+                        "--max_steps", "1", "--num_workers", "1", "--seconds", "1",
+                        "--out_dir", os.path.join(tmp, "startup")], cwd=here,
+                       capture_output=True, text=True)
+    dt = time.time() - t0
+    if p.returncode:
+        raise RuntimeError(p.stderr[-2000:])
+    checked = re.search(r"checked in ([\d.]+) s", p.stdout)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    print(f"start-up: {c.startup_rows:,}-row manifest -> end of step 1 in {dt:.1f} s (files "
+          f"checked in {checked.group(1)} s), peak RSS {peak:.2f} GiB", flush=True)
 
 
 def time_embed(c, d):
@@ -293,6 +418,7 @@ if __name__ == "__main__":
           f", {torch.get_num_threads()} threads) | preset {c.preset} | method {c.method} | "
           f"batch {c.batch} | torch {torch.__version__}", flush=True)
     ours = time_step(c, d, "ours")
+    time_variants(c, d, ours)
     if c.reference:
         ref = time_step(c, d, "reference")
         print(f"speed-up over the reference-style step: {ref / ours:.2f}x")

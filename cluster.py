@@ -123,6 +123,18 @@ def setup_distributed(device="auto", dtype="auto"):
     return d
 
 
+def workers(n=-1):
+    """DataLoader workers per process: n, or for -1 the CPUs this process may use (its
+    affinity: what SLURM's --cpus-per-task or a container grants) shared by the processes of
+    its node (LOCAL_WORLD_SIZE under torchrun), less the one the process itself runs on;
+    at least 1."""
+    if n >= 0:
+        return n
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        os.cpu_count() or 1
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
+
+
 def cleanup_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()

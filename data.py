@@ -10,12 +10,15 @@ absolute), and `label` (single-label) or `labels` (multi-label, `;`-separated) w
 A named dataset NAME lives at DATA_ROOT/NAME/{train,valid,test}.csv (README: "Data layout").
 """
 import argparse
+import contextlib
 import csv
+import io
 import json
 import math
 import multiprocessing
 import os
 import re
+import resource
 
 import numpy as np
 import soundfile as sf
@@ -63,8 +66,9 @@ def read_manifest(csv_path, label_col=None, check_files=True, d=None):
     each rank checks its share), unless check_files is False (embed.py lists what it could
     not read at the end). Under torchrun a rank that cannot read the manifest stops them all."""
     rows = together(lambda: _manifest_rows(csv_path, label_col), d)
-    there = shared_work([r["path"] for r in rows], os.path.isfile, d) if check_files else []
-    missing = [r for r, ok in zip(rows, there) if not ok]
+    paths = list(dict.fromkeys(r["path"] for r in rows)) if check_files else []  # a shard once
+    there = dict(zip(paths, shared_work(paths, os.path.isfile, d)))
+    missing = [r for r in rows if not there.get(r["path"], True)]
     if missing:  # found now, not hours into a run when the row comes up
         raise AudioError(f"{len(missing)} of {len(rows)} audio files listed in {csv_path} do not "
                          "exist: " + "; ".join(f"{r['_where']}: {r['path']}" for r in missing[:3])
@@ -122,7 +126,11 @@ def named_audio(spec, files_from=""):
             raise UserError(f"--files_from {files_from}: lists no file")
         items = [need(p, f"listed in {files_from}") for p in items]
     elif spec.endswith(MANIFEST_EXTS) and os.path.isfile(spec):
-        items = [r["path"] for r in read_manifest(spec, check_files=False)]
+        rows = read_manifest(spec, check_files=False)
+        if rows[0].get("shard_offset"):
+            raise UserError(f"{spec} lists clips in tar shards (prepare.py --shards): name "
+                            "audio files or folders (prepare.py --resample writes them)")
+        items = [r["path"] for r in rows]
     else:
         items = [need(p, "an audio file or folder you named") for p in
                  ([spec] if os.path.exists(spec) else spec.split(","))]
@@ -192,7 +200,7 @@ def dataset_copy(folder):
     if info is None:
         return None
     copy = {k: info.get(k) for k in ("dataset", "fingerprint", "splits", "classes", "source",
-                                     "prepared", "resampled")}
+                                     "prepared", "resampled", "shards")}
     if isinstance(copy["classes"], list):  # the list itself stays in info.json
         copy["classes"] = len(copy["classes"])
     return copy
@@ -227,30 +235,37 @@ class AudioError(UserError):
     """A missing, unreadable or empty audio file (named with its manifest line)."""
 
 
-def load_audio(path, seconds=None, rng=None, where="", pad=True):
-    """Mono 16 kHz float32 waveform and its valid samples. With `seconds`: a crop of that
-    length, random (rng) or centred (no rng), of longer clips; shorter ones are zero-padded
-    to it unless pad=False. Reads only the crop when the file is already at 16 kHz."""
+def load_audio(path, seconds=None, rng=None, where="", pad=True, member=None, int16=False):
+    """Mono 16 kHz waveform and its valid samples, float32; with int16, a 16 kHz mono 16-bit
+    file's (prepare.py's copies, --resample or --shards) come as its int16 samples instead,
+    exactly (half the bytes a DataLoader worker hands over: audio_batch, on_device). With
+    `seconds`: a crop of that length, random (rng) or centred (no rng), of longer clips;
+    shorter ones are zero-padded to it unless pad=False. Reads only the crop when the file
+    is already at 16 kHz. `member`: (byte offset, size) of the clip inside the file `path`,
+    a tar shard (prepare.py --shards)."""
     tag = f"{where}: " if where else ""
-    if not os.path.isfile(path):
+    if not member and not os.path.isfile(path):
         raise AudioError(f"{tag}audio file not found: {path}")
     try:
-        info = sf.info(path)
-        sr, total = info.samplerate, info.frames
-        start, count = 0, total
-        if seconds is not None:
-            need = math.ceil(seconds * sr)
-            if total > need:
-                start = int(rng.integers(0, total - need + 1)) if rng is not None else \
-                    (total - need) // 2
-                count = need
-        x, _ = sf.read(path, start=start, frames=count, dtype="float32", always_2d=True)
+        with sf.SoundFile(shard_member(path, *member, tag) if member else path) as f:
+            sr, total, start, count = f.samplerate, f.frames, 0, f.frames
+            if seconds is not None:
+                need = math.ceil(seconds * sr)
+                if total > need:
+                    start = int(rng.integers(0, total - need + 1)) if rng is not None else \
+                        (total - need) // 2
+                    count = need
+            as_is = int16 and (sr, f.channels, f.subtype) == (SAMPLE_RATE, 1, "PCM_16")
+            if start:
+                f.seek(start)
+            x = f.read(count, dtype="int16" if as_is else "float32", always_2d=True)
     except (RuntimeError, sf.LibsndfileError) as e:  # LibsndfileError is a RuntimeError
-        raise AudioError(f"{tag}cannot read audio file {path}: {e}") from None
+        raise AudioError(f"{tag}cannot read audio file {path}"
+                         f"{f' (the clip at byte {member[0]})' if member else ''}: {e}") from None
     if x.shape[0] == 0:
         raise AudioError(f"{tag}audio file has zero length: {path}")
-    wav = torch.from_numpy(x.mean(1))
-    if not torch.isfinite(wav).all():
+    wav = torch.from_numpy(x[:, 0] if as_is else x.mean(1))
+    if not as_is and not torch.isfinite(wav).all():
         raise AudioError(f"{tag}audio file has NaN or infinite samples: {path}")
     if sr != SAMPLE_RATE:
         wav = torchaudio.functional.resample(wav, sr, SAMPLE_RATE)
@@ -259,6 +274,74 @@ def load_audio(path, seconds=None, rng=None, where="", pad=True):
     n = int(round(seconds * SAMPLE_RATE))
     valid = min(wav.shape[0], n)
     return torch.nn.functional.pad(wav[:n], (0, n - valid) if pad else (0, 0)), valid
+
+
+def to_int16(wav):
+    """Float samples -> int16 as 16-bit PCM holds them (x 32768, rounded, clamped): exact for
+    audio read from 16-bit files, which libsndfile reads as sample / 32768; the rounding of
+    prepare.py's 16-bit copies otherwise. / 32768 undoes it."""
+    return (wav * 32768).round_().clamp_(-32768, 32767).to(torch.int16)
+
+
+def audio_batch(wavs):
+    """Clips (1-D, int16 or float32: load_audio) -> one zero-padded (B, S) batch: int16 when
+    every clip is, else float32 (an int16 clip / 32768, exactly the float32 its file reads
+    as)."""
+    exact = all(w.dtype == torch.int16 for w in wavs)
+    out = torch.zeros(len(wavs), max(w.shape[0] for w in wavs),
+                      dtype=torch.int16 if exact else torch.float32)
+    for i, w in enumerate(wavs):
+        out[i, :w.shape[0]] = w if exact or w.dtype != torch.int16 else w.float() / 32768
+    return out
+
+
+def on_device(wav, device):
+    """A batch of audio as the workers hand it over (int16 or float32, pinned on CUDA) ->
+    float32 on `device`, copied without blocking the host."""
+    wav = wav.to(device, non_blocking=True)
+    return wav.float().div_(32768) if wav.dtype == torch.int16 else wav
+
+
+_SHARDS = {}  # (pid, path) -> the open shard: each DataLoader worker opens a shard once
+
+
+def open_files_limit():
+    """How many shards a process keeps open: half its open-files limit, raised to the hard
+    limit first (AS-2M is ~440 shards of 1 GB; the usual soft limit is 1,024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+    return 32768 if soft == resource.RLIM_INFINITY else max(16, soft // 2)
+
+
+def shard_member(path, offset, size, tag=""):
+    """The bytes of one clip in a tar shard, as a file object for soundfile. The shard stays
+    open in this process (a worker opens each shard it reads once, however many clips it
+    reads from it: what spares a network filesystem millions of opens); past
+    open_files_limit() shards, the one used longest ago is closed. A read that fails (a
+    network filesystem's I/O error) is an AudioError naming the shard."""
+    key = (os.getpid(), path)
+    f = _SHARDS.pop(key, None)
+    try:
+        if f is None:
+            if not os.path.isfile(path):
+                raise AudioError(f"{tag}shard not found: {path}")
+            if len(_SHARDS) >= open_files_limit():
+                _SHARDS.pop(next(iter(_SHARDS))).close()
+            f = open(path, "rb")
+        _SHARDS[key] = f  # the last used last
+        f.seek(offset)
+        data = f.read(size)
+    except OSError as e:
+        raise AudioError(f"{tag}{path}: cannot read the clip at byte {offset}: "
+                         f"{e.strerror or e}") from None
+    if len(data) != size:
+        raise AudioError(f"{tag}{path}: {len(data)} of the {size} bytes of a clip at byte "
+                         f"{offset} are there (a truncated shard?)")
+    return io.BytesIO(data)
 
 
 TAIL_S = 0.1  # seconds decoded at the end of each clip: a truncated file fails there
@@ -302,24 +385,24 @@ def decode_errors(paths, workers):
     return {p: why for p, why in zip(paths, whys) if why}
 
 
+def pcm16(path):
+    """A whole file as 16 kHz mono int16 samples (load_audio, to_int16), what prepare.py's
+    copies hold (--resample, --shards): the samples a worker reading the file would hand
+    over; a 16 kHz mono 16-bit file's own."""
+    wav = load_audio(path, int16=True)[0]
+    return (wav if wav.dtype == torch.int16 else to_int16(wav)).numpy()
+
+
 def _flac16k(job):
     src, dst = job
     if os.path.exists(dst):
         return None
     try:
-        x, sr = sf.read(src, dtype="float32", always_2d=True)
-        if x.shape[0] == 0:
-            return src, "zero length"
-        wav = torch.from_numpy(x.mean(1))
-        if sr != SAMPLE_RATE:  # what the training workers would do on every read
-            wav = torchaudio.functional.resample(wav, sr, SAMPLE_RATE)
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        x = wav.clamp(-1, 1).numpy()
-        write_atomic(dst, lambda f: sf.write(f, x, SAMPLE_RATE, format="FLAC", subtype="PCM_16"))
-    except UserError:  # the copy could not be written (a full disk): not the source's fault
-        raise
-    except (RuntimeError, sf.LibsndfileError) as e:
-        return src, str(e).splitlines()[0]
+        x = pcm16(src)
+    except AudioError as e:
+        return src, str(e)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    write_atomic(dst, lambda f: sf.write(f, x, SAMPLE_RATE, format="FLAC", subtype="PCM_16"))
     return None
 
 

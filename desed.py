@@ -138,10 +138,12 @@ def encode_strong(events, classes, n_frames):
 
 
 class SedClips(torch.utils.data.Dataset):
-    """(wav, valid samples, target) of SED clips: strong targets (T, C) or weak ones (C,).
-    Training (train): a clip that fails to decode is replaced by another (with its target),
-    drawn from (seed, index) (loaders.read_or_replace, whose messages come 4th); otherwise it
-    ends the run, as a replaced one would change a reported score."""
+    """(wav (int16 from a 16 kHz mono 16-bit file, else float32: loaders.pad_collate batches
+    them, data.on_device), valid samples, target) of SED clips: strong targets (T, C)
+    or weak ones (C,). Training (train): a clip that fails to decode is replaced by another
+    (with its target), drawn from (seed, index) (loaders.read_or_replace, whose messages come
+    4th); otherwise it ends the run, as a replaced one would change a reported score. No item
+    depends on the epoch: persistent DataLoader workers read what fresh ones would."""
 
     def __init__(self, audio_dir, files, targets, seconds=CLIP_SECONDS, train=False, seed=0):
         self.audio_dir, self.files, self.targets, self.seconds = audio_dir, files, targets, seconds
@@ -157,5 +159,5 @@ class SedClips(torch.utils.data.Dataset):
 
     def read(self, i, rng=None):
         wav, valid = load_audio(os.path.join(self.audio_dir, self.files[i]), self.seconds,
-                                where=f"{self.audio_dir} clip {self.files[i]}")
+                                where=f"{self.audio_dir} clip {self.files[i]}", int16=True)
         return wav, valid, self.targets[i]

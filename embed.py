@@ -35,9 +35,9 @@ from tqdm import tqdm
 
 from cluster import claim_out_dir, cleanup_distributed, decide, shared_work
 from config import configure
-from data import AudioError, load_audio, named_audio
+from data import AudioError, load_audio, named_audio, on_device
 from downstream import start
-from loaders import pad_collate
+from loaders import make_loader, pad_collate
 from model import SAMPLE_RATE
 from plumbing import (UserError, digest, remove_partials, save_json, user_errors,
                       write_atomic)
@@ -51,7 +51,7 @@ out = "embeddings"          # output folder: one .npz per input file
 layers = ""                 # blocks to return: '' = the last, all, or indices like 0,5,11
 frame_pool = ""             # ASiT's 8 band tokens a frame: mean | concat; '' = the kind's (mean)
 batch_seconds = 600.0       # padded audio per batch, seconds (memory ~ this x width x layers)
-num_workers = 4             # DataLoader workers per rank (decoding and resampling)
+num_workers = -1            # DataLoader workers per rank (decode, resample); -1: CPUs / ranks - 1
 device = "auto"             # auto (CUDA if torch sees it) | cpu | cuda (an error without CUDA)
 dtype = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 (CPU too) | fp32
 
@@ -181,14 +181,15 @@ def main(cfg):
             remove_partials(folder)  # what a killed run left (claim_out_dir did c.out)
     lengths = shared_work(todo, samples_16k, d)  # headers, each read by one rank
     batches = batches_by_length(lengths, int(c.batch_seconds * SAMPLE_RATE))[d.rank::d.world]
-    loader = torch.utils.data.DataLoader(Files(todo), batch_sampler=batches, collate_fn=collate,
-                                         num_workers=c.num_workers)
+    loader = make_loader(Files(todo), d.device, c.num_workers, batch_sampler=batches,
+                         collate_fn=collate)
     failed, seconds = [], 0.0
     for idx, wav, n, bad in tqdm(loader, disable=not d.master, desc="embedding", unit=" batch"):
         failed += [(todo[i], e) for i, e in bad]
         if not idx:
             continue
-        e = enc(wav.to(d.device), SAMPLE_RATE, lengths=n, layers=layers, dtype=c.dtype)
+        e = enc(on_device(wav, d.device), SAMPLE_RATE, lengths=n.to(d.device, non_blocking=True),
+                layers=layers, dtype=c.dtype)
         frames, stamps, clips = (x.cpu().numpy() for x in (e.frames, e.timestamps, e.clip))
         for k, (i, m, s) in enumerate(zip(idx, e.lengths.tolist(), n.tolist())):  # one copy
             save_npz(target[todo[i]], frames=frames[k, :m], timestamps=stamps[:m], clip=clips[k],

@@ -31,14 +31,15 @@ from augment import RandomResizedCrop, mixup_labels
 from cluster import (accumulate, cleanup_distributed, gather_shards, my_shard, split_batch,
                      visible, wrap_ddp)
 from config import config_keys, configure
-from data import Labels, task_copy, task_splits
+from data import Labels, on_device, task_copy, task_splits
 from downstream import publish, record, resume, run_dir, save_epoch, start, start_encoder
 from heads import Classifier, layer_decay_groups
-from loaders import BalancedSampler, LabelledClips, Unreadable, pad_collate, replaced
+from loaders import (BalancedSampler, EpochItems, LabelledClips, Unreadable, make_loader,
+                     pad_collate, replaced)
 from metrics import score
 from model import freeze, set_drop_path
-from plumbing import (WORKERS, Log, UserError, cosine_schedule, load_checkpoint, save_atomic,
-                      step_seed, user_errors, warmup_steps)
+from plumbing import (Log, UserError, cosine_schedule, load_checkpoint, save_atomic, step_seed,
+                      user_errors, warmup_steps)
 
 # -------------------------------------------------------------------------------- config
 # None = the value of the task's TASKS row (a CSV or an unnamed dataset takes "default");
@@ -69,24 +70,24 @@ mixup = None                # Mixup with labels (lambda ~ Beta(a, a)) + RRC; tar
 mixup_alpha = 0.5           # a of Beta(a, a)
 balanced = None             # balanced sampling (AS-2M): weight sum_c y_c 1000 / (count_c + 0.01)
 # runtime
-num_workers = None          # DataLoader workers per rank
+num_workers = -1            # DataLoader workers per rank; -1: the CPUs / ranks here, less one
 device = "auto"             # auto (CUDA if torch sees it) | cpu | cuda (an error without CUDA)
 dtype = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 (CPU too) | fp32
 seed = 0                    # every random draw of a step derives from (seed, step, rank)
 # --data NAME: the paper's per-dataset settings (R6); "default" for CSVs and other datasets.
 # The demo rows are CPU-sized (at lr 0.5 demo fine-tuning diverged at first, at 0.1 its loss
-# falls every epoch). Workers: 4, or the cores when fewer (plumbing.WORKERS).
-#                 epochs batch_size   lr  warmup_epochs  train_seconds  mixup  balanced  workers
-_ROWS = {"default": (100, 512, 0.1, 5.0, 10.0, False, False, WORKERS),
-         "as2m": (10, 1024, 0.1, 5.0, 10.0, True, True, WORKERS),
-         "as20k": (200, 512, 0.1, 5.0, 10.0, True, False, WORKERS),
-         "fsd50k": (100, 512, 0.1, 5.0, 10.0, True, False, WORKERS),
-         "spcv2": (50, 512, 0.1, 5.0, 1.0, True, False, WORKERS),
-         "vox1": (50, 512, 0.1, 5.0, 10.0, False, False, WORKERS),
-         "demo_events": (8, 32, 0.1, 1.0, 4.0, False, False, 2),
-         "demo_tags": (8, 32, 0.1, 1.0, 6.0, True, False, 2)}
+# falls every epoch).
+#                 epochs batch_size   lr  warmup_epochs  train_seconds  mixup  balanced
+_ROWS = {"default": (100, 512, 0.1, 5.0, 10.0, False, False),
+         "as2m": (10, 1024, 0.1, 5.0, 10.0, True, True),
+         "as20k": (200, 512, 0.1, 5.0, 10.0, True, False),
+         "fsd50k": (100, 512, 0.1, 5.0, 10.0, True, False),
+         "spcv2": (50, 512, 0.1, 5.0, 1.0, True, False),
+         "vox1": (50, 512, 0.1, 5.0, 10.0, False, False),
+         "demo_events": (8, 32, 0.1, 1.0, 4.0, False, False),
+         "demo_tags": (8, 32, 0.1, 1.0, 6.0, True, False)}
 TASKS = {k: dict(zip(("epochs", "batch_size", "lr", "warmup_epochs", "train_seconds", "mixup",
-                      "balanced", "num_workers"), v)) for k, v in _ROWS.items()}
+                      "balanced"), v)) for k, v in _ROWS.items()}
 TABLES = dict(data=TASKS)
 CONFIG_KEYS = config_keys(globals())  # distill.py extends this config
 
@@ -97,22 +98,29 @@ def balanced_weights(targets):
     return (y * 1000 / (y.sum(0) + 0.01)).sum(1)
 
 
-@torch.no_grad()
-def predict(model, rows, targets, batch, c, d):
-    """Logits of every row (centre-cropped, chunked), computed sharded over ranks (a rank may
-    have none), `batch` clips at a time."""
-    model.eval()
+def scoring_loader(rows, targets, batch, c, d):
+    """This rank's shard of a split (a rank may have none), centre-cropped, `batch` clips at
+    a time: (the shard's row indices, its loader, made once per run), for predict."""
     mine = my_shard(len(rows), d)
     ds = LabelledClips([rows[i] for i in mine], targets[mine], c.max_seconds)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, collate_fn=pad_collate,
-                                         num_workers=c.num_workers)
+    return mine, make_loader(ds, d.device, c.num_workers, batch_size=batch,
+                             collate_fn=pad_collate)
+
+
+@torch.no_grad()
+def predict(model, shard, n, d):
+    """Logits of the n clips of a split (chunked), each rank computing its shard
+    (scoring_loader), gathered."""
+    model.eval()
+    mine, loader = shard
     out = []
-    for wav, valid, _ in tqdm(loader, desc=f"scoring {len(rows)} clips", disable=not d.master,
+    for wav, valid, _ in tqdm(loader, desc=f"scoring {n} clips", disable=not d.master,
                               leave=False):
-        wav, valid = wav.to(d.device), valid.to(d.device)
         with d.ctx:
-            out.append(model(*model.ae.features(wav, valid)).float().cpu())
-    return gather_shards(mine, out, len(rows), d)
+            out.append(model(*model.ae.features(on_device(wav, d.device),
+                                                valid.to(d.device, non_blocking=True)))
+                       .float().cpu())
+    return gather_shards(mine, out, n, d)
 
 
 def task_loss(logits, target, soft):
@@ -173,14 +181,12 @@ def setup(cfg, teacher, stage):
                         for g in groups))
     opt = torch.optim.SGD(groups, lr=c.lr, momentum=0.9)
     ds = LabelledClips(train_rows, y_train, c.train_seconds, train=True, seed=c.seed)
-    if c.balanced:
-        sampler = BalancedSampler(balanced_weights(y_train), len(ds) // d.world, c.seed, d.rank)
-    else:
-        sampler = torch.utils.data.DistributedSampler(ds, d.world, d.rank, shuffle=True,
-                                                      seed=c.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(ds, micro, sampler=sampler, collate_fn=pad_collate,
-                                         num_workers=c.num_workers, drop_last=True,
-                                         pin_memory=d.device.type == "cuda")
+    sampler = EpochItems(
+        BalancedSampler(balanced_weights(y_train), len(ds) // d.world, c.seed, d.rank)
+        if c.balanced else torch.utils.data.DistributedSampler(ds, d.world, d.rank, seed=c.seed,
+                                                               drop_last=True))
+    loader = make_loader(ds, d.device, c.num_workers, batch_size=micro, sampler=sampler,
+                         collate_fn=pad_collate, drop_last=True)
     per_epoch = len(loader) // accum
     if not per_epoch:
         raise UserError(f"{len(ds)} training clips are fewer than one batch of "
@@ -191,19 +197,22 @@ def setup(cfg, teacher, stage):
     d.print(f"batch {c.batch_size} = {micro} x {d.world} ranks x {accum} accum, {per_epoch} "
             "steps/epoch")
     return SimpleNamespace(c=c, d=d, t0=t0, cfg=cfg, labels=labels, ae=ae, out_dir=out_dir,
-                           rrc=RandomResizedCrop(), micro=micro, accum=accum,
-                           teacher=teacher, model=model, opt=opt, ds=ds,
+                           rrc=RandomResizedCrop(), accum=accum,
+                           teacher=teacher, model=model, opt=opt,
                            sampler=sampler, loader=loader, per_epoch=per_epoch, total=total,
                            sched=sched, soft=labels.multi or c.mixup,  # BCE on soft targets
                            splits=dict(train=train_rows, valid=valid_rows, test=test_rows),
-                           y=dict(valid=y_valid, test=y_test))
+                           y=dict(valid=y_valid, test=y_test),
+                           scoring={k: scoring_loader(rows, y, micro, c, d) for k, rows, y in
+                                    (("valid", valid_rows, y_valid), ("test", test_rows, y_test))})
 
 
 def micro_loss(r, wav, valid, y, seed, kd_weight):
     """The loss of one micro-batch (features, Mixup + RRC where on, teacher), its forward
     through DDP (r.ddp)."""
     c, d, model, labels = r.c, r.d, r.model, r.labels
-    wav, valid, y = wav.to(d.device), valid.to(d.device), y.to(d.device)
+    wav, valid, y = (on_device(wav, d.device), valid.to(d.device, non_blocking=True),
+                     y.to(d.device, non_blocking=True))
     with torch.no_grad():
         x, n = model.ae.features(wav, valid)                    # (B, F, T), (B,)
         target = y.float() if labels.multi else y
@@ -229,8 +238,7 @@ def run_epoch(r, epoch, kd_weight, pbar):
     mean loss (over ranks too). A non-finite loss stops every rank."""
     c, d, model, opt = r.c, r.d, r.model, r.opt
     model.train()
-    r.ds.set_epoch(epoch)
-    r.sampler.set_epoch(epoch)
+    r.sampler.set_epoch(epoch)  # the crops' epoch too: EpochItems
     said = []  # messages of the clips replaced in this step's batches
     batches, loss_sum = replaced(iter(r.loader), said), 0.0
     for i in range(r.per_epoch):
@@ -256,7 +264,7 @@ def run_epoch(r, epoch, kd_weight, pbar):
 
 def evaluate(r, split):
     """mAP (multi-label) or accuracy of the model on a split."""
-    return score(predict(r.model, r.splits[split], r.y[split], r.micro, r.c, r.d), r.y[split],
+    return score(predict(r.model, r.scoring[split], len(r.splits[split]), r.d), r.y[split],
                  r.labels.multi)
 
 

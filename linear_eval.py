@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -29,15 +30,15 @@ from tqdm import tqdm
 from cluster import (check_shared, cleanup_distributed, decide, gather_shards, my_shard,
                      shared_work, together, visible)
 from config import configure
-from data import (Labels, manifest_name, read_manifest, resolve_manifest, task_copy,
-                  task_splits)
+from data import (Labels, manifest_name, on_device, read_manifest, resolve_manifest,
+                  task_copy, task_splits)
 from downstream import publish, record, start, start_encoder
 from heads import LinearHead
-from loaders import LabelledClips, pad_collate
+from loaders import LabelledClips, make_loader, pad_collate
 from metrics import score
 from model import SAMPLE_RATE
-from plumbing import (WORKERS, UserError, check_writable, cosine_schedule, load_checkpoint,
-                      save_atomic, user_errors)
+from plumbing import (UserError, check_writable, cosine_schedule, load_checkpoint, save_atomic,
+                      user_errors)
 
 # -------------------------------------------------------------------------------- config
 ckpt = ""                   # pre-trained checkpoint: ours (teacher encoder) or a released one
@@ -58,7 +59,7 @@ random_init = False         # baseline: the same encoder with random weights
 chunk_seconds = 0.0         # encoder chunk; 0 = the model's (Clip 6, Frame 10, ASiT 5.92 s)
 frame_pool = ""             # ASiT's 8 band tokens a frame: mean | concat; '' = the kind's (mean)
 extract_batch = 32          # clips per forward during extraction
-num_workers = WORKERS       # DataLoader workers reading audio (4; the cores when fewer)
+num_workers = -1            # DataLoader workers reading audio; -1: the CPUs / ranks here, less one
 device = "auto"             # auto (CUDA if torch sees it) | cpu | cuda (an error without CUDA)
 dtype = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 (CPU too) | fp32
 seed = 0                    # seed of the head's init, data order and held-out split
@@ -70,18 +71,21 @@ def extract(ae, rows, c, d, tag):
     there, else extracted with the clips sharded over the ranks (a rank may have none)."""
     files = shared_work([r["path"] for r in rows], lambda p: (p, os.path.getsize(p),
                                                              os.path.getmtime(p)), d)
-    key = decide(lambda: hashlib.sha1(json.dumps([tag, c.max_seconds, files]).encode())
+    spans = [(r.get("shard_offset"), r.get("shard_bytes")) for r in rows]  # clips in shards
+    key = decide(lambda: hashlib.sha1(json.dumps([tag, c.max_seconds, files, spans]).encode())
                  .hexdigest()[:16], d)  # rank 0's tag: its copy of the checkpoint
     path = os.path.join(c.cache_dir, f"linear_{key}.pt")
     if decide(lambda: os.path.exists(path), d):
         return load_checkpoint(visible(path, d, "cache_dir"))
     mine = my_shard(len(rows), d)
     ds = LabelledClips([rows[i] for i in mine], torch.zeros(len(mine)), c.max_seconds)
-    loader = torch.utils.data.DataLoader(ds, batch_size=c.extract_batch, collate_fn=pad_collate,
-                                         num_workers=c.num_workers)
+    loader = make_loader(ds, d.device, c.num_workers, batch_size=c.extract_batch,
+                         collate_fn=pad_collate)  # one pass: its workers end when it is freed
     feats = []
     for wav, valid, _ in tqdm(loader, desc=f"features ({len(rows)} clips)", disable=not d.master):
-        feats.append(ae(wav, SAMPLE_RATE, valid, layers="all", dtype=c.dtype).clip.half().cpu())
+        valid = valid.to(d.device, non_blocking=True)
+        feats.append(ae(on_device(wav, d.device), SAMPLE_RATE, valid, layers="all",
+                        dtype=c.dtype).clip.half().cpu())
     feats = gather_shards(mine, feats, len(rows), d)
     if d.master:
         os.makedirs(c.cache_dir, exist_ok=True)

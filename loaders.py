@@ -5,6 +5,7 @@ sampling, labelled clips and their padded batches, and the clips of a training r
 to decode (replaced, counted, named). Audio is read in the DataLoader workers
 (data.load_audio); every random draw comes from explicit seeds, never from worker state.
 """
+import itertools
 import os
 
 import numpy as np
@@ -12,8 +13,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cluster import all_mean, decide
-from data import AudioError, DataError, load_audio
+from cluster import all_mean, decide, workers
+from data import AudioError, DataError, audio_batch, load_audio
 from plumbing import UserError, save_text, step_seed
 
 # ----------------------------------------------------------------------------------------------
@@ -106,6 +107,49 @@ class Unreadable:
 # Pre-training: an endless stream of random crops
 
 
+class Strings:
+    """A list of strings held as one UTF-8 buffer, a table of its distinct values and an
+    index (numpy arrays): what DataLoader workers read without copying it. A list of Python
+    objects is copied into every worker page by page as reading it touches their reference
+    counts: ~1.2 GB of row dicts per worker for a 2M-row manifest."""
+
+    def __init__(self, values):
+        table, index = {}, []
+        for v in values:
+            index.append(table.setdefault(v, len(table)))
+        data = [v.encode() for v in table]
+        self.ends = np.cumsum([len(b) for b in data], dtype=np.int64)
+        self.blob = np.frombuffer(b"".join(data), np.uint8)
+        self.index = np.array(index, np.int64)
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        j = self.index[i]
+        return self.blob[self.ends[j - 1] if j else 0:self.ends[j]].tobytes().decode()
+
+
+class Clips:
+    """Where the audio of each manifest row is (a file, or a clip in a tar shard: its
+    `shard_offset` and `shard_bytes`) and the row's manifest line, as numpy buffers."""
+
+    def __init__(self, rows):
+        self.path = Strings(r["path"] for r in rows)
+        self.where = Strings(r["_where"] for r in rows)
+        self.member = np.array([(int(r["shard_offset"]), int(r["shard_bytes"])) if
+                                r.get("shard_offset") else (-1, 0) for r in rows], np.int64)
+
+    def __len__(self):
+        return len(self.path)
+
+    def read(self, i, seconds=None, rng=None, pad=True):
+        """Row i's audio (load_audio; int16 from a 16 kHz mono 16-bit file)."""
+        offset, size = (int(x) for x in self.member[i])
+        return load_audio(self.path[i], seconds, rng, self.where[i], pad,
+                          (offset, size) if offset >= 0 else None, int16=True)
+
+
 class ClipDataset(torch.utils.data.Dataset):
     """Random `seconds`-long crops of manifest rows. Items are (index, key) pairs from
     StreamSampler; the crop is drawn from an RNG seeded by (seed, key), so it does not depend
@@ -113,18 +157,17 @@ class ClipDataset(torch.utils.data.Dataset):
     of the clips that failed to decode and were replaced: read_or_replace)."""
 
     def __init__(self, rows, seconds, seed=0):
-        self.rows, self.seconds, self.seed = rows, seconds, seed
+        self.clips, self.seconds, self.seed = Clips(rows), seconds, seed
 
     def __len__(self):
-        return len(self.rows)
+        return len(self.clips)
 
     def __getitem__(self, item):
         idx, key = item
-        return read_or_replace(self.read, idx, len(self.rows), (self.seed, key))
+        return read_or_replace(self.read, idx, len(self.clips), (self.seed, key))
 
     def read(self, idx, rng):
-        r = self.rows[idx]
-        return load_audio(r["path"], self.seconds, rng, r["_where"])
+        return self.clips.read(idx, self.seconds, rng)
 
 
 class StreamSampler(torch.utils.data.Sampler):
@@ -155,11 +198,13 @@ class StreamSampler(torch.utils.data.Sampler):
 
 
 def stream_loader(rows, seconds, batch, d, seed, start, workers):
-    """DataLoader of (wav (B, S), valid (B,), [messages of replaced clips]) for pre-training,
-    resumable at micro-batch start."""
+    """DataLoader of (wav (B, S) (int16 from 16-bit 16 kHz mono files: data.on_device),
+    valid (B,), [messages of replaced clips]) for pre-training, resumable at micro-batch
+    start."""
     sampler = StreamSampler(len(rows), batch, d.rank, d.world, seed, start)
     return torch.utils.data.DataLoader(
-        ClipDataset(rows, seconds, seed), batch_sampler=sampler, num_workers=workers,
+        ClipDataset(rows, seconds, seed), batch_sampler=sampler, collate_fn=pad_collate,
+        num_workers=workers,
         pin_memory=d.device.type == "cuda", persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None)
 
@@ -187,40 +232,64 @@ class BalancedSampler(torch.utils.data.Sampler):
         return iter(torch.multinomial(self.weights, self.count, True, generator=g).tolist())
 
 
-class LabelledClips(torch.utils.data.Dataset):
-    """(wav, valid samples, target) of manifest rows. Training: a random `seconds` crop (RNG
-    from (seed, epoch, index); call set_epoch), zero-padded, and a 4th item, the messages of
-    clips that failed to decode and were replaced (read_or_replace). Evaluation: the centre
-    `seconds` of longer clips, unpadded (pad_collate pads the batch); a clip that fails to
-    decode ends the run, as a replaced one would change a reported score."""
+class EpochItems(torch.utils.data.Sampler):
+    """A sampler's indices as (index, epoch) items, for a dataset whose items depend on the
+    epoch (LabelledClips in training). The epoch travels with each index because persistent
+    DataLoader workers keep the copy of the dataset they started with: an epoch set on the
+    dataset in the main process would never reach them. set_epoch sets the sampler's too."""
 
-    def __init__(self, rows, targets, seconds, train=False, seed=0):
-        self.rows, self.targets, self.seconds, self.train, self.seed = rows, targets, seconds, \
-            train, seed
-        self.epoch = 0
+    def __init__(self, sampler):
+        self.sampler, self.epoch = sampler, 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
+        self.sampler.set_epoch(epoch)
 
     def __len__(self):
-        return len(self.rows)
+        return len(self.sampler)
 
-    def __getitem__(self, i):
+    def __iter__(self):
+        return zip(self.sampler, itertools.repeat(self.epoch))  # the epoch of this pass
+
+
+class LabelledClips(torch.utils.data.Dataset):
+    """(wav (Clips.read), valid samples, target) of manifest rows. Training: items
+    are (index, epoch) (EpochItems), a random `seconds` crop (RNG from (seed, epoch, index)),
+    zero-padded, and a 4th item, the messages of clips that failed to decode and were
+    replaced (read_or_replace). Evaluation: items are indices, the centre `seconds` of longer
+    clips, unpadded (pad_collate pads the batch); a clip that fails to decode ends the run,
+    as a replaced one would change a reported score."""
+
+    def __init__(self, rows, targets, seconds, train=False, seed=0):
+        self.clips, self.targets, self.seconds, self.train, self.seed = Clips(rows), targets, \
+            seconds, train, seed
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, item):
         if self.train:
-            return read_or_replace(self.read, i, len(self.rows), (self.seed, self.epoch, i))
-        return self.read(i, None)
+            i, epoch = item
+            return read_or_replace(self.read, i, len(self.clips), (self.seed, epoch, i))
+        return self.read(item, None)
 
     def read(self, i, rng):
-        r = self.rows[i]
-        return (*load_audio(r["path"], self.seconds, rng, r["_where"], pad=self.train),
-                self.targets[i])
+        return (*self.clips.read(i, self.seconds, rng, pad=self.train), self.targets[i])
 
 
 def pad_collate(batch):
-    """Zero-pad a list of (wav, valid, target[, replaced clips' messages]) to the longest clip:
-    (B, S), (B,), targets[, a list of B messages]."""
-    wavs, valid, targets, *said = zip(*batch)
-    out = torch.zeros(len(wavs), max(w.shape[0] for w in wavs))
-    for i, w in enumerate(wavs):
-        out[i, :w.shape[0]] = w
-    return out, torch.tensor(valid), torch.stack(targets), *(list(m) for m in said)
+    """A list of (wav, valid[, target][, replaced clips' messages]) -> the clips zero-padded to
+    the longest (data.audio_batch: int16 when every clip is), (B,) valid samples[, stacked
+    targets][, a list of B messages]."""
+    wavs, valid, *rest = zip(*batch)
+    return audio_batch(wavs), torch.tensor(valid), *(
+        torch.stack(x) if isinstance(x[0], torch.Tensor) else list(x) for x in rest)
+
+
+def make_loader(ds, device, num_workers, **kw):
+    """A downstream DataLoader, made once per run and iterated every epoch and evaluation:
+    cluster.workers(num_workers) workers, kept between passes (persistent), and batches in
+    pinned memory on CUDA, for the copy that does not block (data.on_device)."""
+    n = workers(num_workers)
+    return torch.utils.data.DataLoader(ds, num_workers=n, persistent_workers=n > 0,
+                                       pin_memory=device.type == "cuda", **kw)

@@ -13,7 +13,8 @@ How the Encoder differs from a vanilla ViT:
   interpolated) to the input length; longer inputs are chunked by the runtime;
 - a learned mask token replaces the token embedding of masked tokens *before* positions are
   added, and masked tokens stay in the sequence (ATST-Frame);
-- padded batches carry valid lengths, turned into a key-padding mask for attention;
+- padded batches carry valid lengths, turned into a key-padding mask for attention; a batch
+  of whole clips carries none, so attention runs without a mask (its fastest kernels);
 - the same final LayerNorm is applied to every block output that is read.
 """
 from dataclasses import dataclass
@@ -394,10 +395,14 @@ class ATST(nn.Module):
         self.teacher.requires_grad_(False)
 
     def forward(self, v1, v2, mask=None, n_valid=None):
-        """v1, v2: log-mel views (B, F, T); mask (B, N) and n_valid (B,) for 'frame'.
-        Returns (loss, stats: L2-normalised student and teacher rows, detached)."""
+        """v1, v2: log-mel views (B, F, T); mask (B, N) and n_valid (B,) for 'frame' (n_valid
+        None when every clip is whole: no padding mask in attention). Returns (loss, stats:
+        L2-normalised student and teacher rows, detached)."""
         if self.method == "frame":
-            rows = lambda h: h[mask]                       # (B, N, D) -> (masked tokens, D)
+            # the masked tokens' places, found once: their count sets a shape, so finding
+            # them waits for the device (h[mask] would wait once per view and per branch)
+            at = mask.flatten().nonzero().squeeze(1)
+            rows = lambda h: h.flatten(0, 1)[at]           # (B, N, D) -> (masked tokens, D)
             s_mask, t_mask = mask, mask if self.mask_teacher else None
         else:
             rows = lambda h: h[:, 0]                       # CLS: (B, D)

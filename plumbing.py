@@ -42,9 +42,6 @@ def autocast(device, dtype="auto"):
     return contextlib.nullcontext()
 
 
-WORKERS = min(4, os.cpu_count() or 1)  # default DataLoader workers: 4, or the cores when fewer
-
-
 def step_seed(seed, step, rank):
     """The seed of every random draw of one optimizer step on one rank (drop-path, masks,
     augmentations): a resumed run draws what an uninterrupted one drew."""

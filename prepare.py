@@ -2,10 +2,11 @@
 The datasets as their authors distribute them -> the manifests every stage reads (README
 "Reproduce the tables"). One function per dataset reads the official metadata and finds the
 clips it names; `prepare` then writes DATA_ROOT/NAME/{train,valid,test}.csv (absolute paths,
-labels as the stages read them: README "Data layout") and DATA_ROOT/NAME/info.json: per split
-the clips the metadata lists, found, missing and unreadable, the class list (from the dataset's
-own class file: the label space of every stage), and a fingerprint of the copy (a hash of the
-sorted relative paths and sizes of the files used). Every result file of a stage records that
+or with --shards shards relative to the CSV; labels as the stages read them: README "Data
+layout") and DATA_ROOT/NAME/info.json: per split the clips the metadata lists, found,
+missing and unreadable, the class list (from the dataset's own class file: the label space
+of every stage), and a fingerprint of the copy (a hash of the sorted relative paths and sizes
+of the files used). Every result file of a stage records that
 copy, and results/tables.md names it beside each number. Every clip found is decoded (its
 header and last 0.1 s, data.decode_error, in --workers processes: a truncated or empty file
 fails there); one that does not decode is left out, listed with the reason in
@@ -25,8 +26,12 @@ missing metadata file, or a split of which no readable clip is found, is an erro
 
 --resample DIR converts the clips once to 16 kHz mono FLAC under DIR (parallel processes,
 resumable) and writes the manifests against that copy, so that training workers stop
-resampling 44.1 / 48 kHz audio every epoch (a clip that fails to convert is unreadable). The
-fingerprint stays that of the download.
+resampling 44.1 / 48 kHz audio every epoch (a clip that fails to convert is unreadable).
+--shards packs that copy instead into tar shards of --shard_mb under DATA_ROOT/DATASET/shards
+(shards.py; one set for AudioSet's four datasets), the manifests naming each clip's shard by
+a relative path and its byte span in it. The fingerprint stays that of the download.
+
+    python prepare.py audioset /downloads/audioset --out $ATST_DATA --shards
 """
 import argparse
 import csv
@@ -41,6 +46,7 @@ from tqdm import tqdm
 from data import AUDIO_EXTS, decode_errors, need, read_table, to_flac16k
 from plumbing import (UserError, check_writable, default_data_root, save_json, save_text,
                       user_errors, write_table)
+from shards import SHARD_MB, write_shards
 
 INFO_VERSION = 2  # 2: classes is the list, unreadable clips counted and listed
 
@@ -486,23 +492,46 @@ def resampled(splits, dest, workers):
         s.rows = [dict(r, path=jobs[r["path"]]) for r in s.rows]
 
 
+def sharded(splits, folder, workers, shard_mb):
+    """Packs the clips of `splits` (Split objects; a clip in several is packed once) into tar
+    shards in `folder` (shards.write_shards) and points their rows there: `path` the shard,
+    `shard_offset` and `shard_bytes` the clip in it; a clip that fails to convert is moved to
+    its split's unreadable ones."""
+    clips = {}
+    for s in splits:
+        for r in s.rows:
+            clips.setdefault(r["path"], dict(source=r["rel"], **{
+                k: v for k, v in r.items() if k not in ("path", "rel")}))
+    where, bad = write_shards(list(clips.items()), folder, workers, shard_mb)
+    for s in splits:
+        s.drop({p: f"cannot convert: {why}" for p, why in bad.items()})
+        s.rows = [dict(r, path=where[r["path"]][0], shard_offset=where[r["path"]][1],
+                       shard_bytes=where[r["path"]][2]) for r in s.rows]
+
+
 # ----------------------------------------------------------------------------------------------
 # One dataset, end to end; the command line
 
 CLIP_SETS = dict(spcv2=spcv2, us8k=us8k, esc50=esc50, vox1=vox1, nsynth=nsynth, fsd50k=fsd50k)
 
 
-def prepare(name, src, out, resample="", workers=4):
+def prepare(name, src, out, resample="", workers=4, shards=False, shard_mb=SHARD_MB):
     """Prepare one download; returns {dataset: info}. The flags are checked before the scan;
     every set is checked before any is written."""
     if workers < 1:
         raise UserError(f"--workers {workers}: give 1 or more processes")
     if not os.path.isdir(src):
         raise UserError(f"{src} is not a folder (the unpacked {name} download)")
-    if name == "dcase2022" and resample:
-        raise UserError("--resample: not for dcase2022 (sed.py resamples DESED's clips as it "
-                        "reads them; the 16 kHz `_16k` folders that the DCASE baseline's first "
-                        "training run writes are linked where they are there)")
+    if name == "dcase2022" and (resample or shards):
+        raise UserError(f"--{'resample' if resample else 'shards'}: not for dcase2022 (sed.py "
+                        "resamples DESED's clips as it reads them; the 16 kHz `_16k` folders "
+                        "that the DCASE baseline's first training run writes are linked where "
+                        "they are there)")
+    if resample and shards:
+        raise UserError("--resample and --shards: give one (the shards hold a 16 kHz mono "
+                        "copy of the clips)")
+    if not shard_mb > 0:
+        raise UserError(f"--shard_mb {shard_mb}: give the size of a shard in MB, > 0")
     check_writable(out, "out", folder=True)
     if resample:
         check_writable(resample, "resample", folder=True)
@@ -518,14 +547,22 @@ def prepare(name, src, out, resample="", workers=4):
     dest = os.path.join(os.path.abspath(resample), name) if resample else ""
     if dest:
         resampled([s for v in sets.values() for s in v[0].values()], dest, workers)
+    packed = os.path.join(os.path.abspath(out), name, "shards") if shards else ""
+    if packed:  # one set of shards for the datasets of a download (as2m, as20k, ...)
+        sharded([s for v in sets.values() for s in v[0].values()], packed, workers, shard_mb)
     for k, v in sets.items():
         check(k, src, v[0])
     for k, (splits, label_col, *_) in sets.items():
-        cols = ["path", label_col] + (["fold"] if "fold" in splits["train"].rows[0] else [])
-        for split, s in splits.items():
-            write_table(os.path.join(out, k, f"{split}.csv"), cols,
-                        ([r[c] for c in cols] for r in s.rows))
-    return {k: write_info(out, k, src, v[0], v[2], dest, *v[3:]) for k, v in sets.items()}
+        cols = ["path", label_col] + (["fold"] if "fold" in splits["train"].rows[0] else []) \
+            + (["shard_offset", "shard_bytes"] if packed else [])
+        folder = os.path.join(out, k)
+        for split, s in splits.items():  # shards by relative path: the data root can move
+            write_table(os.path.join(folder, f"{split}.csv"), cols, (
+                [os.path.relpath(r["path"], os.path.abspath(folder)) if packed else r["path"]]
+                + [r[c] for c in cols[1:]] for r in s.rows))
+    return {k: write_info(out, k, src, v[0], v[2], dest, dict(
+        *v[3:], **({"shards": os.path.relpath(packed, os.path.abspath(os.path.join(out, k)))}
+                   if packed else {}))) for k, v in sets.items()}
 
 
 if __name__ == "__main__":
@@ -535,8 +572,15 @@ if __name__ == "__main__":
     p.add_argument("--out", default=default_data_root(),
                    help="data root the stages read ($ATST_DATA, else ./data)")
     p.add_argument("--resample", default="", help="make a 16 kHz mono FLAC copy here first")
+    p.add_argument("--shards", action="store_true",
+                   help="write the clips as tar shards (16 kHz mono FLAC) under OUT/DATASET/"
+                        "shards, the manifests pointing into them")
+    p.add_argument("--shard_mb", type=float, default=SHARD_MB, help="MB per shard")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="processes that decode (and with --resample convert) the clips")
+                   help="processes that decode (and with --resample or --shards convert) the "
+                        "clips")
     a = p.parse_args()
+    if a.shard_mb != SHARD_MB and not a.shards:
+        p.error("--shard_mb sizes the shards of --shards: give --shards too")
     with user_errors():
-        prepare(a.dataset, a.src, a.out, a.resample, a.workers)
+        prepare(a.dataset, a.src, a.out, a.resample, a.workers, a.shards, a.shard_mb)

@@ -11,7 +11,9 @@ knows no method: a pre-training script gives it
   numbers (e.g. collapse monitors; it may all-reduce), `ckpt_kind` names its checkpoints and
   `encoder_kind` the model.KINDS row of its encoder;
 - `views`: an nn.Module, views(wav (B, S), valid samples (B,), generator) -> the model's
-  inputs, run on the device under no_grad; its state (augmentation banks) is saved per rank;
+  inputs, run on the device under no_grad; its state (augmentation banks) is saved per rank.
+  valid is None when every clip of the batch is whole (decided on the host, before any copy):
+  the views then give the model no padding mask (valid_samples gives them the lengths);
 - optionally `schedules(total_steps, steps_per_epoch)` -> {name: tensor indexed by step}:
   per-step values of the method (ASiT's teacher temperature), passed to the model's forward
   as keyword arguments and logged.
@@ -38,11 +40,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cluster import (accumulate, claim_out_dir, cleanup_distributed, decide, setup_distributed,
-                     split_batch, visible, wrap_ddp)
+                     split_batch, visible, workers, wrap_ddp)
 from config import describe
-from data import read_manifest, resolve_manifest, task_copy
+from data import on_device, read_manifest, resolve_manifest, task_copy
 from loaders import Unreadable, replaced, stream_loader
-from model import SAMPLE_RATE, param_groups
+from model import SAMPLE_RATE, Encoder, param_groups
 from plumbing import (Log, UserError, cosine_schedule, ema_schedule, load_checkpoint, save_atomic,
                       step_seed, warmup_steps)
 
@@ -50,7 +52,7 @@ from plumbing import (Log, UserError, cosine_schedule, ema_schedule, load_checkp
 NEEDS = ("out_dir", "data", "data_root", "seed", "device", "dtype", "num_workers", "log_every",
          "ckpt_every", "seconds", "batch_size", "micro_batch", "base_lr", "lr_rule", "min_lr",
          "max_steps", "epochs", "warmup_epochs", "beta1", "beta2", "adam_eps", "clip_grad",
-         "wd_start", "wd_end", "ema_m0", "ema_ramp")
+         "wd_start", "wd_end", "ema_m0", "ema_ramp", "compile")
 LR_RULES = {"linear": lambda base_lr, batch: base_lr * batch / 256, "none": lambda lr, _: lr}
 
 
@@ -88,6 +90,8 @@ def train(cfg, model_args, make_model, views, schedules=None):
     # model, optimizer, schedules
     torch.manual_seed(c.seed)  # same initial weights on every rank and every launch
     model = make_model(**model_args).to(d.device)
+    if c.compile:
+        compile_encoders(model)
     groups = param_groups(model)
     d.print(f"parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
             "trained; AdamW groups: " + ", ".join(
@@ -108,7 +112,9 @@ def train(cfg, model_args, make_model, views, schedules=None):
     start = saved = step
     model, ddp = wrap_ddp(model, d)
 
-    loader = stream_loader(rows, c.seconds, micro, d, c.seed, step * accum, c.num_workers)
+    loader = stream_loader(rows, c.seconds, micro, d, c.seed, step * accum,
+                           workers(c.num_workers))
+    del rows  # the loader holds them packed (loaders.Clips): ~1.2 GB less per 2M rows
     said = []  # messages of the clips replaced in this step's batches
     batches = replaced(iter(loader), said)
     log = Log(c.out_dir, d.master, resume=("step", step))
@@ -183,6 +189,23 @@ def crop_samples(c, flag):
     return int(getattr(c, flag) * SAMPLE_RATE)
 
 
+def compile_encoders(model):
+    """torch.compile every Encoder of the model in place (Module.compile), so that its
+    state_dict, and so every checkpoint, keeps its keys (no `_orig_mod.` prefix). Random ops
+    fall back to eager's, so that drop-path draws what the uncompiled model draws."""
+    for m in model.modules():
+        if isinstance(m, Encoder):
+            m.compile(options=dict(fallback_random=True))
+
+
+def valid_samples(wav, valid):
+    """The views' valid samples per clip (B,): `valid`, or every clip whole (valid None: the
+    whole width of wav (B, S)), made on wav's device for the random draws that use them."""
+    if valid is None:
+        return torch.full(wav.shape[:1], wav.shape[-1], device=wav.device)
+    return valid
+
+
 def views_path(out_dir, d, step):
     return os.path.join(out_dir, f"views_rank{d.rank}_step{step}.pt")
 
@@ -218,13 +241,19 @@ def run_step(model, ddp, opt, views, batches, accum, d, gen, want_gnorm=False, c
     (kwargs: this step's schedule values), per-tensor gradient clipping at `clip` (0 = none),
     then AdamW (the caller updates the teacher). Returns (loss averaged over ranks, grad norm
     before clipping or None, the stats of the last micro-batch). The optimizer does not step
-    when the loss is not finite."""
+    when the loss is not finite: reading the loss is the step's one wait for the device (the
+    grad norm's too on log steps), besides the methods' own (ATST-Frame's masked-row count,
+    ASiT's GMML looks)."""
     last = {}
 
     def micro(_):
         wav, valid = next(batches)
+        # whole clips (nearly every AudioSet batch) need no padding mask, which would rule out
+        # the flash kernel: said by the host's copy of valid, so the device is not asked
+        whole = bool((valid >= wav.shape[-1]).all())
+        valid = None if whole else valid.to(d.device, non_blocking=True)
         with torch.no_grad():
-            inputs = views(wav.to(d.device, non_blocking=True), valid.to(d.device), gen)
+            inputs = views(on_device(wav, d.device), valid, gen)
         with d.ctx:
             loss, last["stats"] = ddp(*inputs, **(kwargs or {}))
         return loss
@@ -246,8 +275,8 @@ def run_step(model, ddp, opt, views, batches, accum, d, gen, want_gnorm=False, c
 def clip_per_tensor(grads, max_norm):
     """Scale each gradient tensor whose norm exceeds max_norm down to it (DINO / ASiT clip
     each parameter on its own, not the global norm)."""
-    norms = torch._foreach_norm(grads)
-    torch._foreach_mul_(grads, [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms])
+    norms = torch.stack(torch._foreach_norm(grads))  # the scales in 4 kernels, not 3 per tensor
+    torch._foreach_mul_(grads, (max_norm / (norms + 1e-6)).clamp(max=1.0).unbind())
 
 
 @torch.no_grad()

@@ -37,9 +37,10 @@ data = None                 # named dataset, demo, or a CSV manifest (column `pa
 data_root = ""              # root of named datasets; '' = $ATST_DATA or ./data
 log_every = None            # steps between log lines
 ckpt_every = None           # steps between checkpoints (and always at the end)
-num_workers = None          # DataLoader workers per rank (they only read and crop audio)
+num_workers = -1            # DataLoader workers per rank (read, crop); -1: CPUs / ranks here - 1
 device = "auto"             # auto (CUDA if torch sees it) | cpu | cuda (an error without CUDA)
 dtype = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 (CPU too) | fp32
+compile = False             # torch.compile the encoders (off until measured on a GPU)
 seed = 0                    # every random draw of a step derives from (seed, step, rank)
 # model
 preset = "base"             # run defaults, a PRESETS row: base | small | tiny (the CPU demo)
@@ -80,15 +81,15 @@ teacher_temp_epochs = None  # epochs of the temperature warmup (changed once per
 PRESETS = {
     "base": dict(model="base", out_dir="out/asit_base", data="as2m", batch_size=128,
                  base_lr=5e-4, max_steps=0, epochs=100.0, warmup_epochs=10.0,
-                 teacher_temp_epochs=30.0, ema_m0=0.996, crop_sec=6.0, num_workers=8,
+                 teacher_temp_epochs=30.0, ema_m0=0.996, crop_sec=6.0,
                  log_every=50, ckpt_every=5000),
     "small": dict(model="small", out_dir="out/asit_small", data="as2m", batch_size=128,
                   base_lr=5e-4, max_steps=0, epochs=100.0, warmup_epochs=10.0,
-                  teacher_temp_epochs=30.0, ema_m0=0.996, crop_sec=6.0, num_workers=8,
+                  teacher_temp_epochs=30.0, ema_m0=0.996, crop_sec=6.0,
                   log_every=50, ckpt_every=5000),
     "tiny": dict(model="tiny", out_dir="out/asit_tiny", data="demo", batch_size=32,
                  base_lr=2e-3, max_steps=0, epochs=40.0, warmup_epochs=4.0,
-                 teacher_temp_epochs=12.0, ema_m0=0.99, crop_sec=2.0, num_workers=2,
+                 teacher_temp_epochs=12.0, ema_m0=0.99, crop_sec=2.0,
                  log_every=20, ckpt_every=100),
 }
 TABLES, IMPLIES = dict(preset=PRESETS), dict(epochs=dict(max_steps=0))
@@ -261,7 +262,7 @@ class AsitViews(torch.nn.Module):
         self.n = pretrain.crop_samples(c, "crop_sec")
 
     def forward(self, wav, valid, g):
-        c = self.c
+        c, valid = self.c, pretrain.valid_samples(wav, valid)
         shift = roll_shifts(valid, g, c.roll_prob)
         clean = torch.cat([self.front(random_crops(wav, self.n, valid, g, shift))
                            for _ in range(2)])

@@ -30,9 +30,10 @@ data = None                 # named dataset, demo, or a CSV manifest (column `pa
 data_root = ""              # root of named datasets; '' = $ATST_DATA or ./data
 log_every = None            # steps between log lines
 ckpt_every = None           # steps between checkpoints (and always at the end)
-num_workers = None          # DataLoader workers per rank (they only read and crop audio)
+num_workers = -1            # DataLoader workers per rank (read, crop); -1: CPUs / ranks here - 1
 device = "auto"             # auto (CUDA if torch sees it) | cpu | cuda (an error without CUDA)
 dtype = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 (CPU too) | fp32
+compile = False             # torch.compile the encoders (off until measured on a GPU)
 seed = 0                    # every random draw of a step derives from (seed, step, rank)
 # model
 preset = "base"             # run defaults, a PRESETS row: base | small | tiny (the CPU demo)
@@ -69,13 +70,13 @@ mixup_ratio = 0.4           # a ~ mixup_ratio * U(0, 1)
 PRESETS = {
     "base": dict(model="base", out_dir="out/clip_base", data="as1.9m", batch_size=1536,
                  base_lr=2e-4, max_steps=318000, epochs=200.0, warmup_epochs=10.0,
-                 ema_m0=0.9995, mixup_bank=2000, num_workers=8, log_every=50, ckpt_every=2000),
+                 ema_m0=0.9995, mixup_bank=2000, log_every=50, ckpt_every=2000),
     "small": dict(model="small", out_dir="out/clip_small", data="as200k", batch_size=1536,
                   base_lr=5e-4, max_steps=39100, epochs=300.0, warmup_epochs=10.0, ema_m0=0.99,
-                  mixup_bank=2000, num_workers=8, log_every=50, ckpt_every=2000),
+                  mixup_bank=2000, log_every=50, ckpt_every=2000),
     "tiny": dict(model="tiny", out_dir="out/clip_tiny", data="demo", batch_size=32,
                  base_lr=4e-3, max_steps=0, epochs=40.0, warmup_epochs=4.0, ema_m0=0.99,
-                 mixup_bank=256, num_workers=2, log_every=20, ckpt_every=100),
+                 mixup_bank=256, log_every=20, ckpt_every=100),
 }
 TABLES, IMPLIES = dict(preset=PRESETS), dict(epochs=dict(max_steps=0))
 

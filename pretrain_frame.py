@@ -31,9 +31,10 @@ data = None                 # named dataset, demo, or a CSV manifest (column `pa
 data_root = ""              # root of named datasets; '' = $ATST_DATA or ./data
 log_every = None            # steps between log lines
 ckpt_every = None           # steps between checkpoints (and always at the end)
-num_workers = None          # DataLoader workers per rank (they only read and crop audio)
+num_workers = -1            # DataLoader workers per rank (read, crop); -1: CPUs / ranks here - 1
 device = "auto"             # auto (CUDA if torch sees it) | cpu | cuda (an error without CUDA)
 dtype = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 (CPU too) | fp32
+compile = False             # torch.compile the encoders (off until measured on a GPU)
 seed = 0                    # every random draw of a step derives from (seed, step, rank)
 # model
 preset = "base"             # run defaults, a PRESETS row: base | small | tiny (the CPU demo)
@@ -73,13 +74,13 @@ freq_warp = "code"          # code: h = U(0.6,1.5)*F clipped | paper: h ~ U[0.6F
 PRESETS = {
     "base": dict(model="base", out_dir="out/frame_base", data="as1.9m", batch_size=864,
                  base_lr=8e-5, max_steps=398000, epochs=200.0, warmup_epochs=10.0,
-                 ema_m0=0.9996, mixup_bank=2000, num_workers=8, log_every=50, ckpt_every=2000),
+                 ema_m0=0.9996, mixup_bank=2000, log_every=50, ckpt_every=2000),
     "small": dict(model="small", out_dir="out/frame_small", data="as200k", batch_size=1024,
                   base_lr=4e-4, max_steps=58500, epochs=300.0, warmup_epochs=10.0,
-                  ema_m0=0.997, mixup_bank=2000, num_workers=8, log_every=50, ckpt_every=2000),
+                  ema_m0=0.997, mixup_bank=2000, log_every=50, ckpt_every=2000),
     "tiny": dict(model="tiny", out_dir="out/frame_tiny", data="demo", batch_size=32,
                  base_lr=4e-3, max_steps=0, epochs=40.0, warmup_epochs=4.0, ema_m0=0.99,
-                 mixup_bank=256, num_workers=2, log_every=20, ckpt_every=100),
+                 mixup_bank=256, log_every=20, ckpt_every=100),
 }
 # --mask_mode: group masking (the method) or random single tokens at the same 50% share
 MASK_MODES = {"group": dict(mask_span=5, mask_prob=0.65),
@@ -90,7 +91,8 @@ TABLES, IMPLIES = dict(preset=PRESETS, mask_mode=MASK_MODES), dict(epochs=dict(m
 class FrameViews(torch.nn.Module):
     """Waveforms -> (view 1, view 2, mask, valid tokens) for ATST.forward: log-mel on the
     device; view 1 clean and view 2 Mixup -> frequency warp (aug_views 1), both augmented (2)
-    or neither (0); one mask per clip shared by both views."""
+    or neither (0); one mask per clip shared by both views. Valid tokens are None when every
+    clip is whole (valid None): the encoders then attend without a padding mask."""
 
     def __init__(self, c):
         super().__init__()
@@ -101,13 +103,13 @@ class FrameViews(torch.nn.Module):
 
     def forward(self, wav, valid, g):
         mel = self.front(wav)                                        # (B, F, T)
-        n_valid = tokens_for(valid)
+        n_valid = tokens_for(pretrain.valid_samples(wav, valid))     # (B,)
         mask = group_mask(n_valid, mel.shape[-1] // FRAMES_PER_TOKEN, self.span, self.prob, g)
         aug = lambda x: self.warp(self.mixup(x, g), g)
         v1 = aug(mel) if self.aug_views == 2 else mel
         v2 = aug(mel) if self.aug_views >= 1 else mel
         self.mixup.push(mel)
-        return v1, v2, mask, n_valid
+        return v1, v2, mask, None if valid is None else n_valid
 
 
 def model_args(c):

@@ -30,18 +30,18 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cluster import (accumulate, cleanup_distributed, gather_shards, my_shard, pick_device,
-                     split_batch, visible, wrap_ddp)
+                     split_batch, visible, workers, wrap_ddp)
 from config import configure
-from data import AudioError, dataset_copy, hold_out, load_audio, named_audio
+from data import AudioError, dataset_copy, hold_out, load_audio, named_audio, on_device
 from desed import (CLIP_FRAMES, SedClips, encode_strong, read_task, reference_files, sed_files,
                    task_dir)
 from downstream import (EVAL_BATCH, publish, record, resume, run_dir, save_epoch, start,
                         start_encoder)
 from heads import SedModel, load_classifier, on_grid
-from loaders import Unreadable, replaced
+from loaders import Unreadable, make_loader, pad_collate, replaced
 from metrics import evaluate_sed, median_windows
 from model import SAMPLE_RATE, TOKEN_S, freeze
-from plumbing import (WORKERS, Log, UserError, check_writable, cosine_schedule, load_checkpoint,
+from plumbing import (Log, UserError, check_writable, cosine_schedule, load_checkpoint,
                       save_atomic, step_seed, user_errors, warmup_steps, write_table)
 
 # -------------------------------------------------------------------------------- config
@@ -87,20 +87,18 @@ out = ""                    # --predict output TSV; '' = stdout
 cache = None                # keep each clip's log-mel (linear: frozen frames, 4 bytes x 250 x dim)
                             # and teacher output in memory (~0.26 MB a clip, every rank) after
                             # one pass: exact (nothing augmented, frozen parts in eval mode)
-num_workers = None          # DataLoader workers per rank
+num_workers = -1            # DataLoader workers per rank; -1: the CPUs / ranks here, less one
 device = "auto"             # auto (CUDA if torch sees it) | cpu | cuda (an error without CUDA)
 dtype = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 (CPU too) | fp32
 seed = 0                    # every random draw of a step derives from (seed, step, rank)
 # --data NAME: per-task settings (dcase2022: R7; a folder takes that row too). The demo is
-# CPU-sized; workers: 4, or the cores when fewer (plumbing.WORKERS). Its
-# intermittent events (clicks, plucks, tremolo) need a longer median filter than DESED's 7
-# frames (7: test PSDS1 0.000, 31: 0.057, tiny Frame).
+# CPU-sized; its intermittent events (clicks, plucks, tremolo) need a longer median filter
+# than DESED's 7 frames (7: test PSDS1 0.000, 31: 0.057, tiny Frame).
 TASKS = {
     "dcase2022": dict(epochs=100, batch_strong=128, batch_weak=128, warmup_epochs=5.0, lr=0.1,
-                      num_workers=WORKERS, cache=False, median_window=7,
-                      class_windows=""),
+                      cache=False, median_window=7, class_windows=""),
     "demo_sed": dict(epochs=20, batch_strong=16, batch_weak=16, warmup_epochs=1.0, lr=0.5,
-                     num_workers=2, cache=True, median_window=31, class_windows="")}
+                     cache=True, median_window=31, class_windows="")}
 TABLES = dict(data=TASKS)
 
 
@@ -110,11 +108,12 @@ def clip_inputs(model, ds, c, d, features=False, teacher=None):
     teacher weak); x is the log-mel (B, F, T), or with `features` the encoder's frames. []
     for no clips (a rank whose shard is empty)."""
     model.eval()
-    loader = torch.utils.data.DataLoader(ds, batch_size=EVAL_BATCH, num_workers=c.num_workers)
+    loader = make_loader(ds, d.device, c.num_workers, batch_size=EVAL_BATCH,
+                         collate_fn=pad_collate)  # one pass
     out = []
     for wav, valid, y in tqdm(loader, desc=f"caching {len(ds)} clips", disable=not d.master,
                               leave=False):
-        wav, valid = wav.to(d.device), valid.to(d.device)
+        wav, valid = on_device(wav, d.device), valid.to(d.device, non_blocking=True)
         x, n = model.ae.features(wav, valid)
         with d.ctx:
             none = torch.zeros(len(y), 0)  # no teacher: empty columns
@@ -126,28 +125,35 @@ def clip_inputs(model, ds, c, d, features=False, teacher=None):
     return [torch.cat(col) for col in zip(*out)]
 
 
-@torch.no_grad()
-def predict_scores(model, audio_dir, files, c, d, cached=None):
-    """Strong scores (N, T, C) of 10 s clips, sharded over ranks. `cached`: this rank's shard
-    as clip_inputs gave it (x, n_tok, ...); without it the clips stream from disk. A rank may
-    have no clips."""
-    model.eval()
+def scoring_loader(audio_dir, files, c, d):
+    """This rank's shard of the clips to score (a rank may have none): (its indices into
+    files, a loader of them, made once per run), for predict_scores."""
     mine = my_shard(len(files), d)
-    if cached is not None:
-        features = c.cache and c.mode == "linear"
-        batches = zip(cached[0].split(EVAL_BATCH), cached[1].split(EVAL_BATCH)) if cached \
-            else ()
-    else:
+    ds = SedClips(audio_dir, [files[i] for i in mine], torch.zeros(len(mine)))
+    return mine, make_loader(ds, d.device, c.num_workers, batch_size=EVAL_BATCH,
+                             collate_fn=pad_collate)
+
+
+@torch.no_grad()
+def predict_scores(model, n_clips, shard, c, d):
+    """Strong scores (N, T, C) of n_clips 10 s clips, sharded over ranks. `shard`: this
+    rank's (indices, clips), the clips a loader streaming them from disk (scoring_loader) or
+    as clip_inputs cached them (x, n_tok, ...). A rank may have no clips."""
+    model.eval()
+    mine, clips = shard
+    if isinstance(clips, torch.utils.data.DataLoader):
         features = False
-        ds = SedClips(audio_dir, [files[i] for i in mine], torch.zeros(len(mine)))
-        loader = torch.utils.data.DataLoader(ds, batch_size=EVAL_BATCH, num_workers=c.num_workers)
-        batches = (model.ae.features(w.to(d.device), v.to(d.device)) for w, v, _ in loader)
+        batches = (model.ae.features(on_device(w, d.device), v.to(d.device, non_blocking=True))
+                   for w, v, _ in clips)
+    else:
+        features = c.cache and c.mode == "linear"
+        batches = zip(clips[0].split(EVAL_BATCH), clips[1].split(EVAL_BATCH)) if clips else ()
     out = []
-    for x, n in tqdm(batches, desc=f"scoring {len(files)} clips", disable=not d.master,
+    for x, n in tqdm(batches, desc=f"scoring {n_clips} clips", disable=not d.master,
                      total=-(-len(mine) // EVAL_BATCH), leave=False):
         with d.ctx:
             out.append(model(x.to(d.device), n.to(d.device), features)[0].float().cpu())
-    return gather_shards(mine, out, len(files), d).numpy()
+    return gather_shards(mine, out, n_clips, d).numpy()
 
 
 def setup(cfg):
@@ -196,23 +202,29 @@ def setup(cfg):
         [[float(k in weak[f]) for k in classes] for f in w_train]), train=not c.cache,
         seed=c.seed)
     features = c.cache and c.mode == "linear"
-    v_cache = None  # this rank's shard of the validation clips, as predict_scores takes it
+    valid = scoring_loader(fs.train_strong_audio, s_valid, c, d)  # this rank's, as validated
     if c.cache:  # one pass over the clips; the epochs then read memory (exact: see the flag)
         t_c = time.time()
         s_ds, w_ds = (torch.utils.data.TensorDataset(*clip_inputs(model, ds, c, d, features,
                                                                   teacher)) for ds in (s_ds, w_ds))
-        mine = my_shard(len(s_valid), d)
-        v_cache = clip_inputs(model, SedClips(fs.train_strong_audio, [s_valid[i] for i in mine],
-                                              torch.zeros(len(mine))), c, d, features)
+        valid = valid[0], clip_inputs(model, valid[1].dataset, c, d, features)
         d.print(f"cached {'frames' if features else 'log-mels'} of {len(s_ds) + len(w_ds)} "
                 f"training clips in {time.time() - t_c:.0f}s")
+    # the workers shared by batch size (the two loaders read side by side); cached clips are
+    # in memory already: workers would only pickle them through a pipe. SedClips draws
+    # nothing by epoch (replacements by (seed, index)): persistent workers read what fresh
+    # ones would
+    n = 0 if c.cache else workers(c.num_workers)
+    strong = min(max(round(n * c.batch_strong / (c.batch_strong + c.batch_weak)), 1), n)
     loaders = []
-    for ds, b in ((s_ds, c.batch_strong), (w_ds, c.batch_weak)):
+    for ds, b, k in ((s_ds, c.batch_strong, strong),
+                     (w_ds, c.batch_weak, max(n - strong, min(n, 1)))):
         sampler = torch.utils.data.DistributedSampler(ds, d.world, d.rank, seed=c.seed,
                                                       drop_last=True)
-        loaders.append((sampler, torch.utils.data.DataLoader(
-            ds, b // (d.world * accum), sampler=sampler,
-            num_workers=0 if c.cache else c.num_workers, drop_last=True)))
+        loaders.append((sampler, make_loader(ds, d.device, k,
+                                             batch_size=b // (d.world * accum), sampler=sampler,
+                                             drop_last=True,
+                                             collate_fn=None if c.cache else pad_collate)))
     per_epoch = len(loaders[0][1]) // accum
     total = c.epochs * per_epoch
     sched = cosine_schedule(c.lr, c.min_lr, total,
@@ -223,18 +235,17 @@ def setup(cfg):
     return SimpleNamespace(c=c, d=d, t0=t0, cfg=cfg, root=root, fs=fs, classes=classes,
                            test=test, s_valid=s_valid, ae=ae, out_dir=out_dir, teacher=teacher,
                            model=model, params=params, opt=opt, loaders=loaders, accum=accum,
-                           per_epoch=per_epoch, sched=sched, features=features,
-                           v_cache=v_cache,
+                           per_epoch=per_epoch, sched=sched, features=features, valid=valid,
                            windows=median_windows(c.class_windows, classes, c.median_window),
                            valid_gt=valid_gt, valid_dur=valid_dur)
 
 
 def inputs(r, batch):
     """A loader batch -> (x, n_tok, targets, teacher strong, teacher weak) on the device."""
-    batch = [t.to(r.d.device) for t in batch]
+    batch = [t.to(r.d.device, non_blocking=True) for t in batch]
     if r.c.cache:
         return batch
-    wav, valid, y = batch
+    wav, valid, y = on_device(batch[0], r.d.device), *batch[1:]
     with torch.no_grad():
         x, n = r.model.ae.features(wav, valid)
         with r.d.ctx:
@@ -302,7 +313,7 @@ def micro_loss(r, batch_s, batch_w):
 
 def validate(r):
     """Intersection F1 and exact PSDS1 on the held-out strong clips (the same on every rank)."""
-    scores = predict_scores(r.model, r.fs.train_strong_audio, r.s_valid, r.c, r.d, r.v_cache)
+    scores = predict_scores(r.model, len(r.s_valid), r.valid, r.c, r.d)
     v = evaluate_sed(scores, r.s_valid, r.classes, r.valid_gt, r.valid_dur, r.windows, TOKEN_S,
                      r.c.n_thresholds, r.c.threshold, quick=True)[0] if r.d.master else {}
     if r.d.world > 1:
@@ -345,7 +356,8 @@ def train(cfg):
         dist.barrier()
     model.load_export(load_checkpoint(visible(best_path, d, "out_dir"))["model"])
     files = sorted(r.test)
-    scores = predict_scores(model, r.fs.test_audio, files, c, d)
+    scores = predict_scores(model, len(files), scoring_loader(r.fs.test_audio, files, c, d), c,
+                            d)
     if d.master:
         res, det = evaluate_sed(scores, files, r.classes, r.fs.test_tsv,
                                 r.fs.test_durations_tsv, r.windows, TOKEN_S, c.n_thresholds,

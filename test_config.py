@@ -111,15 +111,15 @@ def test_the_block_never_shows_a_value_a_row_replaces(module):
     # finetune.py on AS-20K with Mixup switched off and 100 epochs written in the block
     (finetune, dict(data="as20k", mixup=False, epochs=100), [], dict(mixup=False, epochs=100)),
     (finetune, dict(mixup=False), ["--data", "as20k"], dict(mixup=False, epochs=200)),
-    # the tiny preset with 8 workers written in the block
-    (pretrain_frame, dict(preset="tiny", num_workers=8), [], dict(num_workers=8, batch_size=32)),
+    # the tiny preset (a log line every 20 steps) with 5 written in the block
+    (pretrain_frame, dict(preset="tiny", log_every=5), [], dict(log_every=5, batch_size=32)),
     # SED on the demo with DESED's 7-frame median filter written in the block
     (sed, dict(data="demo_sed", median_window=7), [], dict(median_window=7, epochs=20)),
 ])
 def test_a_value_written_in_the_block_is_what_runs(module, edits, argv, want):
     """The traps of a block that showed values a row silently replaced: writing the value the
     block showed did nothing (finetune ran AS-20K with Mixup for 200 epochs, the tiny preset
-    with 2 workers, the SED demo with a 31-frame filter)."""
+    logging every 20 steps, the SED demo with a 31-frame filter)."""
     cfg = _run(module, *argv, **edits)
     assert {k: cfg[k] for k in want} == want
     assert set(edits) - {"data", "preset"} <= set(cfg["set_by_user"])
@@ -247,6 +247,17 @@ def test_every_numeric_flag_has_a_range_and_every_default_is_inside_it():
             for name, row in rows.items():
                 for k, v in row.items():
                     assert type(v) not in (int, float) or C.in_range(v, C.RANGES[k]), (name, k)
+
+
+def test_every_stage_reads_with_the_workers_its_cpus_allow():
+    """Every stage's DataLoader workers default to -1 (cluster.workers: the CPUs this process
+    may use over the ranks of its node, less one), and no table row sets another count."""
+    import embed
+    import linear_eval
+    for module in (*SCRIPTS, linear_eval, embed):
+        assert vars(module)["num_workers"] == -1, module.__name__
+        for rows in getattr(module, "TABLES", {}).values():
+            assert not any("num_workers" in row for row in rows.values()), module.__name__
 
 
 def test_the_readme_gpu_counts_are_the_default_batches_divisors():

@@ -7,6 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 
+import data as D
 import finetune
 import heads as H
 import loaders as L
@@ -55,6 +56,7 @@ def test_linear_features_are_every_block_and_12s_centre_in_chunks(kind, tmp_path
     ds = L.LabelledClips([dict(path=str(tmp_path / "long.wav"), _where="x")], torch.zeros(1),
                          12.0)
     wav, valid, _ = ds[0]
+    wav = D.on_device(wav, "cpu")                         # the file's int16 samples, / 32768
     centre = torch.from_numpy(sig[int(6.5 * 16000):int(18.5 * 16000)])
     assert valid == 12 * 16000 and torch.allclose(wav, centre, atol=1e-4)  # 16-bit file
     e = ae(wav[None], 16000, layers="all")

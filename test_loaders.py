@@ -48,12 +48,14 @@ def test_balanced_draws_depend_on_seed_epoch_and_rank_alone():
 
 
 def _rows(tmp_path, n=6):
-    """n manifest rows whose samples say which clip and where (clip k, sample i: k + i / 8000,
-    0.5 s), then a truncated OGG and a 0-byte file, which do not decode."""
+    """n manifest rows whose samples say which clip and where (clip k, sample i: the 16-bit
+    value k * 4000 + i // 2, 0.5 s), then a truncated OGG and a 0-byte file, which do not
+    decode."""
     rows = []
     for k in range(n):
         path = tmp_path / f"{k}.wav"
-        sf.write(path, k + np.arange(8000, dtype=np.float32) / 8000, 16000, subtype="FLOAT")
+        sf.write(path, (k * 4000 + np.arange(8000) // 2).astype(np.int16), 16000,
+                 subtype="PCM_16")
         rows.append(path)
     sf.write(tmp_path / "full.ogg", np.random.default_rng(0).uniform(-.5, .5, 16000), 16000)
     ogg = (tmp_path / "full.ogg").read_bytes()
@@ -64,7 +66,7 @@ def _rows(tmp_path, n=6):
 
 
 def _clip_of(wav):
-    return int(wav[0])  # the row whose clip this crop is (see _rows)
+    return int(wav[0]) // 4000  # the row whose clip this int16 crop is (see _rows)
 
 
 def test_unreadable_clips_are_replaced_alike_in_any_worker_and_on_resume(tmp_path):
@@ -76,7 +78,8 @@ def test_unreadable_clips_are_replaced_alike_in_any_worker_and_on_resume(tmp_pat
     ds = L.ClipDataset(rows, 0.25, seed=3)
     for key in range(5):
         wav, valid, said = ds[(2, key)]
-        before = D.load_audio(rows[2]["path"], 0.25, np.random.default_rng([3, key]))
+        before = D.load_audio(rows[2]["path"], 0.25, np.random.default_rng([3, key]),
+                              int16=True)
         assert torch.equal(wav, before[0]) and valid == before[1] and said == ""
     picked = set()
     for bad, name in ((6, "cut.ogg"), (7, "empty.wav")):
@@ -105,8 +108,7 @@ def test_labelled_and_sed_clips_replace_in_training_only(tmp_path):
     rows = _rows(tmp_path)
     targets = torch.arange(len(rows))
     train = L.LabelledClips(rows, targets, 0.25, train=True, seed=1)
-    train.set_epoch(4)
-    wav, valid, y, said = L.pad_collate([train[6], train[1]])
+    wav, valid, y, said = L.pad_collate([train[(6, 4)], train[(1, 4)]])  # (index, epoch)
     assert y[0] == _clip_of(wav[0]) != 6 and y[1] == 1 and said[1] == ""
     assert "cut.ogg" in said[0]
     assert len(L.pad_collate([L.LabelledClips(rows, targets, 0.25)[1]])) == 3
@@ -117,6 +119,66 @@ def test_labelled_and_sed_clips_replace_in_training_only(tmp_path):
     for ds in (L.LabelledClips(rows, targets, 0.25), SedClips(str(tmp_path), names, targets)):
         with pytest.raises(D.AudioError, match="cut.ogg"):
             ds[6]
+
+
+class _Fresh(L.LabelledClips):
+    """LabelledClips as the stages used it before EpochItems: the epoch set on the dataset,
+    which holds for a loader made afresh after it each epoch (the workers copy it then)."""
+    epoch = 0
+
+    def __getitem__(self, i):
+        return super().__getitem__((i, self.epoch))
+
+
+@pytest.mark.parametrize("balanced", [False, True], ids=["distributed", "balanced"])
+def test_a_loader_made_once_draws_each_epochs_clips_and_crops(tmp_path, balanced):
+    """Persistent workers keep the dataset they started with, so an epoch set on it later
+    never reaches them; with EpochItems a training loader made once draws in epochs 0, 1, 2
+    exactly what a loader made afresh each epoch drew (the order, crops, replacements and
+    their messages), with 0 or 2 workers, and a run resumed at epoch 2 draws it too. A clip
+    read as it is has the crop of the RNG seeded by (seed, epoch, index), and the epochs'
+    crops differ (else the test could not tell a worker stuck in epoch 0)."""
+    rows, cpu = _rows(tmp_path), torch.device("cpu")
+    targets = torch.arange(len(rows))
+
+    def sampler(ds):
+        return L.BalancedSampler(torch.ones(len(ds)), len(ds), seed=2) if balanced else \
+            torch.utils.data.DistributedSampler(ds, 1, 0, seed=2, drop_last=True)
+
+    def loader(ds, s, workers):
+        return L.make_loader(ds, cpu, workers, batch_size=3, sampler=s, drop_last=True,
+                             collate_fn=L.pad_collate)
+
+    def once(workers, epochs):  # one loader for every epoch, as the stages make it now
+        ds = L.LabelledClips(rows, targets, 0.25, train=True, seed=1)
+        s = L.EpochItems(sampler(ds))
+        made, out = loader(ds, s, workers), {}
+        for e in epochs:
+            s.set_epoch(e)
+            out[e] = list(made)
+        return out
+
+    fresh = {}
+    for e in range(3):
+        ds = _Fresh(rows, targets, 0.25, train=True, seed=1)
+        ds.epoch, s = e, sampler(ds)
+        s.set_epoch(e)
+        fresh[e] = list(loader(ds, s, 2))
+    for got in (once(0, range(3)), once(2, range(3)), once(2, [2])):
+        for e, batches in got.items():
+            assert len(batches) == len(fresh[e]) == 2
+            for a, b in zip(batches, fresh[e]):
+                assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3])) and a[3] == b[3]
+    crops = {}
+    for e, batches in fresh.items():
+        for wav, _, y, said in batches:
+            for w, i, m in zip(wav, y.tolist(), said):
+                if not m:  # read as it is (a replaced clip carries its message)
+                    want = D.load_audio(rows[i]["path"], 0.25, np.random.default_rng([1, e, i]),
+                                        int16=True)[0]
+                    assert torch.equal(w, want) and w.dtype == torch.int16
+                    crops.setdefault(i, {})[e] = w
+    assert any(len(c) > 1 and not torch.equal(*list(c.values())[:2]) for c in crops.values())
 
 
 def test_unreadable_clips_are_counted_across_a_resume_and_stop_past_the_threshold(tmp_path):

@@ -2,6 +2,7 @@
 and III switches, then real pre-training runs on the demo data (loss, collapse, DDP on gloo,
 kill and resume, non-finite loss, a missing file, corrupt clips replaced or stopping the
 run)."""
+import contextlib
 import json
 import math
 import os
@@ -18,11 +19,12 @@ import torch
 import data as D
 import loaders as L
 import model as M
+import pretrain
 import pretrain_asit as A
 import pretrain_clip
 import pretrain_frame
 from config import script_config
-from conftest import HERE, TINY, asit_inputs, asit_pair, read_log, run
+from conftest import HERE, TINY, asit_inputs, asit_pair, read_log, run, run_together
 from plumbing import load_checkpoint
 
 
@@ -85,6 +87,33 @@ def test_clip_views_follow_table_two(segments, sec, sec2):
     assert v1.shape == (4, 64, M.frames_for(int(sec * 16000)))
     assert v2.shape[-1] == M.frames_for(int((sec2 or sec) * 16000))
     assert torch.equal(v1, v2) == (segments == "single")
+
+
+def test_whole_batches_go_without_valid_lengths_and_draw_the_same_views():
+    """run_step tells the views, on the host, that every clip of a batch is whole (valid
+    None); they then draw what they draw from the full lengths, and ATST-Frame's views give
+    no valid-token count (no padding mask). A padded batch keeps its lengths."""
+    wav, full = _waves()
+    padded = full.clone()
+    padded[1] = 99840                                              # 6.24 s: 156 tokens
+    seen = []
+    model = torch.nn.Linear(1, 1)                                  # its loss: its bias
+    model.forward = lambda: (model.bias.sum(), {})
+    d = SimpleNamespace(device=torch.device("cpu"), world=1, ctx=contextlib.nullcontext())
+    pretrain.run_step(model, model, torch.optim.SGD(model.parameters()), lambda w, v, g:
+                      seen.append(v) or (), iter([(wav, full), (wav, padded)]), 2, d, None)
+    assert seen[0] is None and torch.equal(seen[1], padded)
+    for mod, name in ((pretrain_frame, "FrameViews"), (pretrain_clip, "ClipViews"),
+                      (A, "AsitViews")):
+        given, whole = (getattr(mod, name)(_config(mod))(wav, v, torch.Generator().manual_seed(0))
+                        for v in (full, None))
+        if mod is pretrain_frame:
+            assert given[3].tolist() == [250] * 4 and whole[3] is None
+            given, whole = given[:3], whole[:3]
+        assert all(b is None if a is None else torch.equal(a, b) for a, b in zip(given, whole))
+    _, _, mask, n_valid = pretrain_frame.FrameViews(_config(pretrain_frame))(
+        wav, padded, torch.Generator())
+    assert n_valid.tolist() == [250, 156, 250, 250] and not mask[1, 156:].any()
 
 
 @pytest.mark.parametrize("kind", ["frame", "clip"])
@@ -295,7 +324,6 @@ def test_asit_step_prototypes_teacher_and_clipping():
     """After an optimizer step the prototype rows are still unit vectors (logits are cosines)
     and no parameter holds their norm; the teacher gets no gradient and one EMA update is
     exact; per-tensor clipping leaves every gradient norm <= 3."""
-    import pretrain
     model = asit_pair()
     names = {n for n, _ in model.student.head.named_parameters() if not n.startswith("mlp.")}
     assert names == {"global_protos", "local_protos"}             # no trained norm (weight_g)
@@ -320,6 +348,39 @@ def test_asit_step_prototypes_teacher_and_clipping():
     model.update_teacher(0.9)
     for t0, t, s in zip(before, model.teacher.parameters(), model.student.parameters()):
         assert torch.allclose(t, 0.9 * t0 + 0.1 * s, atol=1e-6)
+
+
+def test_clip_per_tensor_scales_as_the_rule_tensor_by_tensor():
+    """The scales are computed for all tensors at once; each gradient comes out bit for bit as
+    the rule applied tensor by tensor (the code before, kept here) leaves it: a tensor over
+    the clip scaled to it, one under it untouched."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(shape, generator=g) * k
+             for shape, k in (((64, 32), 5.0), ((32,), 0.01), ((3, 4, 5), 1.0), ((), 10.0))]
+    ref, small = [t.clone() for t in grads], grads[1].clone()
+    norms = torch._foreach_norm(ref)
+    torch._foreach_mul_(ref, [(3.0 / (n + 1e-6)).clamp(max=1.0) for n in norms])
+    pretrain.clip_per_tensor(grads, 3.0)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref))
+    assert torch.equal(grads[1], small) and grads[0].norm() == pytest.approx(3.0)
+
+
+def test_compiled_encoders_train_as_uncompiled_ones(data_root, tmp_path):
+    """--compile (torch.compile of the encoders; inductor's C++ on the CPU) trains as the
+    uncompiled run: the loss of each of 2 steps within 1e-4 (compiled kernels round
+    otherwise; drop-path draws what eager draws), and the checkpoint has the same keys and
+    loads strictly into an uncompiled model."""
+    outs = [str(tmp_path / k) for k in ("eager", "compiled")]
+    procs = run_together([("pretrain_frame.py", *TINY, "--max_steps", "2", "--log_every", "1",
+                           "--out_dir", out, "--compile", str(k == 1)) for k, out in
+                          enumerate(outs)], data_root=data_root, env=dict(TORCH_LOGS="dynamo"))
+    assert ["torchdynamo start tracing" in p.stderr for p in procs] == [False, True]
+    (eager, ck_eager), (compiled, ck) = ((read_log(o), load_checkpoint(
+        os.path.join(o, "ckpt.pt"))) for o in outs)
+    assert [r["step"] for r in compiled] == [1, 2] and ck["config"]["compile"]
+    assert all(abs(a["loss"] - b["loss"]) < 1e-4 for a, b in zip(eager, compiled))
+    assert list(ck["model"]) == list(ck_eager["model"])
+    M.ATST(**ck["model_args"]).load_state_dict(ck["model"])       # strict
 
 
 def test_the_recipe_betas_lr_rule_and_ema_ramp_reach_the_loop(data_root, tmp_path):
