@@ -215,10 +215,10 @@ def setup(cfg):
     # nothing by epoch (replacements by (seed, index)): persistent workers read what fresh
     # ones would
     n = 0 if c.cache else workers(c.num_workers)
-    strong = min(max(round(n * c.batch_strong / (c.batch_strong + c.batch_weak)), 1), n)
+    n_strong = min(max(round(n * c.batch_strong / (c.batch_strong + c.batch_weak)), 1), n)
     loaders = []
-    for ds, b, k in ((s_ds, c.batch_strong, strong),
-                     (w_ds, c.batch_weak, max(n - strong, min(n, 1)))):
+    for ds, b, k in ((s_ds, c.batch_strong, n_strong),
+                     (w_ds, c.batch_weak, max(n - n_strong, min(n, 1)))):
         sampler = torch.utils.data.DistributedSampler(ds, d.world, d.rank, seed=c.seed,
                                                       drop_last=True)
         loaders.append((sampler, make_loader(ds, d.device, k,
