@@ -111,7 +111,8 @@ class Strings:
     """A list of strings held as one UTF-8 buffer, a table of its distinct values and an
     index (numpy arrays): what DataLoader workers read without copying it. A list of Python
     objects is copied into every worker page by page as reading it touches their reference
-    counts: ~1.2 GB of row dicts per worker for a 2M-row manifest."""
+    counts: 0.42 GiB more per worker after reading the paths of a 2M-row manifest's row
+    dicts once (measured), nothing with Strings."""
 
     def __init__(self, values):
         table, index = {}, []

@@ -114,7 +114,7 @@ def train(cfg, model_args, make_model, views, schedules=None):
 
     loader = stream_loader(rows, c.seconds, micro, d, c.seed, step * accum,
                            workers(c.num_workers))
-    del rows  # the loader holds them packed (loaders.Clips): ~1.2 GB less per 2M rows
+    del rows  # the loader holds them packed (loaders.Clips); the dicts are ~1 GB per 2M rows
     said = []  # messages of the clips replaced in this step's batches
     batches = replaced(iter(loader), said)
     log = Log(c.out_dir, d.master, resume=("step", step))
